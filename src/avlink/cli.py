@@ -1,0 +1,51 @@
+"""`avlink ...`: one entry point; each subcommand lives in the module that does the work.
+
+A subcommand module offers `add_arguments(parser)` and `run(args) -> int`. Modules are imported only when
+their command runs, so `avlink --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "params": ("avlink.params", "parameter counts per part of a preset (built on the meta device)"),
+    "synth": ("avlink.data.syncbench", "render SyncBench clips (procedural audio-visual data set)"),
+    "prepare": ("avlink.data.prepare", "encode a data set into WebDataset shards"),
+}
+
+
+class UserError(Exception):
+    """A problem with what the user gave us: printed as one line, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avlink", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)  # prints usage / the error and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"avlink {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except UserError as err:
+        print(f"avlink {name}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Typed configuration and the named presets (tiny, small, paper).
+
+Every size that follows from others is a property (see `seq.py` for token counts), never a stored field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any, Literal
+
+from avlink.seq import AudioGeometry, ClipGeometry, VideoGeometry
+
+Task = Literal["v2a", "a2v"]
+Placement = Literal["interleaved", "after"]
+# The "Feature injection" rows of the paper's Table 2.
+Injection = Literal["fusion", "static", "cross_attention", "direct", "text_concat"]
+TCondMode = Literal["fixed", "uniform"]
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """One frozen generator: a DiT with adaLN timestep, self-attention + RoPE, text cross-attention, MLP."""
+
+    dim: int = 128
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 384  # width of the text encoder's token states
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        assert self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"
+        return self.dim // self.heads
+
+    @property
+    def rope_axes(self) -> tuple[int, int, int]:
+        """Split of the head dim between the (t, h, w) axes of 3D RoPE; each part even."""
+        hw = 2 * (self.head_dim // 6)
+        return self.head_dim - 2 * hw, hw, hw
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """The trainable link between the two frozen generators."""
+
+    dim: int = 96  # D: common width inside a Fusion Block
+    heads: int = 4
+    num_blocks: int = 3
+    mlp_ratio: float = 4.0
+    rope_theta: float = 10000.0
+    # "interleaved": block i after fraction (i+1)/num_blocks of each backbone's depth (the paper's choice).
+    # "after": every block stacked after video block `after_block` (Table 2, "After Block-k"); the audio
+    # backbone gets the same fraction of its own depth.
+    placement: Placement = "interleaved"
+    after_block: int = 1
+    injection: Injection = "fusion"
+    # The conditioning modality is noised once to a fixed flow time (paper: 0.96 V2A, 0.8 A2V), or, for the
+    # ablation, to t ~ U(0, 1) in training.
+    t_cond_mode: TCondMode = "fixed"
+    t_cond_v2a: float = 0.96
+    t_cond_a2v: float = 0.8
+    shared: bool = False  # one parameter set for V2A and A2V ("Ours-Joint")
+
+    def t_cond(self, task: Task) -> float:
+        return self.t_cond_v2a if task == "v2a" else self.t_cond_a2v
+
+    @property
+    def head_dim(self) -> int:
+        assert self.dim % self.heads == 0, f"fusion dim {self.dim} is not divisible by heads {self.heads}"
+        return self.dim // self.heads
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    clip: ClipGeometry
+    audio: DiTConfig
+    video: DiTConfig
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    text_encoder: str = "minilm"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of to_dict (a JSON round trip turns tuples into lists; they come back as tuples)."""
+        clip = d["clip"]
+        return cls(
+            name=d["name"],
+            clip=_build(ClipGeometry, {**clip, "audio": _build(AudioGeometry, clip["audio"]),
+                                       "video": _build(VideoGeometry, clip["video"])}),
+            audio=_build(DiTConfig, d["audio"]),
+            video=_build(DiTConfig, d["video"]),
+            fusion=_build(FusionConfig, d.get("fusion", {})),
+            text_encoder=d.get("text_encoder", "minilm"),
+        )
+
+    def override(self, **changes: Any) -> ModelConfig:
+        """Dotted overrides, e.g. override(**{"fusion.injection": "static", "audio.depth": 4})."""
+        cfg = self
+        for key, value in changes.items():
+            cfg = _replace_path(cfg, key.split("."), value)
+        return cfg
+
+
+def _build(cls: type, d: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise KeyError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
+    name = path[0]
+    if not is_dataclass(obj) or name not in {f.name for f in fields(obj)}:
+        raise KeyError(f"unknown config key {name!r} in {type(obj).__name__}")
+    if len(path) == 1:
+        current = getattr(obj, name)
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        return replace(obj, **{name: value})
+    return replace(obj, **{name: _replace_path(getattr(obj, name), path[1:], value)})
+
+
+# --- presets --------------------------------------------------------------------------------------------
+
+# The universal HiFi-GAN's analysis (22,050 Hz, 80 mels, n_fft 1024, hop 256, fmax 8000) so the shipped
+# vocoder works on the embedded default.
+HIFIGAN_AUDIO = AudioGeometry(
+    sample_rate=22050, n_fft=1024, hop_length=256, win_length=1024, n_mels=80, f_max=8000.0,
+    latent_downsample=4, latent_dim=8,
+)
+# Paper: 16 kHz audio. Mel analysis as AudioLDM/GenAU at 16 kHz (hop 160, 64 mels); the 1D VAE stride of 4
+# gives 25 latent tokens per second. The paper does not state Da; 64 is our choice.
+PAPER_AUDIO = AudioGeometry(
+    sample_rate=16000, n_fft=1024, hop_length=160, win_length=1024, n_mels=64, f_max=8000.0,
+    latent_downsample=4, latent_dim=64,
+)
+# Paper: RGB 64x36 px at 6 fps, 5.16 s. Patch size is not stated; 1x4x4 keeps one token row per frame time.
+PAPER_VIDEO = VideoGeometry(fps=6.0, height=36, width=64, patch=(1, 4, 4))
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU: trains in minutes on SyncBench. 16x16 px at 6 fps for 16 frames (2.67 s).
+    "tiny": ModelConfig(
+        name="tiny",
+        clip=ClipGeometry(duration=16 / 6, audio=HIFIGAN_AUDIO, video=VideoGeometry(fps=6.0, height=16, width=16)),
+        audio=DiTConfig(dim=128, depth=6, heads=4),
+        video=DiTConfig(dim=128, depth=6, heads=4),
+        fusion=FusionConfig(dim=96, heads=4, num_blocks=3),
+    ),
+    # One GPU: the paper's clip geometry with narrower, shallower models.
+    "small": ModelConfig(
+        name="small",
+        clip=ClipGeometry(duration=5.16, audio=PAPER_AUDIO, video=PAPER_VIDEO),
+        audio=DiTConfig(dim=384, depth=12, heads=6, text_dim=384),
+        video=DiTConfig(dim=384, depth=12, heads=6, text_dim=384),
+        fusion=FusionConfig(dim=256, heads=4, num_blocks=4),
+    ),
+    # The paper: 576M-parameter audio and video DiTs (24 blocks, the Table 2 ablation names block 22), 8 fusion
+    # blocks of 186M in all, T5 text states (4096-d, T5-XXL encoder).
+    "paper": ModelConfig(
+        name="paper",
+        clip=ClipGeometry(duration=5.16, audio=PAPER_AUDIO, video=PAPER_VIDEO),
+        audio=DiTConfig(dim=1024, depth=24, heads=16, text_dim=4096),
+        video=DiTConfig(dim=1024, depth=24, heads=16, text_dim=4096),
+        fusion=FusionConfig(dim=768, heads=12, num_blocks=8),
+        text_encoder="t5",
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,146 @@
+"""Clip geometry: from duration, frame rate, sample rate and hops to token counts and token times.
+
+Every place that needs "how many tokens" or "when is this token" asks this module, so that the audio and the
+video stream agree on time in seconds (the unit the time-aligned RoPE of the Fusion Blocks works in).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AudioGeometry:
+    """Waveform -> mel frames -> 1D VAE latent tokens."""
+
+    sample_rate: int = 22050
+    n_fft: int = 1024
+    hop_length: int = 256
+    win_length: int = 1024
+    n_mels: int = 80
+    f_min: float = 0.0
+    f_max: float | None = 8000.0
+    latent_downsample: int = 4  # mel frames per latent token (1D VAE time stride)
+    latent_dim: int = 8  # Da: channels of one latent token
+
+    @property
+    def mel_rate(self) -> float:
+        """Mel frames per second."""
+        return self.sample_rate / self.hop_length
+
+    @property
+    def eta(self) -> float:
+        """eta_a: latent tokens per second."""
+        return self.mel_rate / self.latent_downsample
+
+    def num_samples(self, duration: float) -> int:
+        return round(duration * self.sample_rate)
+
+    def num_mel_frames(self, duration: float) -> int:
+        """Mel frames for a clip, rounded up to a whole number of latent tokens."""
+        frames = math.ceil(self.num_samples(duration) / self.hop_length)
+        return math.ceil(frames / self.latent_downsample) * self.latent_downsample
+
+    def num_tokens(self, duration: float) -> int:
+        return self.num_mel_frames(duration) // self.latent_downsample
+
+    def token_times(self, num_tokens: int) -> torch.Tensor:
+        """Start time in seconds of each latent token, (Ta,)."""
+        return torch.arange(num_tokens, dtype=torch.float64) / self.eta
+
+
+@dataclass(frozen=True)
+class VideoGeometry:
+    """RGB frames -> (pt, ph, pw) patches -> tokens."""
+
+    fps: float = 6.0
+    height: int = 16
+    width: int = 16
+    channels: int = 3
+    patch: tuple[int, int, int] = (1, 4, 4)  # (time, height, width)
+
+    def __post_init__(self) -> None:
+        pt, ph, pw = self.patch
+        if self.height % ph or self.width % pw:
+            raise ValueError(f"frame {self.width}x{self.height} is not divisible by patch {ph}x{pw}")
+
+    @property
+    def eta(self) -> float:
+        """eta_v: temporal token positions per second."""
+        return self.fps / self.patch[0]
+
+    @property
+    def patch_dim(self) -> int:
+        pt, ph, pw = self.patch
+        return self.channels * pt * ph * pw
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        return self.height // self.patch[1], self.width // self.patch[2]
+
+    def num_frames(self, duration: float) -> int:
+        """Frames for a clip, rounded up to a whole number of temporal patches."""
+        frames = round(duration * self.fps)
+        return math.ceil(frames / self.patch[0]) * self.patch[0]
+
+    def grid(self, num_frames: int) -> tuple[int, int, int]:
+        """(T', H', W') token grid of a clip with num_frames frames."""
+        assert num_frames % self.patch[0] == 0, f"{num_frames} frames is not a multiple of {self.patch[0]}"
+        return (num_frames // self.patch[0], *self.grid_hw)
+
+    def num_tokens(self, duration: float) -> int:
+        t, h, w = self.grid(self.num_frames(duration))
+        return t * h * w
+
+    def token_ids(self, num_frames: int) -> torch.Tensor:
+        """(T'*H'*W', 3) integer (t, h, w) index of each token, time-major."""
+        t, h, w = self.grid(num_frames)
+        ids = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+        return ids.reshape(-1, 3)
+
+    def token_times(self, num_frames: int) -> torch.Tensor:
+        """Start time in seconds of each video token, (T'*H'*W',)."""
+        return self.token_ids(num_frames)[:, 0].double() / self.eta
+
+
+@dataclass(frozen=True)
+class ClipGeometry:
+    """One training clip: how long, and how each modality samples it."""
+
+    duration: float = 16 / 6
+    audio: AudioGeometry = AudioGeometry()
+    video: VideoGeometry = VideoGeometry()
+
+    @property
+    def num_samples(self) -> int:
+        return self.audio.num_samples(self.duration)
+
+    @property
+    def num_mel_frames(self) -> int:
+        return self.audio.num_mel_frames(self.duration)
+
+    @property
+    def num_audio_tokens(self) -> int:
+        return self.audio.num_tokens(self.duration)
+
+    @property
+    def num_frames(self) -> int:
+        return self.video.num_frames(self.duration)
+
+    @property
+    def num_video_tokens(self) -> int:
+        return self.video.num_tokens(self.duration)
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(Ta, Da) of one audio latent."""
+        return self.num_audio_tokens, self.audio.latent_dim
+
+    @property
+    def video_shape(self) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of one video clip."""
+        v = self.video
+        return v.channels, self.num_frames, v.height, v.width
