@@ -47,9 +47,9 @@ class AudioGeometry:
     def num_tokens(self, duration: float) -> int:
         return self.num_mel_frames(duration) // self.latent_downsample
 
-    def token_times(self, num_tokens: int) -> torch.Tensor:
+    def token_times(self, num_tokens: int, device: torch.device | None = None) -> torch.Tensor:
         """Start time in seconds of each latent token, (Ta,)."""
-        return torch.arange(num_tokens, dtype=torch.float64) / self.eta
+        return torch.arange(num_tokens, dtype=torch.float64, device=device) / self.eta
 
 
 @dataclass(frozen=True)
@@ -95,15 +95,15 @@ class VideoGeometry:
         t, h, w = self.grid(self.num_frames(duration))
         return t * h * w
 
-    def token_ids(self, num_frames: int) -> torch.Tensor:
-        """(T'*H'*W', 3) integer (t, h, w) index of each token, time-major."""
-        t, h, w = self.grid(num_frames)
-        ids = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), -1)
-        return ids.reshape(-1, 3)
+    def token_times(self, grid: tuple[int, int, int], device: torch.device | None = None) -> torch.Tensor:
+        """Start time in seconds of each video token of a (T', H', W') grid, (T'*H'*W',), time-major."""
+        return grid_ids(grid, device)[:, 0].double() / self.eta
 
-    def token_times(self, num_frames: int) -> torch.Tensor:
-        """Start time in seconds of each video token, (T'*H'*W',)."""
-        return self.token_ids(num_frames)[:, 0].double() / self.eta
+
+def grid_ids(grid: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """(prod(grid), len(grid)) integer index of each token along each axis, first axis slowest."""
+    axes = [torch.arange(n, device=device) for n in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(grid))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ generator joins AV-Link by writing one adapter to this protocol.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -31,8 +31,22 @@ class TextCond:
     def batch_size(self) -> int:
         return self.tokens.shape[0]
 
+    def cat_batch(self, other: TextCond) -> TextCond:
+        """Join two batches along B, padding the shorter one's tokens with masked zeros."""
+        length = max(self.tokens.shape[1], other.tokens.shape[1])
+        parts = [_pad_text(x, length) for x in (self, other)]
+        return TextCond(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]))
+
     def to(self, device: torch.device | str) -> TextCond:
         return TextCond(self.tokens.to(device), self.mask.to(device))
+
+
+def _pad_text(text: TextCond, length: int) -> TextCond:
+    missing = length - text.tokens.shape[1]
+    if missing == 0:
+        return text
+    return TextCond(torch.nn.functional.pad(text.tokens, (0, 0, 0, missing)),
+                    torch.nn.functional.pad(text.mask, (0, missing), value=False))
 
 
 @dataclass
@@ -51,8 +65,8 @@ class StreamState:
     x: Tensor
     t: Tensor
     c: Tensor
-    times: Tensor
-    angles: Tensor
+    times: Tensor = field(metadata={"batch": False})
+    angles: Tensor = field(metadata={"batch": False})
     text: Tensor
     text_mask: Tensor
     grid: tuple[int, ...]

@@ -1,0 +1,47 @@
+"""The rectified-flow path (Eq. 1), its training times and loss (Eq. 2). t = 0 is noise, t = 1 is data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Velocity = Callable[[Tensor, Tensor], Tensor]  # velocity(x_t, t (B,)) -> dx/dt
+
+
+def _bcast(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+    """x_t = t * x1 + (1 - t) * x0, t (B,)."""
+    t = _bcast(t, x1)
+    return t * x1 + (1 - t) * x0
+
+
+def target_velocity(x0: Tensor, x1: Tensor) -> Tensor:
+    return x1 - x0
+
+
+def logit_normal(n: int, mean: float = 0.0, std: float = 1.0, *, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+    """Training times t = sigmoid(N(mean, std)) (the paper's p_t, after SD3)."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+
+
+def uniform(n: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+    return torch.rand(n, generator=generator, device=device)
+
+
+def flow_matching_loss(
+    velocity: Velocity, x1: Tensor, t: Tensor, x0: Tensor | None = None, mask: Tensor | None = None,
+    *, generator: torch.Generator | None = None,
+) -> Tensor:
+    """|| v(x_t, t) - (x1 - x0) ||^2, mean over elements. mask (broadcastable to x1) excludes padding."""
+    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype) if x0 is None else x0
+    err = (velocity(interpolate(x0, x1, t), t) - target_velocity(x0, x1)).square()
+    if mask is None:
+        return err.mean()
+    mask = mask.to(err.dtype).expand_as(err)
+    return (err * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,248 @@
+"""AV-Link: two frozen generators joined by Fusion Blocks into a V2A or an A2V flow model.
+
+The linked model knows backbones only through the Backbone protocol (embed / run_blocks / head). It walks the
+fusion points: run each stream's blocks up to the point, fuse, go on. Conditions are prepared once per sample
+(`prepare`); the velocity is evaluated per step (`forward`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from avlink.backbones.protocol import Backbone, StreamState, TextCond
+from avlink.config import FusionConfig, ModelConfig, Task
+from avlink.flow.path import flow_matching_loss, interpolate, logit_normal, uniform
+from avlink.fusion.block import Alignment, CrossAttentionFusion, DirectAlignment, FusionBlock, TextConcat
+from avlink.nn.layers import AdaLN, TimestepEmbedder
+
+TASKS: tuple[Task, ...] = ("v2a", "a2v")
+GENERATED = {"v2a": "a", "a2v": "v"}
+
+
+def fusion_points(cfg: FusionConfig, depth_a: int, depth_v: int) -> list[tuple[int, int]]:
+    """(audio block, video block) after which each fusion block runs; 0 = right after the embedding.
+
+    Points are fractions of depth, so backbones of different depths line up: "interleaved" puts block i after
+    fraction (i + 1) / n of each backbone; "after" stacks all blocks after video block k (the paper's Table 2
+    counts video DiT blocks) and the audio backbone's matching fraction.
+    """
+    n = cfg.num_blocks
+    if cfg.placement == "interleaved":
+        fractions = [(i + 1) / n for i in range(n)]
+    elif cfg.placement == "after":
+        if not 0 <= cfg.after_block <= depth_v:
+            raise ValueError(f"after_block {cfg.after_block} outside the video backbone's 0..{depth_v} blocks")
+        fractions = [cfg.after_block / depth_v] * n
+    else:
+        raise ValueError(f"unknown fusion placement {cfg.placement!r}")
+    return [(round(f * depth_a), round(f * depth_v)) for f in fractions]
+
+
+class FusionSet(nn.Module):
+    """The trainable parameters of one link (V2A, A2V, or both when shared): the fusion modules plus the
+    embedders of both flow times that drive every block's adaLN-Zero."""
+
+    def __init__(self, cfg: FusionConfig, dim_a: int, dim_v: int, generated: tuple[str, ...]):
+        super().__init__()
+        self.injection = cfg.injection
+        self.t_embed_a = TimestepEmbedder(cfg.dim)
+        self.t_embed_v = TimestepEmbedder(cfg.dim)
+        self.blocks = nn.ModuleList(self._block(cfg, dim_a, dim_v, generated) for _ in range(cfg.num_blocks))
+
+    @staticmethod
+    def _block(cfg: FusionConfig, dim_a: int, dim_v: int, generated: tuple[str, ...]) -> nn.Module:
+        if cfg.injection in ("fusion", "static"):
+            return FusionBlock(dim_a, dim_v, cfg)
+        if cfg.injection == "cross_attention":
+            return CrossAttentionFusion(dim_a, dim_v, cfg)
+        if cfg.injection == "direct":
+            return DirectAlignment(dim_a, dim_v, cfg, directions=generated)
+        if cfg.injection == "text_concat":
+            return nn.ModuleDict({g: TextConcat(dim_v if g == "a" else dim_a, dim_a if g == "a" else dim_v)
+                                  for g in generated})
+        raise ValueError(f"unknown injection {cfg.injection!r}")
+
+    def conditioning(self, t_a: Tensor, t_v: Tensor) -> Tensor:
+        """(B, D): each stream's modulation sees both flow times."""
+        return self.t_embed_a(t_a) + self.t_embed_v(t_v)
+
+
+@dataclass
+class Condition:
+    """Everything about the conditioning side of one batch, prepared once per sample.
+
+    x_cond is the clean conditioning modality noised once, to t_cond, with noise drawn once. The conditioning
+    stream's blocks before the first fusion point see the same input at every sampling step, so their output
+    is computed here; with no reinjection ("static", "text_concat") the whole conditioning stream is.
+    """
+
+    task: Task
+    x_cond: Tensor
+    t_cond: Tensor  # (B,)
+    text_gen: TextCond | None
+    cond_state: StreamState  # conditioning stream after the blocks before the first fusion point
+    cond_start: int  # the conditioning stream's next block to run
+    static_features: list[Tensor] | None = None  # per fusion point, when the stream is not reinjected
+
+    def with_text(self, text_gen: TextCond | None) -> Condition:
+        return replace(self, text_gen=text_gen)
+
+
+class AVLink(nn.Module):
+    def __init__(self, cfg: ModelConfig, audio: Backbone, video: Backbone, tasks: tuple[Task, ...] = TASKS):
+        super().__init__()
+        self.cfg = cfg
+        self.audio = audio
+        self.video = video
+        for backbone in (audio, video):
+            backbone.requires_grad_(False)
+            backbone.eval()
+        self.points = fusion_points(cfg.fusion, audio.num_blocks, video.num_blocks)
+        fcfg = cfg.fusion
+        if fcfg.shared:
+            sets = {"joint": FusionSet(fcfg, audio.hidden_dim, video.hidden_dim, ("a", "v"))}
+        else:
+            sets = {task: FusionSet(fcfg, audio.hidden_dim, video.hidden_dim, (GENERATED[task],)) for task in tasks}
+        self.fusion = nn.ModuleDict(sets)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for module in self.fusion.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.fusion.modules():
+            if isinstance(module, TimestepEmbedder):
+                nn.init.normal_(module.mlp[0].weight, std=0.02)
+                nn.init.normal_(module.mlp[2].weight, std=0.02)
+            # Whatever writes into a frozen backbone starts at zero.
+            if isinstance(module, AdaLN):
+                nn.init.zeros_(module.linear.weight)
+                nn.init.zeros_(module.linear.bias)
+            if isinstance(module, DirectAlignment):
+                for proj in (module.to_a, module.to_v):
+                    if proj is not None:
+                        nn.init.zeros_(proj[1].weight)
+                        nn.init.zeros_(proj[1].bias)
+
+    def train(self, mode: bool = True) -> AVLink:
+        super().train(mode)
+        self.audio.eval()  # frozen parts stay in eval mode
+        self.video.eval()
+        return self
+
+    def fusion_set(self, task: Task) -> FusionSet:
+        return self.fusion["joint"] if self.cfg.fusion.shared else self.fusion[task]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.fusion.parameters() if p.requires_grad]
+
+    def backbones(self, task: Task) -> tuple[Backbone, Backbone]:
+        """(generated, conditioning) backbone of a task."""
+        return (self.audio, self.video) if task == "v2a" else (self.video, self.audio)
+
+    def _points(self, task: Task) -> list[tuple[int, int]]:
+        """Fusion points as (generated block, conditioning block)."""
+        return self.points if task == "v2a" else [(v, a) for a, v in self.points]
+
+    @property
+    def _reinject(self) -> bool:
+        return self.cfg.fusion.injection in ("fusion", "cross_attention")
+
+    # -- conditions, once per sample ---------------------------------------------------------------------
+    def prepare(
+        self, task: Task, x_cond_clean: Tensor, text_gen: TextCond | None = None, text_cond: TextCond | None = None,
+        t_cond: float | Tensor | None = None, noise: Tensor | None = None, generator: torch.Generator | None = None,
+    ) -> Condition:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose v2a or a2v")
+        b = x_cond_clean.shape[0]
+        t_cond = self.cfg.fusion.t_cond(task) if t_cond is None else t_cond
+        t_cond = torch.as_tensor(t_cond, dtype=torch.float32, device=x_cond_clean.device).expand(b).clone()
+        if noise is None:
+            noise = torch.randn(x_cond_clean.shape, generator=generator, dtype=x_cond_clean.dtype,
+                                device=x_cond_clean.device)
+        x_cond = interpolate(noise, x_cond_clean, t_cond)
+        _, cond_bb = self.backbones(task)
+        points = self._points(task)
+        with torch.no_grad():  # frozen, and nothing trainable has touched this part of the stream yet
+            state = cond_bb.embed(x_cond, t_cond, text_cond)
+            first = points[0][1]
+            state = cond_bb.run_blocks(state, 0, first)
+            static = None
+            if not self._reinject:
+                static, start = [], first
+                for _, stop in points:
+                    state = cond_bb.run_blocks(state, start, stop)
+                    static.append(state.x)
+                    start = stop
+                first = start
+        return Condition(task, x_cond, t_cond, text_gen, state, first, static)
+
+    # -- velocity, once per step -------------------------------------------------------------------------
+    def forward(self, x: Tensor, t: Tensor, cond: Condition) -> Tensor:
+        """Velocity of the generated modality at (x, t) given a prepared condition."""
+        task = cond.task
+        gen_bb, cond_bb = self.backbones(task)
+        fset = self.fusion_set(task)
+        gen = gen_bb.embed(x, t, cond.text_gen)
+        c_state = cond.cond_state
+        t_a, t_v = (gen.t, cond.t_cond) if task == "v2a" else (cond.t_cond, gen.t)
+        a_times, v_times = (gen.times, c_state.times) if task == "v2a" else (c_state.times, gen.times)
+        align = Alignment.build(a_times, v_times, self.audio.eta, self.video.eta, self.cfg.fusion)
+        c = fset.conditioning(t_a, t_v)
+        injection = self.cfg.fusion.injection
+        if injection == "text_concat":
+            gen = self._concat_to_text(gen, cond, fset)
+            return gen_bb.head(gen_bb.run_blocks(gen, 0, gen_bb.num_blocks))
+
+        gen_at, cond_at = 0, cond.cond_start
+        for i, (block, (gen_point, cond_point)) in enumerate(zip(fset.blocks, self._points(task), strict=True)):
+            gen = gen_bb.run_blocks(gen, gen_at, gen_point)
+            gen_at = gen_point
+            if cond.static_features is not None:
+                c_x = cond.static_features[i]
+            else:
+                c_state = cond_bb.run_blocks(c_state, cond_at, cond_point)
+                cond_at = cond_point
+                c_x = c_state.x
+            x_a, x_v = (gen.x, c_x) if task == "v2a" else (c_x, gen.x)
+            if injection == "direct":
+                x_a, x_v = block(x_a, x_v, c, align, gen=GENERATED[task])
+            else:
+                x_a, x_v = block(x_a, x_v, c, align)
+            new_gen, new_cond = (x_a, x_v) if task == "v2a" else (x_v, x_a)
+            gen = gen.with_x(new_gen)
+            if self._reinject:  # symmetric feature reinjection
+                c_state = c_state.with_x(new_cond)
+        # The conditioning stream's later blocks and head cannot reach the generated stream: never run.
+        gen = gen_bb.run_blocks(gen, gen_at, gen_bb.num_blocks)
+        return gen_bb.head(gen)
+
+    def _concat_to_text(self, gen: StreamState, cond: Condition, fset: FusionSet) -> StreamState:
+        g = GENERATED[cond.task]
+        features = zip(fset.blocks, cond.static_features, strict=True)
+        extra = [block[g](feat, cond.cond_state.times) for block, feat in features]
+        extra = torch.cat(extra, dim=1).to(gen.text.dtype)  # (B, n_points * T, D_gen)
+        b = extra.shape[0]
+        ones = torch.ones(b, extra.shape[1], dtype=torch.bool, device=extra.device)
+        return gen.with_text(torch.cat([gen.text, extra], 1), torch.cat([gen.text_mask, ones], 1))
+
+    # -- training ----------------------------------------------------------------------------------------
+    def loss(
+        self, task: Task, audio: Tensor, video: Tensor, text_audio: TextCond | None = None,
+        text_video: TextCond | None = None, generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The rectified-flow objective of Eq. 5: only the generated modality gets the loss."""
+        x_gen, x_cond = (audio, video) if task == "v2a" else (video, audio)
+        text_gen, text_cond = (text_audio, text_video) if task == "v2a" else (text_video, text_audio)
+        b = x_gen.shape[0]
+        t_cond = None  # fixed at the config's value
+        if self.cfg.fusion.t_cond_mode == "uniform":
+            t_cond = uniform(b, generator=generator, device=x_gen.device)
+        cond = self.prepare(task, x_cond, text_gen, text_cond, t_cond=t_cond, generator=generator)
+        t = logit_normal(b, generator=generator, device=x_gen.device)
+        return flow_matching_loss(lambda x, tt: self(x, tt, cond), x_gen, t, generator=generator)

@@ -1,0 +1,187 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from avlink.backbones.protocol import TextCond
+from avlink.flow.guidance import classifier_free_guidance
+from avlink.fusion.block import Alignment
+from avlink.fusion.linked import fusion_points
+from helpers import tiny_batch, tiny_link
+
+INJECTIONS = ["fusion", "static", "cross_attention", "direct", "text_concat"]
+IDENTITY_AT_INIT = ["fusion", "static", "cross_attention", "direct"]  # text_concat adds keys: documented
+
+
+def text(b, seed=0, length=4):
+    g = torch.Generator().manual_seed(seed)
+    return TextCond(torch.randn(b, length, 16, generator=g), torch.ones(b, length, dtype=torch.bool))
+
+
+def generated_and_condition(model, task, seed=0):
+    audio, video = tiny_batch(model.cfg, seed=seed)
+    return (audio, video) if task == "v2a" else (video, audio)
+
+
+@pytest.mark.parametrize("injection", IDENTITY_AT_INIT)
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_untrained_link_gives_exactly_the_frozen_backbone_velocity(task, injection):
+    model = tiny_link(**{"fusion.injection": injection})
+    x_gen, x_cond = generated_and_condition(model, task)
+    t = torch.rand(2)
+    txt = text(2)
+    cond = model.prepare(task, x_cond, text_gen=txt, text_cond=text(2, seed=1))
+    gen_bb, _ = model.backbones(task)
+    with torch.no_grad():
+        assert torch.equal(model(x_gen, t, cond), gen_bb(x_gen, t, txt))
+
+
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_optimizer_step_changes_only_the_fusion_blocks(task):
+    model = tiny_link()
+    frozen_before = {k: v.clone() for k, v in {**model.audio.state_dict(), **model.video.state_dict()}.items()}
+    fusion_before = {k: v.clone() for k, v in model.fusion.state_dict().items()}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    audio, video = tiny_batch(model.cfg)
+    model.train()
+    assert not model.audio.training and not model.video.training
+    for _ in range(2):  # the second step moves the weights behind the zero gates too
+        opt.zero_grad()
+        model.loss(task, audio, video, text(2), text(2, seed=1)).backward()
+        opt.step()
+    for bb in (model.audio, model.video):
+        assert all(p.grad is None and not p.requires_grad for p in bb.parameters())
+    frozen_after = {**model.audio.state_dict(), **model.video.state_dict()}
+    assert all(torch.equal(frozen_before[k], frozen_after[k]) for k in frozen_before)
+    fusion_after = model.fusion.state_dict()
+    changed = [k for k in fusion_before if not torch.equal(fusion_before[k], fusion_after[k])]
+    assert any(k.startswith(task) for k in changed)
+    other = "a2v" if task == "v2a" else "v2a"
+    assert not any(k.startswith(other) for k in changed), "the other task's parameters must not move"
+    # A trained link is no longer the backbone alone.
+    x_gen, x_cond = generated_and_condition(model, task)
+    cond = model.prepare(task, x_cond)
+    gen_bb, _ = model.backbones(task)
+    with torch.no_grad():
+        assert not torch.allclose(model(x_gen, torch.rand(2), cond), gen_bb(x_gen, torch.rand(2)))
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_every_ablation_runs_forward_and_backward(task, injection):
+    model = tiny_link(**{"fusion.injection": injection})
+    audio, video = tiny_batch(model.cfg)
+    loss = model.loss(task, audio, video, text(2), None)
+    loss.backward()
+    grads = [p.grad for p in model.fusion_set(task).parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("option", [{"fusion.shared": True}, {"fusion.t_cond_mode": "uniform"},
+                                    {"fusion.placement": "after", "fusion.after_block": 2}])
+def test_options_run(option):
+    model = tiny_link(**option)
+    audio, video = tiny_batch(model.cfg)
+    for task in ("v2a", "a2v"):
+        model.loss(task, audio, video).backward()
+    if option.get("fusion.shared"):
+        assert list(model.fusion.keys()) == ["joint"]
+
+
+def test_fusion_points_interleaved_and_after():
+    model = tiny_link()  # audio depth 4, video depth 6, 2 fusion blocks
+    assert model.points == [(2, 3), (4, 6)]
+    cfg = model.cfg.fusion
+
+    assert fusion_points(replace(cfg, num_blocks=3), 24, 24) == [(8, 8), (16, 16), (24, 24)]
+    assert fusion_points(replace(cfg, num_blocks=8), 24, 24)[0] == (3, 3)
+    assert fusion_points(replace(cfg, placement="after", after_block=11), 24, 24) == [(11, 11)] * 2
+    assert fusion_points(replace(cfg, placement="after", after_block=3), 4, 6) == [(2, 3)] * 2
+    with pytest.raises(ValueError):
+        fusion_points(replace(cfg, placement="after", after_block=7), 4, 6)
+
+
+@pytest.mark.parametrize("placement", [{}, {"fusion.placement": "after", "fusion.after_block": 2}])
+def test_fusion_runs_where_the_points_say(placement):
+    """Record the order in which backbone blocks and fusion blocks run in one V2A forward."""
+    model = tiny_link(**placement)
+    events = []
+    for name, bb in (("a", model.audio), ("v", model.video)):
+        for i, block in enumerate(bb.blocks):
+            block.register_forward_hook(lambda *_, n=name, i=i: events.append(f"{n}{i}"))
+    for i, block in enumerate(model.fusion["v2a"].blocks):
+        block.register_forward_hook(lambda *_, i=i: events.append(f"F{i}"))
+    audio, video = tiny_batch(model.cfg)
+    cond = model.prepare("v2a", video)
+    events.clear()  # the conditioning stream before the first point ran once, in prepare
+    with torch.no_grad():
+        model(audio, torch.rand(2), cond)
+    for k, (pa, pv) in enumerate(model.points):
+        at = events.index(f"F{k}")
+        audio_before = [e for e in events[:at] if e.startswith("a")]
+        assert audio_before == [f"a{i}" for i in range(pa)]
+        # video blocks up to the point ran before it (in prepare or in this forward), none after it
+        assert not any(e.startswith("v") and int(e[1:]) >= pv for e in events[:at])
+    # the conditioning stream never runs past the last fusion point, and its head never runs
+    assert not any(e.startswith("v") and int(e[1:]) >= model.points[-1][1] for e in events)
+
+
+def plain_velocity(model, task, x, t, x_cond_noised, t_cond, text_gen=None, text_cond=None):
+    """Reference: both streams from their embeddings at every call, no caching, fusion at every point."""
+    gen_bb, cond_bb = model.backbones(task)
+    fset = model.fusion_set(task)
+    gen = gen_bb.embed(x, t, text_gen)
+    con = cond_bb.embed(x_cond_noised, t_cond, text_cond)
+    a, v = (gen, con) if task == "v2a" else (con, gen)
+    align = Alignment.build(a.times, v.times, model.audio.eta, model.video.eta, model.cfg.fusion)
+    c = fset.conditioning(a.t, v.t)
+    at_a = at_v = 0
+    for block, (pa, pv) in zip(fset.blocks, model.points, strict=True):
+        a, v = model.audio.run_blocks(a, at_a, pa), model.video.run_blocks(v, at_v, pv)
+        at_a, at_v = pa, pv
+        xa, xv = block(a.x, v.x, c, align)
+        a, v = a.with_x(xa), v.with_x(xv)
+    gen = a if task == "v2a" else v
+    return gen_bb.head(gen_bb.run_blocks(gen, at_a if task == "v2a" else at_v, gen_bb.num_blocks))
+
+
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_prepared_condition_equals_the_plain_path(task):
+    model = tiny_link()
+    with torch.no_grad():  # give the untrained gates values so fusion does something
+        for p in model.fusion.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x_gen, x_cond = generated_and_condition(model, task)
+    g = torch.Generator().manual_seed(3)
+    cond = model.prepare(task, x_cond, text_gen=text(2), generator=g)
+    t = torch.rand(2)
+    with torch.no_grad():
+        fast = model(x_gen, t, cond)
+        plain = plain_velocity(model, task, x_gen, t, cond.x_cond, cond.t_cond, text(2))
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast, model.backbones(task)[0](x_gen, t, text(2)), atol=1e-4)
+
+
+def test_conditioning_is_noised_once_to_the_fixed_time():
+    model = tiny_link()
+    audio, video = tiny_batch(model.cfg)
+    noise = torch.randn_like(video)
+    cond = model.prepare("v2a", video, noise=noise)
+    assert torch.allclose(cond.t_cond, torch.full((2,), 0.96))
+    torch.testing.assert_close(cond.x_cond, 0.96 * video + 0.04 * noise)
+    assert torch.allclose(model.prepare("a2v", audio).t_cond, torch.full((2,), 0.8))
+
+
+def test_batched_guidance_equals_two_forwards_through_the_link():
+    model = tiny_link()
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    audio, video = tiny_batch(model.cfg)
+    cond = model.prepare("v2a", video, text_gen=text(2))
+    uncond = cond.with_text(model.audio.null_text_cond(2))
+    t = torch.rand(2)
+    with torch.no_grad():
+        batched = classifier_free_guidance(model, 3.0, {"cond": cond}, {"cond": uncond})(audio, t)
+        twice = classifier_free_guidance(model, 3.0, {"cond": cond}, {"cond": uncond}, batched=False)(audio, t)
+    torch.testing.assert_close(batched, twice, atol=1e-5, rtol=1e-5)
