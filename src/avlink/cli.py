@@ -12,6 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("avlink.demo", "the main job on the embedded default (needs the shipped checkpoints)"),
     "params": ("avlink.params", "parameter counts per part of a preset (built on the meta device)"),
     "synth": ("avlink.data.syncbench", "render SyncBench clips (procedural audio-visual data set)"),
     "prepare": ("avlink.data.prepare", "encode a data set into WebDataset shards"),
@@ -23,7 +24,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="avlink", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="avlink", description="AV-Link: video-to-audio and audio-to-video generation")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -144,3 +144,13 @@ class ClipGeometry:
         """(C, T, H, W) of one video clip."""
         v = self.video
         return v.channels, self.num_frames, v.height, v.width
+
+
+def matching_audio_tokens(audio: AudioGeometry, video: VideoGeometry, num_frames: int) -> int:
+    """Latent tokens of the audio that covers num_frames frames of video."""
+    return audio.num_tokens(num_frames / video.fps)
+
+
+def matching_frames(audio: AudioGeometry, video: VideoGeometry, num_tokens: int) -> int:
+    """Video frames that cover num_tokens audio latent tokens."""
+    return video.num_frames(num_tokens / audio.eta)

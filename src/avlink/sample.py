@@ -1,0 +1,75 @@
+"""Sampling: the one inference path that the commands, the evaluator and the app call.
+
+Conditions are prepared once (`AVLink.prepare`); the solver then asks for the velocity at every step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from avlink.backbones.dit import DiT
+from avlink.backbones.protocol import TextCond
+from avlink.config import Task
+from avlink.flow.guidance import classifier_free_guidance
+from avlink.flow.solvers import solve
+from avlink.fusion.linked import AVLink
+from avlink.seq import matching_audio_tokens, matching_frames
+
+
+def generated_shape(model: AVLink, task: Task, x_cond: Tensor) -> tuple[int, ...]:
+    """Shape of the generated modality that covers the same seconds as the conditioning one."""
+    clip = model.cfg.clip
+    if task == "v2a":
+        assert x_cond.ndim == 5, f"V2A conditions on video (B, C, T, H, W), got {tuple(x_cond.shape)}"
+        tokens = matching_audio_tokens(clip.audio, clip.video, x_cond.shape[2])
+        return (x_cond.shape[0], tokens, clip.audio.latent_dim)
+    assert x_cond.ndim == 3, f"A2V conditions on an audio latent (B, Ta, Da), got {tuple(x_cond.shape)}"
+    frames = matching_frames(clip.audio, clip.video, x_cond.shape[1])
+    v = clip.video
+    return (x_cond.shape[0], v.channels, frames, v.height, v.width)
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> Tensor:
+    """x0 ~ N(0, I), reproducible by seed whatever the device."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@torch.no_grad()
+def sample_link(
+    model: AVLink, task: Task, x_cond: Tensor, *, text_gen: TextCond | None = None,
+    text_cond: TextCond | None = None, steps: int = 64, method: str = "euler", cfg_scale: float = 1.0,
+    t_cond: float | None = None, seed: int = 0, progress: bool = False,
+) -> Tensor:
+    """Generate the other modality for x_cond (V2A: video (B, C, T, H, W) in [-1, 1]; A2V: latent (B, Ta, Da)).
+
+    Guidance applies to the generated stream's prompt: it needs text_gen, and compares it with the null text.
+    """
+    device = x_cond.device
+    cond_noise = initial_noise(tuple(x_cond.shape), seed + 1, device)
+    cond = model.prepare(task, x_cond, text_gen, text_cond, t_cond=t_cond, noise=cond_noise)
+    x0 = initial_noise(generated_shape(model, task, x_cond), seed, device)
+    if cfg_scale != 1.0 and text_gen is not None:
+        gen_bb, _ = model.backbones(task)
+        uncond = cond.with_text(gen_bb.null_text_cond(x_cond.shape[0]))
+        velocity = classifier_free_guidance(model, cfg_scale, {"cond": cond}, {"cond": uncond})
+    else:
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            return model(x, t, cond)
+    return solve(velocity, x0, steps=steps, method=method, progress=progress)
+
+
+@torch.no_grad()
+def sample_backbone(
+    backbone: DiT, shape: tuple[int, ...], *, text: TextCond | None = None, steps: int = 64,
+    method: str = "euler", cfg_scale: float = 1.0, seed: int = 0, progress: bool = False,
+) -> Tensor:
+    """A generator alone (T2A / T2V): noise of `shape` to data."""
+    x0 = initial_noise(shape, seed, next(backbone.parameters()).device)
+    if cfg_scale != 1.0 and text is not None:
+        velocity = classifier_free_guidance(
+            backbone, cfg_scale, {"text": text}, {"text": backbone.null_text_cond(shape[0])})
+    else:
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            return backbone(x, t, text)
+    return solve(velocity, x0, steps=steps, method=method, progress=progress)
