@@ -42,12 +42,21 @@ class Embedder(Protocol):
         ...
 
 
-# name -> (module, factory function). The factory takes `weights: Path | None` and keyword options.
-REGISTRY: dict[str, tuple[str, str]] = {}
-
-
-def register(name: str, module: str, factory: str) -> None:
-    REGISTRY[name] = (module, factory)
+# name -> (module, factory). A factory takes `weights: Path | None` and keyword options; modules load lazily.
+REGISTRY: dict[str, tuple[str, str]] = {
+    # offline, trained on SyncBench by a recipe in this repo
+    "syncbench-audio": ("avlink.eval.embed.syncbench", "load_audio"),
+    "syncbench-video": ("avlink.eval.embed.syncbench", "load_video"),
+    # published networks, weights from a local file
+    "vggish": ("avlink.eval.embed.vggish", "load"),
+    "panns-cnn14": ("avlink.eval.embed.panns", "load"),
+    "passt": ("avlink.eval.embed.passt", "load"),
+    "clap": ("avlink.eval.embed.clap", "load"),
+    "imagebind": ("avlink.eval.embed.imagebind", "load"),
+    "synchformer": ("avlink.eval.embed.synchformer", "load"),
+    "inception": ("avlink.eval.embed.inception", "load"),
+    "i3d": ("avlink.eval.embed.i3d", "load"),
+}
 
 
 def load_embedder(name: str, weights: str | Path | None = None, **options) -> Embedder:
