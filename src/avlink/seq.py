@@ -40,8 +40,11 @@ class AudioGeometry:
         return round(duration * self.sample_rate)
 
     def num_mel_frames(self, duration: float) -> int:
-        """Mel frames for a clip, rounded up to a whole number of latent tokens."""
-        frames = math.ceil(self.num_samples(duration) / self.hop_length)
+        """Mel frames for a clip, rounded up to a whole number of latent tokens.
+
+        The analysis (codecs/mel.py) gives n // hop frames for n samples; the rest is padded with silence.
+        """
+        frames = self.num_samples(duration) // self.hop_length
         return math.ceil(frames / self.latent_downsample) * self.latent_downsample
 
     def num_tokens(self, duration: float) -> int:
