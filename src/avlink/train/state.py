@@ -1,0 +1,110 @@
+"""Training checkpoints: written atomically, rotated, and found again after a kill at any moment.
+
+A run folder holds `step_000001200/` folders, each complete before it gets its final name:
+    weights.safetensors    the trainable module's weights (safetensors; loadable without training code)
+    ema.safetensors        the EMA weights (what validation and export use)
+    state.pt               optimizer, scheduler, step, data position, RNG states (torch.save of tensors and
+                           plain containers; read back with weights_only=True)
+    config.json            the run's configuration
+A folder is written under a temporary name and renamed into place, so a kill leaves either the old set of
+checkpoints or the new one, never a half-written checkpoint under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step_(\d{9})$")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the run draws from, in types that torch.load(weights_only=True) reads back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+
+    def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / ("ema.safetensors" if ema else "weights.safetensors")))
+
+    def state(self) -> dict[str, Any]:
+        return torch.load(self.path / "state.pt", weights_only=True)
+
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.path / "config.json").read_text())
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path | str, keep: int = 3):
+        self.run_dir = Path(run_dir)
+        self.keep = keep
+
+    def list(self) -> list[Checkpoint]:
+        if not self.run_dir.is_dir():
+            return []
+        found = []
+        for p in self.run_dir.iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / "state.pt").is_file():
+                found.append(Checkpoint(p, int(m.group(1))))
+        return sorted(found, key=lambda c: c.step)
+
+    def latest(self) -> Checkpoint | None:
+        found = self.list()
+        return found[-1] if found else None
+
+    def save(self, step: int, weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
+             state: dict[str, Any], config: dict[str, Any]) -> Checkpoint:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        final = self.run_dir / f"step_{step:09d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.run_dir))
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+            torch.save(state, tmp / "state.pt")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            if final.exists():  # the same step saved again (resume right after a save): replace it
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._rotate()
+        return Checkpoint(final, step)
+
+    def _rotate(self) -> None:
+        for old in self.list()[: -self.keep]:
+            shutil.rmtree(old.path, ignore_errors=True)
+        for stale in self.run_dir.glob(".step_*"):  # temp folders of a killed save
+            shutil.rmtree(stale, ignore_errors=True)
