@@ -1,0 +1,196 @@
+"""The training loop every part shares: build, loop, validate with EMA weights, checkpoint, resume.
+
+What is trained is an `Objective`: the module whose weights are trained (and saved) and a loss over a batch. The
+loop does not know whether it trains a VAE, a generator or Fusion Blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from avlink.train.ema import EMA
+from avlink.train.state import CheckpointManager, rng_state, set_rng_state
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    lr: float = 3e-4  # the paper's base-model rate; its fusion runs use 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: str = "fp32"  # "bf16": autocast on CUDA or on a CPU with bf16 matmul; never fp16 on CPU
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep: int = 3
+    seed: int = 0
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar that is optimised
+    per_sample: Tensor | None = None  # (B,) for binning
+    t: Tensor | None = None  # (B,) flow time of each sample, for the loss-by-t curve
+    scalars: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    trainable: nn.Module  # the weights this run trains, saves and averages
+
+    def loss(self, batch: Any) -> LossOutput: ...
+
+
+Batches = Callable[[int, int], Iterator[Any]]  # (epoch, batches to skip) -> batches of that epoch, in order
+
+
+def lr_lambda(warmup_steps: int) -> Callable[[int], float]:
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown precision {precision!r}: fp32 or bf16 (fp16 is never used on CPU)")
+
+
+class Logger:
+    """Scalars to a JSON-lines file, and to TensorBoard when the package is installed."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "scalars.jsonl"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def bin_by_t(per_sample: Tensor, t: Tensor, bins: int = 4) -> dict[str, float]:
+    """Mean loss of the samples in each quarter of flow time (what a t-sampler change would move)."""
+    idx = (t.detach().float().clamp(0, 1 - 1e-6) * bins).long()
+    out = {}
+    for b in range(bins):
+        sel = per_sample.detach()[idx == b]
+        if sel.numel():
+            out[f"loss_t/{b / bins:.2f}-{(b + 1) / bins:.2f}"] = sel.float().mean().item()
+    return out
+
+
+@dataclass
+class RunResult:
+    step: int
+    losses: list[tuple[int, float]]  # (step, loss) of every step this process ran
+    wall_s: float
+
+
+def fit(
+    objective: Objective, batches: Batches, cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
+    device: torch.device | str = "cpu", run_config: dict[str, Any] | None = None,
+    validate: Callable[[int], dict[str, float]] | None = None, val_every: int = 0, progress: bool = True,
+) -> RunResult:
+    """Train objective.trainable for cfg.max_steps steps; resume=True continues from the last checkpoint."""
+    run_dir, device = Path(run_dir), torch.device(device)
+    module = objective.trainable
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps))
+    ema = EMA(module, cfg.ema_decay)
+    manager = CheckpointManager(run_dir / "checkpoints", keep=cfg.keep)
+    logger = Logger(run_dir)
+    config = {"train": asdict(cfg), **(run_config or {})}
+
+    step, epoch, consumed = 0, 0, 0
+    torch.manual_seed(cfg.seed)
+    latest = manager.latest() if resume else None
+    if latest is not None:
+        state = latest.state()
+        module.load_state_dict(latest.weights(ema=False), strict=False)
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
+        set_rng_state(state["rng"])
+
+    def save() -> None:
+        ema_weights = {name: ema.shadow[name] for name in ema.names}
+        full_ema = {**module.state_dict(), **ema_weights}
+        manager.save(step, module.state_dict(), full_ema, {
+            "step": step, "epoch": epoch, "consumed": consumed, "rng": rng_state(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema.state_dict(),
+        }, config)
+
+    losses: list[tuple[int, float]] = []
+    started = time.perf_counter()
+    data = batches(epoch, consumed)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    module.train()
+    while step < cfg.max_steps:
+        try:
+            batch = next(data)
+        except StopIteration:
+            epoch, consumed = epoch + 1, 0
+            data = batches(epoch, 0)
+            continue
+        consumed += 1
+        with autocast(cfg.precision, device):
+            out = objective.loss(batch)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"loss is {out.loss.item()} at step {step}; last checkpoint kept")
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(module)
+        step += 1
+        loss = out.loss.item()
+        losses.append((step, loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            scalars = {"loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), **out.scalars}
+            if out.per_sample is not None and out.t is not None:
+                scalars.update(bin_by_t(out.per_sample, out.t))
+            logger.log(step, scalars)
+        if validate is not None and val_every and step % val_every == 0:
+            module.eval()
+            with ema.swapped_in(module), torch.no_grad():
+                logger.log(step, {f"val/{k}": v for k, v in validate(step).items()})
+            module.train()
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            save()
+    bar.close()
+    logger.close()
+    return RunResult(step, losses, time.perf_counter() - started)
+
+
+def steps_per_epoch(num_items: int, batch_size: int) -> int:
+    return math.ceil(num_items / batch_size)
