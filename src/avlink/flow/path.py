@@ -34,14 +34,22 @@ def uniform(n: int, *, generator: torch.Generator | None = None, device: torch.d
     return torch.rand(n, generator=generator, device=device)
 
 
+def flow_matching_errors(
+    velocity: Velocity, x1: Tensor, t: Tensor, x0: Tensor | None = None, mask: Tensor | None = None,
+    *, generator: torch.Generator | None = None,
+) -> Tensor:
+    """(B,) per-sample || v(x_t, t) - (x1 - x0) ||^2, mean over elements; mask (broadcastable) excludes padding."""
+    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype) if x0 is None else x0
+    err = (velocity(interpolate(x0, x1, t), t) - target_velocity(x0, x1)).float().square().flatten(1)
+    if mask is None:
+        return err.mean(1)
+    mask = mask.to(err.dtype).expand_as(x1).flatten(1)
+    return (err * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 def flow_matching_loss(
     velocity: Velocity, x1: Tensor, t: Tensor, x0: Tensor | None = None, mask: Tensor | None = None,
     *, generator: torch.Generator | None = None,
 ) -> Tensor:
-    """|| v(x_t, t) - (x1 - x0) ||^2, mean over elements. mask (broadcastable to x1) excludes padding."""
-    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype) if x0 is None else x0
-    err = (velocity(interpolate(x0, x1, t), t) - target_velocity(x0, x1)).square()
-    if mask is None:
-        return err.mean()
-    mask = mask.to(err.dtype).expand_as(err)
-    return (err * mask).sum() / mask.sum().clamp(min=1)
+    """The rectified-flow objective (Eq. 2), averaged over the batch."""
+    return flow_matching_errors(velocity, x1, t, x0, mask, generator=generator).mean()

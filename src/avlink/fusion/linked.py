@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from avlink.backbones.protocol import Backbone, StreamState, TextCond
 from avlink.config import FusionConfig, ModelConfig, Task
-from avlink.flow.path import flow_matching_loss, interpolate, logit_normal, uniform
+from avlink.flow.path import flow_matching_errors, interpolate, logit_normal, uniform
 from avlink.fusion.block import Alignment, CrossAttentionFusion, DirectAlignment, FusionBlock, TextConcat
 from avlink.nn.layers import AdaLN, TimestepEmbedder
 
@@ -237,6 +237,13 @@ class AVLink(nn.Module):
         text_video: TextCond | None = None, generator: torch.Generator | None = None,
     ) -> Tensor:
         """The rectified-flow objective of Eq. 5: only the generated modality gets the loss."""
+        return self.loss_terms(task, audio, video, text_audio, text_video, generator)[0].mean()
+
+    def loss_terms(
+        self, task: Task, audio: Tensor, video: Tensor, text_audio: TextCond | None = None,
+        text_video: TextCond | None = None, generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(B,) per-sample loss and the (B,) flow times it was taken at."""
         x_gen, x_cond = (audio, video) if task == "v2a" else (video, audio)
         text_gen, text_cond = (text_audio, text_video) if task == "v2a" else (text_video, text_audio)
         b = x_gen.shape[0]
@@ -245,4 +252,4 @@ class AVLink(nn.Module):
             t_cond = uniform(b, generator=generator, device=x_gen.device)
         cond = self.prepare(task, x_cond, text_gen, text_cond, t_cond=t_cond, generator=generator)
         t = logit_normal(b, generator=generator, device=x_gen.device)
-        return flow_matching_loss(lambda x, tt: self(x, tt, cond), x_gen, t, generator=generator)
+        return flow_matching_errors(lambda x, tt: self(x, tt, cond), x_gen, t, generator=generator), t

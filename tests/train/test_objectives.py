@@ -1,0 +1,71 @@
+import pytest
+import torch
+from helpers import tiny_config, tiny_link
+
+from avlink.backbones.audio_dit import AudioDiT
+from avlink.backbones.video_dit import VideoDiT
+from avlink.codecs.vae import AudioVAE
+from avlink.train.loop import TrainConfig, fit
+from avlink.train.objectives import FusionObjective, GeneratorObjective, VAEObjective
+
+
+def make_batch(cfg, b=2, seed=0, latent=True):
+    g = torch.Generator().manual_seed(seed)
+    clip = cfg.clip
+    batch = {
+        "mel": torch.randn(b, clip.audio.n_mels, clip.num_mel_frames, generator=g),
+        "video": torch.rand(b, *clip.video_shape, generator=g) * 2 - 1,
+        "text": torch.randn(b, 3, 16, generator=g),
+        "text_mask": torch.ones(b, 3, dtype=torch.bool),
+    }
+    if latent:
+        batch["latent"] = torch.randn(b, *clip.latent_shape, generator=g)
+    return batch
+
+
+def batches_of(cfg, latent=True):
+    def batches(epoch, skip):
+        for i in range(skip, 3):
+            yield make_batch(cfg, seed=10 * epoch + i, latent=latent)
+    return batches
+
+
+TC = TrainConfig(max_steps=4, lr=1e-3, warmup_steps=1, ckpt_every=4, log_every=1)
+
+
+def test_vae_objective_trains(tmp_path):
+    cfg = tiny_config()
+    vae = AudioVAE(cfg.clip.audio, hidden=16, depth=1)
+    result = fit(VAEObjective(vae), batches_of(cfg), TC, tmp_path, progress=False)
+    assert result.step == 4 and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+
+
+@pytest.mark.parametrize("modality", ["audio", "video"])
+def test_generator_objective_trains_alone(tmp_path, modality):
+    cfg = tiny_config()
+    model = AudioDiT(cfg.audio, cfg.clip.audio) if modality == "audio" else VideoDiT(cfg.video, cfg.clip.video)
+    before = [p.detach().clone() for p in model.parameters()]
+    fit(GeneratorObjective(model, modality), batches_of(cfg), TC, tmp_path, progress=False)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_audio_objective_encodes_mels_with_a_frozen_vae():
+    cfg = tiny_config()
+    vae = AudioVAE(cfg.clip.audio, hidden=16, depth=1).freeze()
+    model = AudioDiT(cfg.audio, cfg.clip.audio)
+    out = GeneratorObjective(model, "audio", vae=vae).loss(make_batch(cfg, latent=False))
+    out.loss.backward()
+    assert all(p.grad is None for p in vae.parameters())
+
+
+@pytest.mark.parametrize("task", ["v2a", "a2v", "joint"])
+def test_fusion_objective_leaves_backbones_untouched(tmp_path, task):
+    model = tiny_link(**({"fusion.shared": True} if task == "joint" else {}))
+    frozen = {k: v.clone() for k, v in {**model.audio.state_dict(), **model.video.state_dict()}.items()}
+    objective = FusionObjective(model, task)
+    fit(objective, batches_of(model.cfg), TC, tmp_path, progress=False)
+    after = {**model.audio.state_dict(), **model.video.state_dict()}
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    assert not model.audio.training and not model.video.training
+    saved = (tmp_path / "checkpoints" / "step_000000004" / "weights.safetensors")
+    assert saved.is_file()
