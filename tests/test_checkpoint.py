@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from avlink.checkpoint import atomic_write, load_link, save_link
+
 from helpers import tiny_batch, tiny_link
 
 

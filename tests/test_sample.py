@@ -2,6 +2,7 @@ import torch
 
 from avlink.backbones.protocol import TextCond
 from avlink.sample import generated_shape, sample_backbone, sample_link
+
 from helpers import tiny_batch, tiny_link
 
 

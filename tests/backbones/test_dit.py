@@ -5,6 +5,7 @@ from avlink.backbones.audio_dit import AudioDiT
 from avlink.backbones.dit import drop_text
 from avlink.backbones.protocol import Backbone, TextCond
 from avlink.backbones.video_dit import VideoDiT
+
 from helpers import randomize_backbone, tiny_config
 
 

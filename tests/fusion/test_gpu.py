@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from helpers import tiny_batch, tiny_link
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -7,6 +7,7 @@ from avlink.backbones.protocol import TextCond
 from avlink.flow.guidance import classifier_free_guidance
 from avlink.fusion.block import Alignment
 from avlink.fusion.linked import fusion_points
+
 from helpers import tiny_batch, tiny_link
 
 INJECTIONS = ["fusion", "static", "cross_attention", "direct", "text_concat"]

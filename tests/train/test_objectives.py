@@ -1,12 +1,13 @@
 import pytest
 import torch
-from helpers import tiny_config, tiny_link
 
 from avlink.backbones.audio_dit import AudioDiT
 from avlink.backbones.video_dit import VideoDiT
 from avlink.codecs.vae import AudioVAE
 from avlink.train.loop import TrainConfig, fit
 from avlink.train.objectives import FusionObjective, GeneratorObjective, VAEObjective
+
+from helpers import tiny_config, tiny_link
 
 
 def make_batch(cfg, b=2, seed=0, latent=True):

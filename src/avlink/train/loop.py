@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from avlink.train.distributed import Dist, wrap
 from avlink.train.ema import EMA
 from avlink.train.state import CheckpointManager, rng_state, set_rng_state
 
@@ -115,20 +116,27 @@ def fit(
     objective: Objective, batches: Batches, cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False,
     device: torch.device | str = "cpu", run_config: dict[str, Any] | None = None,
     validate: Callable[[int], dict[str, float]] | None = None, val_every: int = 0, progress: bool = True,
+    dist_ctx: Dist | None = None,
 ) -> RunResult:
-    """Train objective.trainable for cfg.max_steps steps; resume=True continues from the last checkpoint."""
+    """Train objective.trainable for cfg.max_steps steps; resume=True continues from the last checkpoint.
+
+    Under torchrun (dist_ctx.enabled) the loss goes through DDP, which averages gradients across ranks; rank 0
+    alone logs and writes checkpoints, and every rank resumes from them.
+    """
     run_dir, device = Path(run_dir), torch.device(device)
+    ctx = dist_ctx or Dist(device=device)
+    ddp = wrap(objective, ctx)
     module = objective.trainable
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps))
     ema = EMA(module, cfg.ema_decay)
     manager = CheckpointManager(run_dir / "checkpoints", keep=cfg.keep)
-    logger = Logger(run_dir)
+    logger = Logger(run_dir) if ctx.is_main else None
     config = {"train": asdict(cfg), **(run_config or {})}
 
     step, epoch, consumed = 0, 0, 0
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + ctx.rank)
     latest = manager.latest() if resume else None
     if latest is not None:
         state = latest.state()
@@ -138,6 +146,8 @@ def fit(
         sched.load_state_dict(state["scheduler"])
         step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
         set_rng_state(state["rng"])
+        if ctx.rank:  # the checkpoint holds rank 0's RNG; the others continue on their own streams
+            torch.manual_seed(cfg.seed + ctx.rank + 1_000_003 * step)
 
     def save() -> None:
         ema_weights = {name: ema.shadow[name] for name in ema.names}
@@ -150,7 +160,8 @@ def fit(
     losses: list[tuple[int, float]] = []
     started = time.perf_counter()
     data = batches(epoch, consumed)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not (progress and ctx.is_main),
+               dynamic_ncols=True)
     module.train()
     while step < cfg.max_steps:
         try:
@@ -161,7 +172,11 @@ def fit(
             continue
         consumed += 1
         with autocast(cfg.precision, device):
-            out = objective.loss(batch)
+            if ddp is None:
+                out = objective.loss(batch)
+            else:
+                ddp(batch)
+                out = ddp.module.last
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"loss is {out.loss.item()} at step {step}; last checkpoint kept")
         out.loss.backward()
@@ -175,20 +190,21 @@ def fit(
         losses.append((step, loss))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if logger is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
             scalars = {"loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), **out.scalars}
             if out.per_sample is not None and out.t is not None:
                 scalars.update(bin_by_t(out.per_sample, out.t))
             logger.log(step, scalars)
-        if validate is not None and val_every and step % val_every == 0:
+        if logger is not None and validate is not None and val_every and step % val_every == 0:
             module.eval()
             with ema.swapped_in(module), torch.no_grad():
                 logger.log(step, {f"val/{k}": v for k, v in validate(step).items()})
             module.train()
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+        if ctx.is_main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             save()
     bar.close()
-    logger.close()
+    if logger is not None:
+        logger.close()
     return RunResult(step, losses, time.perf_counter() - started)
 
 
