@@ -1,0 +1,226 @@
+"""`avlink train vae|audio|video|fusion`: train one part of AV-Link on prepared shards or a folder of videos.
+
+    avlink train vae    --preset tiny --data shards/ --out runs/vae
+    avlink train audio  --preset tiny --data shards/ --out runs/t2a --vae runs/vae/export/vae.safetensors
+    avlink train video  --preset tiny --data shards/ --out runs/t2v
+    avlink train fusion --preset tiny --task v2a --data folder:my_videos/ --out runs/v2a \\
+        --audio-dit runs/t2a/export/audio_dit.safetensors --video-dit runs/t2v/export/video_dit.safetensors \\
+        --vae runs/vae/export/vae.safetensors
+
+--data takes a folder written by `avlink prepare`, or any data spec `avlink prepare` takes (syncbench:DIR,
+vggsound:CSV:DIR, folder:DIR), which is prepared into OUT/prepared first (resumable). A YAML file (--config) holds
+`train:` (TrainConfig fields), `model:` (dotted preset overrides) and `batch_size`; --set overrides either, e.g.
+--set train.lr=1e-4 model.fusion.injection=static. The same command runs under torchrun (DDP).
+At the end the EMA weights are exported to OUT/export/<part>.safetensors with config.json and a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from avlink.cli import UserError
+from avlink.config import PRESETS, ModelConfig, get_preset
+from avlink.train.distributed import Dist, setup, teardown
+from avlink.train.loop import TrainConfig, fit
+
+PARTS = ("vae", "audio", "video", "fusion")
+EXPORT_NAMES = {"vae": "vae", "audio": "audio_dit", "video": "video_dit", "fusion": "fusion"}
+VAE_DEFAULTS = {"hidden": 128, "depth": 2, "kl_weight": 1e-4}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("part", choices=PARTS, help="what to train")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--task", default="v2a", choices=("v2a", "a2v", "joint"), help="fusion only")
+    parser.add_argument("--data", required=True, help="prepared shard folder or a data spec (folder:DIR, ...)")
+    parser.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, logs, export)")
+    parser.add_argument("--max-steps", type=int, help="training steps (default from the config)")
+    parser.add_argument("--batch-size", type=int, help="per-process batch size (default 32)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--config", type=Path, help="YAML with train:, model:, batch_size")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides: train.X / model.X")
+    parser.add_argument("--vae", type=Path, help="trained VAE (.safetensors) to encode mels to latents")
+    parser.add_argument("--audio-dit", type=Path, help="trained text-to-audio generator (fusion only)")
+    parser.add_argument("--video-dit", type=Path, help="trained text-to-video generator (fusion only)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--workers", type=int, default=0, help="data loader workers per process")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def load_settings(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, int, dict[str, Any]]:
+    doc: dict[str, Any] = {}
+    if args.config is not None:
+        if not args.config.is_file():
+            raise UserError(f"{args.config}: config file not found")
+        doc = yaml.safe_load(args.config.read_text()) or {}
+    train = dict(doc.get("train", {}))
+    model = dict(doc.get("model", {}))
+    extra = {k: v for k, v in doc.items() if k not in ("train", "model")}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item}: expected KEY=VALUE")
+        value = yaml.safe_load(value)
+        section, _, name = key.partition(".")
+        {"train": train, "model": model}.get(section, extra)[name if section in ("train", "model") else key] = value
+    cfg = get_preset(args.preset)
+    try:
+        cfg = cfg.override(**model)
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = set(train) - known
+        if unknown:
+            raise KeyError(f"unknown train keys {sorted(unknown)}")
+        tc = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in train.items()})
+    except (KeyError, TypeError) as err:
+        raise UserError(f"bad config: {err}") from None
+    if args.max_steps is not None:
+        tc = replace(tc, max_steps=args.max_steps)
+    if args.part == "fusion" and "lr" not in train:
+        tc = replace(tc, lr=1e-4)  # the paper's fusion learning rate
+    batch = args.batch_size or int(extra.pop("batch_size", 32))
+    return cfg, tc, batch, extra
+
+
+def resolve_data(spec: str, out: Path, preset: str, vae: Path | None, ctx: Dist) -> str:
+    """A prepared shard folder: as given, or prepared from a data spec into out/prepared (rank 0 prepares)."""
+    if Path(spec).is_dir():
+        return spec
+    if ":" not in spec:
+        raise UserError(f"{spec}: neither a prepared folder nor a data spec (syncbench:DIR, folder:DIR, ...)")
+    target = out / "prepared"
+    if ctx.is_main:
+        from avlink.data.prepare import prepare
+
+        prepare(spec, target, preset=preset, vae=None if vae is None else str(vae))
+    if ctx.enabled:
+        torch.distributed.barrier()
+    return str(target)
+
+
+def shard_batches(source: str, batch_size: int, seed: int, ctx: Dist, workers: int):
+    from torch.utils.data import DataLoader
+
+    from avlink.data.shards import ShardDataset, collate
+
+    dataset = ShardDataset(source, ctx.rank, ctx.world_size, shuffle=True, seed=seed)
+
+    def batches(epoch: int, skip: int):
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
+                            drop_last=True)
+        return itertools.islice(iter(loader), skip, None)
+
+    return batches
+
+
+def load_part(path: Path | None, module: torch.nn.Module, what: str, flag: str) -> None:
+    if path is None:
+        raise UserError(f"fusion training links pretrained generators: pass {flag} (the {what} export)")
+    if not path.is_file():
+        raise UserError(f"{path}: {what} weights not found")
+    try:
+        module.load_state_dict(load_file(str(path)))
+    except Exception as err:  # a wrong file is a user error, whatever safetensors or torch raise
+        raise UserError(f"{path}: does not hold a {what} for this preset ({str(err).splitlines()[0]})") from None
+
+
+def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Namespace, extra: dict[str, Any],
+                    device: torch.device):
+    from avlink.backbones.audio_dit import AudioDiT
+    from avlink.backbones.video_dit import VideoDiT
+    from avlink.codecs.vae import AudioVAE
+    from avlink.fusion.linked import AVLink
+    from avlink.train.objectives import FusionObjective, GeneratorObjective, VAEObjective
+
+    vae = None
+    if args.vae is not None and part != "vae":
+        from avlink.data.prepare import load_vae
+
+        vae = load_vae(str(args.vae), cfg.clip).to(device)
+    if part == "vae":
+        opts = {**VAE_DEFAULTS, **extra.get("vae", {})}
+        module = AudioVAE(cfg.clip.audio, hidden=opts["hidden"], depth=opts["depth"]).to(device)
+        return VAEObjective(module, opts["kl_weight"], device)
+    if part == "audio":
+        return GeneratorObjective(AudioDiT(cfg.audio, cfg.clip.audio).to(device), "audio", vae, device=device)
+    if part == "video":
+        return GeneratorObjective(VideoDiT(cfg.video, cfg.clip.video).to(device), "video", device=device)
+    if task == "joint":
+        cfg = cfg.override(**{"fusion.shared": True})
+    audio, video = AudioDiT(cfg.audio, cfg.clip.audio), VideoDiT(cfg.video, cfg.clip.video)
+    load_part(args.audio_dit, audio, "text-to-audio generator", "--audio-dit")
+    load_part(args.video_dit, video, "text-to-video generator", "--video-dit")
+    tasks = ("v2a", "a2v") if task == "joint" else (task,)
+    model = AVLink(cfg, audio, video, tasks=tasks).to(device)
+    return FusionObjective(model, task, vae, device=device)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, Any]) -> Path:
+    """EMA weights of the last checkpoint -> out/export/<part>.safetensors, config.json, <part>.card.json."""
+    from avlink.checkpoint import atomic_write, save_config
+    from avlink.train.state import CheckpointManager
+
+    latest = CheckpointManager(out / "checkpoints").latest()
+    assert latest is not None, f"{out}: no checkpoint to export"
+    weights = latest.weights(ema=True)
+    name = EXPORT_NAMES[part]
+    target = out / "export" / f"{name}.safetensors"
+    meta = {"part": part}
+    if part == "vae":
+        opts = {**VAE_DEFAULTS, **card.get("vae", {})}
+        meta.update(hidden=str(opts["hidden"]), depth=str(opts["depth"]))
+    atomic_write(target, lambda tmp: save_file(weights, str(tmp), metadata=meta))
+    save_config(out / "export" / "config.json", cfg)
+    text = json.dumps(card, indent=2)
+    atomic_write(out / "export" / f"{name}.card.json", lambda tmp: tmp.write_text(text))
+    return target
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, tc, batch_size, extra = load_settings(args)
+    ctx = setup(args.device)
+    try:
+        data = resolve_data(args.data, args.out, args.preset, args.vae, ctx)
+        objective = build_objective(args.part, args.task, cfg, args, extra, ctx.device)
+        if args.part == "fusion":
+            cfg = objective.model.cfg
+        batches = shard_batches(data, batch_size, tc.seed, ctx, args.workers)
+        started = time.time()
+        run_config = {"part": args.part, "task": args.task, "preset": args.preset, "model": cfg.to_dict(),
+                      "batch_size": batch_size, "data": args.data, **extra}
+        result = fit(objective, batches, tc, args.out, resume=args.resume, device=ctx.device,
+                     run_config=run_config, progress=not args.no_progress, dist_ctx=ctx)
+        if ctx.is_main:
+            tail = [loss for _, loss in result.losses[-20:]]
+            card = {
+                "part": args.part, "task": args.task if args.part == "fusion" else None,
+                "command": " ".join(["avlink", "train", *sys.argv[2:]]) if sys.argv[1:2] == ["train"] else None,
+                "seed": tc.seed, "git_commit": git_commit(), "data": args.data, "steps": result.step,
+                "batch_size": batch_size, "world_size": ctx.world_size, "wall_time_s": round(time.time() - started, 1),
+                "final_loss": sum(tail) / len(tail) if tail else None, "train": asdict(tc), **extra,
+            }
+            path = export(args.out, args.part, objective, cfg, card)
+            print(f"avlink train: {args.part} exported to {path}")
+    finally:
+        teardown()
+    return 0

@@ -1,0 +1,70 @@
+"""`avlink train` end to end on a tiny folder of videos: VAE, both generators, then the Fusion Blocks."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from avlink.cli import main
+from avlink.data.media import write_video
+
+SMALL = ["--set", "model.audio.dim=32", "model.audio.depth=2", "model.audio.heads=2",
+         "model.video.dim=32", "model.video.depth=2", "model.video.heads=2",
+         "model.fusion.dim=32", "model.fusion.heads=2", "model.fusion.num_blocks=2"]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        frames = rng.integers(0, 255, (24, 32, 32, 3), dtype=np.uint8)
+        t = np.arange(44100 * 3) / 44100
+        tone = (0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32)
+        write_video(root / f"clip{i}.mp4", frames, 8.0, tone, 44100)
+    (root / "captions.csv").write_text("file,caption\n" + "".join(f"clip{i}.mp4,tone number {i}\n" for i in range(4)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(videos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    assert main(["prepare", "--data", f"folder:{videos}", "--out", str(out), "--shard-size", "2"]) == 0
+    return out
+
+
+def train(part, out, data, *extra):
+    args = ["train", part, "--data", str(data), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+            "--no-progress", *extra, *SMALL]
+    assert main(args) == 0
+    return out / "export"
+
+
+def test_all_parts_train_and_export(shards, tmp_path):
+    vae = train("vae", tmp_path / "vae", shards, "--set", "vae={hidden: 16, depth: 1}")
+    assert (vae / "vae.safetensors").is_file()
+    card = json.loads((vae / "vae.card.json").read_text())
+    assert card["steps"] == 2 and card["final_loss"] > 0 and card["seed"] == 0
+    t2a = train("audio", tmp_path / "t2a", shards, "--vae", str(vae / "vae.safetensors"))
+    t2v = train("video", tmp_path / "t2v", shards)
+    v2a = train("fusion", tmp_path / "v2a", shards, "--task", "v2a", "--vae", str(vae / "vae.safetensors"),
+                "--audio-dit", str(t2a / "audio_dit.safetensors"), "--video-dit", str(t2v / "video_dit.safetensors"))
+    weights = load_file(str(v2a / "fusion.safetensors"))
+    assert weights and all(k.startswith("v2a.") for k in weights)
+    # resume: two more steps continue from step 2
+    assert main(["train", "fusion", "--data", str(shards), "--out", str(tmp_path / "v2a"), "--max-steps", "4",
+                 "--batch-size", "2", "--no-progress", "--resume", "--vae", str(vae / "vae.safetensors"),
+                 "--audio-dit", str(t2a / "audio_dit.safetensors"), "--video-dit", str(t2v / "video_dit.safetensors"),
+                 *SMALL]) == 0
+    assert json.loads((v2a / "fusion.card.json").read_text())["steps"] == 4
+
+
+def test_fusion_without_generators_is_one_line(shards, tmp_path, capsys):
+    assert main(["train", "fusion", "--data", str(shards), "--out", str(tmp_path), "--no-progress", *SMALL]) == 2
+    assert "--audio-dit" in capsys.readouterr().err
+
+
+def test_bad_override_is_one_line(shards, tmp_path, capsys):
+    assert main(["train", "vae", "--data", str(shards), "--out", str(tmp_path), "--set", "model.nope=1"]) == 2
+    assert "bad config" in capsys.readouterr().err
