@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("avlink.data.syncbench", "render SyncBench clips (procedural audio-visual data set)"),
     "prepare": ("avlink.data.prepare", "encode a data set into WebDataset shards"),
     "train": ("avlink.train.cli", "train the VAE, a generator or the Fusion Blocks (torchrun for many GPUs)"),
-    "eval": ("avlink.eval.runner", "score generated clips (onset, AV-Align, SyncBench events, FD/KL/IS) or sweep"),
+    "eval": ("avlink.eval.runner", "score generated clips against references, or sweep a sampling setting"),
 }
 
 
@@ -51,4 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m avlink.cli` (and torchrun -m) this file runs as __main__, whose UserError is not the one
+    # the command modules raise: run the imported module's main instead.
+    from avlink.cli import main as package_main
+
+    sys.exit(package_main())
