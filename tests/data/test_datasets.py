@@ -181,3 +181,15 @@ def test_clip_dataset_batches_skip_bad_items(folder: Path) -> None:
 def test_bad_specs_are_user_errors(spec: str) -> None:
     with pytest.raises(UserError):
         open_dataset(spec)
+
+
+def test_syncbench_split_filter(syncbench_dir: Path, tmp_path: Path) -> None:
+    from avlink.data.syncbench import synth
+
+    both = tmp_path / "both"
+    shutil.copytree(syncbench_dir, both)
+    synth(both, n=1, seed=0, split="test", preset="tiny")
+    assert len(syncbench_dataset(both)) == 4
+    assert len(open_dataset(f"syncbench:{both}:train")) == 3
+    test = open_dataset(f"syncbench:{both}:test")
+    assert len(test) == 1 and test[0].meta["split"] == "test"

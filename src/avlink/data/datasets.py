@@ -172,8 +172,9 @@ def load_item(item: ItemRef, clip: ClipGeometry) -> AVClip:
 # --- SyncBench --------------------------------------------------------------------------------------------
 
 
-def syncbench_dataset(root: Path | str) -> AVDataset:
-    """A SyncBench folder: its metadata.jsonl names every clip, its caption and its event times."""
+def syncbench_dataset(root: Path | str, split: str | None = None) -> AVDataset:
+    """A SyncBench folder: its metadata.jsonl names every clip, its caption and its event times. Several splits
+    may share a folder (synth writes DIR/<split>/); `split` keeps one."""
     from avlink.data import syncbench
 
     root = Path(root)
@@ -181,13 +182,16 @@ def syncbench_dataset(root: Path | str) -> AVDataset:
         raise UserError(f"{root}: not a SyncBench folder (no metadata.jsonl)")
     items, skipped = [], []
     for row in syncbench.load_metadata(root):
+        if split is not None and row.get("split") != split:
+            continue
         path = root / row["file"]
         if not path.is_file():
             skipped.append(Skipped(str(path), "file not found"))
             continue
         meta = {k: v for k, v in row.items() if k not in ("id", "file", "caption")}
         items.append(ItemRef(id=str(row["id"]), path=path, caption=str(row.get("caption", "")), meta=meta))
-    return AVDataset(f"syncbench:{root}", items, skipped)
+    source = f"syncbench:{root}" + (f":{split}" if split else "")
+    return AVDataset(source, items, skipped)
 
 
 # --- VGGSound ---------------------------------------------------------------------------------------------
@@ -303,15 +307,15 @@ def read_captions(path: Path) -> dict[str, str]:
 
 # --- specs ------------------------------------------------------------------------------------------------
 
-SPEC_HELP = "syncbench:DIR | vggsound:CSV:DIR[:SPLIT] | folder:DIR[:CAPTIONS_CSV]"
+SPEC_HELP = "syncbench:DIR[:SPLIT] | vggsound:CSV:DIR[:SPLIT] | folder:DIR[:CAPTIONS_CSV]"
 
 
 def open_dataset(spec: str) -> AVDataset:
     """Resolve a data set spec (see the module docstring)."""
     kind, _, rest = spec.partition(":")
     parts = rest.split(":") if rest else []
-    if kind == "syncbench" and len(parts) == 1:
-        return syncbench_dataset(parts[0])
+    if kind == "syncbench" and len(parts) in (1, 2):
+        return syncbench_dataset(parts[0], split=parts[1] if len(parts) == 2 else None)
     if kind == "vggsound" and len(parts) in (2, 3):
         return vggsound_dataset(parts[0], parts[1], split=parts[2] if len(parts) == 3 else None)
     if kind == "folder" and len(parts) in (1, 2):
