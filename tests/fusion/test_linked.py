@@ -186,3 +186,21 @@ def test_batched_guidance_equals_two_forwards_through_the_link():
         batched = classifier_free_guidance(model, 3.0, {"cond": cond}, {"cond": uncond})(audio, t)
         twice = classifier_free_guidance(model, 3.0, {"cond": cond}, {"cond": uncond}, batched=False)(audio, t)
     torch.testing.assert_close(batched, twice, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("injection", ["fusion", "direct"])
+def test_activation_checkpointing_gives_the_same_gradients(injection):
+    grads = []
+    for recompute in (False, True):
+        model = tiny_link(**{"fusion.injection": injection})
+        with torch.no_grad():
+            for p in model.fusion.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        model.set_activation_checkpointing(recompute)
+        audio, video = tiny_batch(model.cfg)
+        loss = model.loss("v2a", audio, video, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.fusion_set("v2a").parameters() if p.grad is not None])
+    assert len(grads[0]) > 10
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed, atol=1e-6, rtol=1e-5)

@@ -10,6 +10,7 @@ from abc import abstractmethod
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from avlink.backbones.protocol import StreamState, TextCond
 from avlink.config import DiTConfig
@@ -73,6 +74,8 @@ class DiT(nn.Module):
         self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))  # learned "no prompt" for CFG
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(d, token_dim)
+        # Recompute each block's activations in backward instead of storing them (memory for compute).
+        self.activation_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -148,8 +151,10 @@ class DiT(nn.Module):
     def run_blocks(self, state: StreamState, start: int, stop: int) -> StreamState:
         assert 0 <= start <= stop <= self.num_blocks, f"blocks [{start}, {stop}) out of 0..{self.num_blocks}"
         x = state.x
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks[start:stop]:
-            x = block(x, state.c, state.angles, state.text, state.text_mask)
+            args = (x, state.c, state.angles, state.text, state.text_mask)
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         return state.with_x(x)
 
     def head(self, state: StreamState) -> Tensor:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from avlink.backbones.protocol import Backbone, StreamState, TextCond
 from avlink.config import FusionConfig, ModelConfig, Task
@@ -107,6 +108,7 @@ class AVLink(nn.Module):
         else:
             sets = {task: FusionSet(fcfg, audio.hidden_dim, video.hidden_dim, (GENERATED[task],)) for task in tasks}
         self.fusion = nn.ModuleDict(sets)
+        self.activation_checkpointing = False  # fusion blocks too; set_activation_checkpointing sets all
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -133,6 +135,12 @@ class AVLink(nn.Module):
         self.audio.eval()  # frozen parts stay in eval mode
         self.video.eval()
         return self
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.activation_checkpointing = enabled
+        for backbone in (self.audio, self.video):
+            if hasattr(backbone, "activation_checkpointing"):
+                backbone.activation_checkpointing = enabled
 
     def fusion_set(self, task: Task) -> FusionSet:
         return self.fusion["joint"] if self.cfg.fusion.shared else self.fusion[task]
@@ -210,10 +218,10 @@ class AVLink(nn.Module):
                 cond_at = cond_point
                 c_x = c_state.x
             x_a, x_v = (gen.x, c_x) if task == "v2a" else (c_x, gen.x)
-            if injection == "direct":
-                x_a, x_v = block(x_a, x_v, c, align, gen=GENERATED[task])
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x_a, x_v = checkpoint(self._fuse, block, x_a, x_v, c, align, task, use_reentrant=False)
             else:
-                x_a, x_v = block(x_a, x_v, c, align)
+                x_a, x_v = self._fuse(block, x_a, x_v, c, align, task)
             new_gen, new_cond = (x_a, x_v) if task == "v2a" else (x_v, x_a)
             gen = gen.with_x(new_gen)
             if self._reinject:  # symmetric feature reinjection
@@ -221,6 +229,12 @@ class AVLink(nn.Module):
         # The conditioning stream's later blocks and head cannot reach the generated stream: never run.
         gen = gen_bb.run_blocks(gen, gen_at, gen_bb.num_blocks)
         return gen_bb.head(gen)
+
+    @staticmethod
+    def _fuse(block: nn.Module, x_a: Tensor, x_v: Tensor, c: Tensor, align: Alignment, task: Task):
+        if isinstance(block, DirectAlignment):
+            return block(x_a, x_v, c, align, gen=GENERATED[task])
+        return block(x_a, x_v, c, align)
 
     def _concat_to_text(self, gen: StreamState, cond: Condition, fset: FusionSet) -> StreamState:
         g = GENERATED[cond.task]

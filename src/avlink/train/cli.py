@@ -204,6 +204,11 @@ def run(args: argparse.Namespace) -> int:
         objective = build_objective(args.part, args.task, cfg, args, extra, ctx.device)
         if args.part == "fusion":
             cfg = objective.model.cfg
+        if tc.activation_checkpointing:
+            if args.part == "fusion":
+                objective.model.set_activation_checkpointing(True)
+            elif args.part in ("audio", "video"):
+                objective.trainable.activation_checkpointing = True
         batches = shard_batches(data, batch_size, tc.seed, ctx, args.workers)
         started = time.time()
         run_config = {"part": args.part, "task": args.task, "preset": args.preset, "model": cfg.to_dict(),

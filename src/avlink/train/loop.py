@@ -34,6 +34,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     precision: str = "fp32"  # "bf16": autocast on CUDA or on a CPU with bf16 matmul; never fp16 on CPU
+    activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
     log_every: int = 10
     ckpt_every: int = 200
     keep: int = 3
