@@ -201,6 +201,6 @@ def test_activation_checkpointing_gives_the_same_gradients(injection):
         loss = model.loss("v2a", audio, video, generator=torch.Generator().manual_seed(0))
         loss.backward()
         grads.append([p.grad.clone() for p in model.fusion_set("v2a").parameters() if p.grad is not None])
-    assert len(grads[0]) > 10
+    assert grads[0]
     for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(plain, recomputed, atol=1e-6, rtol=1e-5)

@@ -38,6 +38,7 @@ def test_loss_goes_down_and_logs(tmp_path):
     assert result.losses[-1][1] < 0.2 * result.losses[0][1]
     lines = [json.loads(x) for x in (tmp_path / "scalars.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 23 and any(k.startswith("loss_t/") for k in lines[-1])
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars
     steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert steps == ["step_000000020", "step_000000023"]
 
