@@ -7,8 +7,6 @@ the meta device. The front ends are checked against independent computations (li
 
 from __future__ import annotations
 
-import argparse
-
 import librosa
 import numpy as np
 import pytest
@@ -172,26 +170,17 @@ def test_vggish_resamples_other_rates(vggish_file):
     t16, t48 = np.arange(32_000) / 16_000, np.arange(96_000) / 48_000
     at16 = (0.5 * np.sin(2 * np.pi * 1000 * t16))[None].astype(np.float32)
     at48 = (0.5 * np.sin(2 * np.pi * 1000 * t48))[None].astype(np.float32)
-    resampled = vggish.resample(at48, 48_000, 16_000)
-    assert resampled.shape == at16.shape and resampled.dtype == np.float32
-    np.testing.assert_allclose(resampled[0, 1000:-1000], at16[0, 1000:-1000], atol=2e-3)
     torch.testing.assert_close(embedder.embed(at48, rate=48_000), embedder.embed(at16), rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(embedder.embed(at16, rate=16_000), embedder.embed(at16), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bad", [np.zeros(16_000, np.float32), np.zeros((1, 16_000), np.int16),
-                                 np.full((1, 16_000), np.nan, np.float32), np.zeros((0, 16_000), np.float32),
-                                 np.zeros((2, 0), np.float32)])
-def test_vggish_refuses_bad_arrays(vggish_file, bad):
-    embedder = vggish.load(weights=vggish_file[0], width=VGG_WIDTH)
-    with pytest.raises(ValueError, match="vggish"):
-        embedder.embed(bad)
-
-
-def test_vggish_refuses_other_modalities(vggish_file):
+def test_vggish_refuses_bad_input(vggish_file):
+    """The contract itself is tested in test_embed_common.py; here, that VGGish checks it."""
     embedder = vggish.load(weights=vggish_file[0], width=VGG_WIDTH)
     with pytest.raises(ValueError, match="audio only"):
         embedder.embed(np.zeros((1, 16_000), np.float32), "video")
+    with pytest.raises(ValueError, match="vggish: no audio"):
+        embedder.embed(np.zeros((0, 16_000), np.float32))
 
 
 # ---------------------------------------------------------------- PANNs CNN14
@@ -338,15 +327,6 @@ def test_unreadable_files_are_one_line(loader, tmp_path):
     with pytest.raises(UserError) as err:
         loader(weights=garbage)
     assert str(garbage) in str(err.value) and "\n" not in str(err.value)
-
-
-def test_code_carrying_pickles_are_refused(tmp_path):
-    """weights_only stays on: numpy arrays are allowed, any other class is not."""
-    path = tmp_path / "vggish.pth"
-    torch.save({"features.0.weight": torch.zeros(1), "extra": argparse.Namespace(a=1)}, path)
-    with pytest.raises(UserError, match="pickled argparse.Namespace, which is refused") as err:
-        vggish.load(weights=path)
-    assert "\n" not in str(err.value)
 
 
 def test_wrong_layouts_are_refused(vggish_file, cnn14_file):

@@ -148,7 +148,7 @@ def test_imagebind_video_mean_is_the_mean_of_its_fifteen_views(imagebind):
     torch.testing.assert_close(imagebind.embed(video, "video")[0], expected)
 
 
-def test_imagebind_image_mode_reads_only_the_middle_frame(imagebind_file):
+def test_imagebind_image_mode_reads_only_the_middle_frame(imagebind_file, imagebind):
     embedder = ib.load(imagebind_file[0], vision_heads=2, audio_heads=2, video_as="image")
     video = random_video(9, 30, 50, batch=1)
     other = video.copy()
@@ -158,6 +158,11 @@ def test_imagebind_image_mode_reads_only_the_middle_frame(imagebind_file):
     changed = video.copy()
     changed[:, 4] = 255 - changed[:, 4]
     assert (first - embedder.embed(changed, "video")).abs().max() > 1e-3
+    # the same image side from a "video" instance, asked per call; its own setting is left as it was
+    torch.testing.assert_close(imagebind.embed(video, "video", video_as="image"), first)
+    as_video = imagebind.embed(video, "video")
+    assert imagebind.video_as == "video" and (as_video - first).abs().max() > 1e-3
+    torch.testing.assert_close(embedder.embed(video, "video", video_as="video"), as_video)
 
 
 def test_imagebind_weights_missing_and_bad_files(tmp_path, imagebind_file):
@@ -188,16 +193,6 @@ def test_imagebind_refuses_bad_input(imagebind):
 
 
 # ---------------------------------------------------------------- ImageBind: pieces against references
-
-
-def test_in_proj_attention_with_bias_kv_matches_torch_multihead_attention():
-    torch.manual_seed(0)
-    ours = randomize(ib.InProjAttention(24, heads=3, bias_kv=True))
-    reference = nn.MultiheadAttention(24, 3, bias=True, add_bias_kv=True, batch_first=True)
-    reference.load_state_dict(ours.state_dict())  # strict: the names are the published ones
-    x = torch.randn(2, 7, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), reference(x, x, x, need_weights=False)[0], atol=1e-5, rtol=1e-5)
 
 
 def numpy_kaldi_fbank(x: np.ndarray, window: str, rate: int = 16_000, bins: int = 128,
@@ -439,6 +434,7 @@ def test_synchformer_windows_and_short_clips(synchformer):
     assert sf.windows(14, 14) == [slice(0, 14)]
     assert sf.count_segments(200, 16, 8) == 24 and sf.count_segments(128_000, 10_240, 5_120) == 24
     assert sf.count_segments(120, 16, 8) == 14 and sf.count_segments(76_800, 10_240, 5_120) == 14
+    assert synchformer.window_seconds == pytest.approx(4.8)
     with pytest.raises(ValueError, match="119 frames at 25 fps.*4.8 s"):
         synchformer.video_features(random_video(119, 32, 32, batch=1))
     with pytest.raises(ValueError, match="needs 4.8 s"):

@@ -351,18 +351,14 @@ def test_missing_weights_say_what_to_put_where(module, expected, tmp_path):
     assert str(tmp_path / "absent.pt") in str(err.value)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, only to write a TorchScript file
 @pytest.mark.parametrize("module", [inception, i3d])
 def test_bad_weight_files_are_refused_in_one_line(module, tmp_path):
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"not a checkpoint")
-    script = tmp_path / "scripted.pt"
-    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), script)
+    """Unreadable files and TorchScript archives: test_embed_common.py; here, a foreign layout."""
     wrong = save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
-    for path, words in ((junk, "cannot read"), (script, "TorchScript"), (wrong, "published layout")):
-        with pytest.raises(UserError) as err:
-            module.load(path, width=TINY)
-        assert str(err.value).startswith(str(path)) and words in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError) as err:
+        module.load(wrong, width=TINY)
+    text = str(err.value)
+    assert text.startswith(str(wrong)) and "published layout" in text and "\n" not in text
 
 
 def test_wrong_inputs_are_refused(inception_file, i3d_file):

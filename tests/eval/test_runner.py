@@ -2,6 +2,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from avlink.codecs.vae import AudioVAE
 from avlink.data import media
 from avlink.data.syncbench import CLASSES, load_metadata, synth
 from avlink.eval import runner
-from avlink.eval.embedders import WeightsMissing
+from avlink.eval.embed import imagebind, synchformer
+from avlink.eval.embedders import WeightsMissing, load_embedder
 from avlink.eval.runner import EvalSettings, derangement, evaluate
 
 from helpers import tiny_link
@@ -235,3 +237,167 @@ def test_sweep_without_a_vae_says_where_to_put_it(syncbench, tmp_path, capsys):
                    "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "vae.safetensors: not found" in err and err.count("\n") == 1
+
+
+# --- ImageBind (IB-AI, IB-AV) and DeSync on tiny random-weight networks -----------------------------------
+
+IB_TINY = imagebind.ImageBindConfig(out_dim=16, vision_width=32, vision_depth=2, vision_heads=2,
+                                    audio_width=32, audio_depth=2, audio_heads=2)
+SF_TINY = synchformer.SynchformerConfig(width=32, video_depth=1, video_heads=2, image_size=32, audio_depth=1,
+                                        audio_heads=2, sync_width=24, sync_depth=1, sync_heads=2)
+HEADS = {"imagebind": {"vision_heads": 2, "audio_heads": 2},
+         "synchformer": {"video_heads": 2, "audio_heads": 2, "sync_heads": 2}}
+AV_FPS, AV_RATE = 25.0, 16_000
+AV_SECONDS = (5.2, 5.2, 5.2, 2.0)  # 5.2 s: two Synchformer windows; 2 s: shorter than one
+
+
+def av_clip(k: int, seconds: float) -> tuple[np.ndarray, np.ndarray]:
+    """(T, 32, 32, 3) uint8 frames at 25 fps and (n,) audio at 16 kHz, each clip unlike the others."""
+    rng = np.random.default_rng(k)
+    t = np.arange(round(seconds * AV_RATE)) / AV_RATE
+    sounds = [0.5 * np.sin(2 * np.pi * 440 * t), 0.9 * (np.sin(2 * np.pi * 2 * t) > 0.99),
+              0.3 * rng.standard_normal(t.size), 0.4 * np.sin(2 * np.pi * (200 + 400 * t) * t)]
+    frames = np.zeros((round(seconds * AV_FPS), 32, 32, 3), np.uint8)
+    if k == 0:
+        frames[:] = rng.integers(0, 256, frames.shape)
+    for i, frame in enumerate(frames):
+        if k == 1:
+            frame[:, (2 * i) % 32] = 255  # a bar sweeping right
+        elif k == 2:
+            frame[..., 1] = 255 * (i % 12 < 3)  # green flashes
+        elif k == 3:
+            frame[..., 2] = np.linspace(0, 255, 32)[None].astype(np.uint8)
+    return frames, sounds[k].astype(np.float32)
+
+
+def read_av(path: Path, duration: float, size: tuple[int, int] | None) -> dict[str, np.ndarray]:
+    """What the runner reads of a file for these two networks (25 fps, 16 kHz), through its own reader."""
+    reader = runner.Reader(path, duration, size)
+    out = {"video": reader.video(AV_FPS)} if media.probe(path).has_video else {}
+    return out | ({"audio": reader.audio(AV_RATE)} if media.probe(path).has_audio else {})
+
+
+def tuned_synchformer(refs: list[dict[str, np.ndarray]]) -> synchformer.Synchformer:
+    """A random tiny Synchformer whose offset head reads how each pair's OFF state differs from the mean over
+    these clips, with a gain that makes its class depend on both streams. With plain random weights the OFF
+    token averages ~200 near-identical tokens and every clip gets the same class, which would let a test of
+    the pairing pass whatever is paired."""
+    g = torch.Generator().manual_seed(0)
+    model = synchformer.Synchformer(SF_TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    embedder = synchformer.SynchformerEmbedder(model.eval())
+    long = [r for r in refs if len(r["audio"]) >= embedder.window_seconds * AV_RATE]
+    videos = [embedder.video_features(r["video"][None])[:, :SF_TINY.segments] for r in long]
+    audios = [embedder.audio_features(r["audio"][None])[:, :SF_TINY.segments] for r in long]
+    head = model.transformer
+    with torch.no_grad():
+        pooled = torch.cat([head.pooled(model.vproj(v).flatten(1, 2), model.aproj(a).flatten(1, 2))
+                            for v in videos for a in audios])  # (pairs, D)
+        weight = torch.randn(SF_TINY.num_offsets, SF_TINY.sync_width, generator=g) / pooled.std(0)
+        head.off_head.weight.copy_(weight)
+        head.off_head.bias.copy_(-weight @ pooled.mean(0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def av_reference(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """A folder of 25 fps mp4s with 16 kHz audio, and tiny ImageBind and Synchformer weight files."""
+    root = tmp_path_factory.mktemp("av_ref")
+    clips = [av_clip(k, seconds) for k, seconds in enumerate(AV_SECONDS)]
+    for k, (frames, audio) in enumerate(clips):
+        media.write_video(root / f"clip{k}.mp4", frames, AV_FPS, audio, AV_RATE)
+    weights = tmp_path_factory.mktemp("av_weights")
+    torch.manual_seed(0)
+    ib_model = imagebind.ImageBindAV(IB_TINY)
+    with torch.no_grad():
+        for p in ib_model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape))
+    paths = {"imagebind": weights / imagebind.WEIGHTS_FILE, "synchformer": weights / synchformer.WEIGHTS_FILE}
+    torch.save(ib_model.state_dict(), paths["imagebind"])
+    streams = [{"video": frames, "audio": audio} for frames, audio in clips]  # close to what decodes
+    torch.save(tuned_synchformer(streams).state_dict(), paths["synchformer"])
+    return root, paths
+
+
+def tiny_loader(name, weights=None):
+    if name in HEADS and weights is not None:
+        return load_embedder(name, weights, **HEADS[name])
+    raise WeightsMissing(f"{name}: no weight file given")
+
+
+def embedded(streams: dict[str, np.ndarray], ib, sync) -> dict[str, Any]:
+    """The ImageBind embeddings and Synchformer segment features of one file's streams, straight from the
+    embedders (segment features None where a stream is shorter than one window)."""
+    out: dict[str, Any] = {}
+    if "audio" in streams:
+        a = streams["audio"][None]
+        out["audio"] = ib.embed(a, "audio")[0]
+        out["sync:audio"] = sync.audio_features(a) if a.shape[1] >= sync.window_seconds * AV_RATE else None
+    if "video" in streams:
+        v = streams["video"][None]
+        out["video"], out["image"] = ib.embed(v, "video")[0], ib.embed(v, "video", video_as="image")[0]
+        out["sync:video"] = sync.video_features(v) if v.shape[1] >= sync.window_seconds * AV_FPS else None
+    return out
+
+
+def expected_pair(video: dict[str, Any], audio: dict[str, Any], sync) -> dict[str, float]:
+    """IB-AV, IB-AI and DeSync of the video side of one file against the audio side of another."""
+    a = audio["audio"]
+    desync = math.nan
+    if video["sync:video"] is not None and audio["sync:audio"] is not None:
+        desync = float(sync.desync_from_features(video["sync:video"], audio["sync:audio"])[0])
+    return {"ib_av": float(a @ video["video"]), "ib_ai": float(a @ video["image"]), "desync": desync}
+
+
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_imagebind_and_desync_rows_pair_the_right_streams(av_reference, tmp_path, task):
+    root, weights = av_reference
+    durations = [media.probe(root / f"clip{k}.mp4").duration for k in range(len(AV_SECONDS))]
+    size = None if task == "v2a" else (32, 32)
+    refs = [read_av(root / f"clip{k}.mp4", d, size) for k, d in enumerate(durations)]
+    source = [0, 2, 1, 3]  # generated clip k holds clip source[k]'s stream: 1 and 2 swapped
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for k, j in enumerate(source):
+        if task == "v2a":
+            media.write_audio(gen / f"clip{k}.wav", refs[j]["audio"], AV_RATE, subtype="FLOAT")
+        else:
+            media.write_video(gen / f"clip{k}.mp4", refs[j]["video"], AV_FPS)
+    settings = EvalSettings(task, metrics=("fd", "imagebind", "desync"), weights=weights, progress=False)
+    report = evaluate(gen, root, settings, loader=tiny_loader)
+
+    gen_m, cond_m = runner.MODALITY[task]
+    ib, sync = (tiny_loader(name, weights[name]) for name in ("imagebind", "synchformer"))
+    suffix = ".wav" if task == "v2a" else ".mp4"
+    gens = [embedded(read_av(gen / f"clip{k}{suffix}", d, size), ib, sync) for k, d in enumerate(durations)]
+    refs = [embedded(r, ib, sync) for r in refs]
+
+    def row(xs: list[dict[str, Any]], perm=None) -> list[dict[str, float]]:
+        """X[i]'s generated-side stream against reference i's other stream (X = xs, or xs shuffled)."""
+        out = []
+        for i, r in enumerate(refs):
+            side = {gen_m: xs[i if perm is None else perm[i]], cond_m: r}
+            out.append(expected_pair(side["video"], side["audio"], sync))
+        return out
+
+    model, ceiling = row(gens), row(refs)
+    floor = row(refs, report.settings["floor_permutation"])
+    for name in ("ib_av", "ib_ai", "desync"):
+        got = [clip[name] for clip in report.per_clip]
+        np.testing.assert_allclose(got, [m[name] for m in model], rtol=0, atol=1e-5)  # NaN where short
+        for label, values in (("model", model), ("ceiling", ceiling), ("floor", floor)):
+            want = np.nanmean([v[name] for v in values])
+            assert report.value(name, label) == pytest.approx(want, abs=1e-5), (name, label)
+    # the checks above can fail: the swapped clips and the shuffled pairs score otherwise than ground truth
+    assert [m["desync"] for m in model[1:3]] != [c["desync"] for c in ceiling[1:3]]
+    assert len({round(f["desync"], 3) for f in floor if not math.isnan(f["desync"])}) > 1
+    assert all(abs(m["ib_av"] - m["ib_ai"]) > 1e-4 for m in model)  # the image path is another path
+    if task == "v2a":  # clip 0 is generated as its own ground truth (a lossless wave; video is re-encoded)
+        assert model[0] == ceiling[0]
+    assert report.used["desync"] == 3 and report.used["ib_av"] == 4
+    assert any(n.startswith("desync: 1 of 4 clips are shorter than one 4.8 s") for n in report.notes)
+    names = {m.name for m in report.metrics}
+    assert "fd_imagebind" in names and "fd_synchformer" not in names  # segment features are not FD features
+    assert {m.name: m.better for m in report.metrics}["desync"] == "lower"

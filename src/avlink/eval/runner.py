@@ -163,10 +163,10 @@ class EvalSettings:
 
 EMBEDDER_GROUPS = ("fd", "kl", "is", "class_acc", "clap", "imagebind", "desync")
 GROUP_EMBEDDERS = {"clap": "clap", "imagebind": "imagebind", "desync": "synchformer"}  # group -> embedder
-# Embedders whose features are taken of both modalities, to score the generated one against the reference's
-# other one. Synchformer's flattened segment features are not an embedding for Frechet distances: it serves
-# DeSync only.
-BOTH_SIDES = ("imagebind", "synchformer")
+# Embedders whose features are also taken of the reference's other modality, for the pair score they serve
+# (embedder -> group). Synchformer's flattened segment features are not an embedding for Frechet distances:
+# it serves DeSync only.
+BOTH_SIDES = {"imagebind": "imagebind", "synchformer": "desync"}
 NOT_FOR_FD = ("synchformer",)
 
 
@@ -262,11 +262,12 @@ def _wanted(name: str, embedder: Embedder, modality: str, generated_side: bool, 
     """Whether `embedder` reads this modality of this file: the generated modality feeds FD / KL / IS /
     class_acc; the other side only the pair scores. Synchformer runs only for DeSync, on clips that hold one
     of its windows."""
-    if modality not in embedder.modalities or not (generated_side or name in BOTH_SIDES):
+    if modality not in embedder.modalities:
         return False
-    if name == "synchformer":
-        return settings.wants("desync") and reader.duration >= embedder.window_seconds - 1e-6
-    return True
+    if name == "synchformer" and (not settings.wants("desync")
+                                  or reader.duration < embedder.window_seconds - 1e-6):
+        return False
+    return generated_side or (name in BOTH_SIDES and settings.wants(BOTH_SIDES[name]))
 
 
 def modality_features(feats: Features, modality: str, reader: Reader, settings: EvalSettings,
@@ -293,7 +294,10 @@ def modality_features(feats: Features, modality: str, reader: Reader, settings: 
         if not _wanted(name, embedder, modality, generated_side, reader, settings):
             continue
         key = f"{name}:{modality}"
-        feats.embeddings[key], clip_logits = _embed(embedder, modality, reader)
+        emb, clip_logits = _embed(embedder, modality, reader)
+        # Synchformer's segment features are large (0.6 MB per 8 s of video in float32) and its network
+        # reads float32: they are kept so, not in float64
+        feats.embeddings[key] = emb.astype(np.float32) if name == "synchformer" else emb
         if clip_logits is not None:
             feats.logits[key] = clip_logits
         if name == "imagebind" and modality == "video" and settings.wants("imagebind"):

@@ -36,13 +36,12 @@ from pathlib import Path
 
 import librosa
 import numpy as np
-import soxr
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avlink.cli import UserError
-from avlink.eval.embed.inception import load_strict
+from avlink.eval.embed.common import Mlp, check_waveforms, load_strict, read_state_dict, resample
 from avlink.eval.embedders import Modality, WeightsMissing, require_weights
 
 SAMPLE_RATE = 48_000
@@ -160,16 +159,6 @@ class WindowAttention(nn.Module):
             bias = bias + mask[:, None]  # (nW, heads, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nW, heads, N, d)
         return self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class SwinBlock(nn.Module):
@@ -335,27 +324,7 @@ def build_roberta(config_values: dict) -> nn.Module:
     return RobertaModel(config, add_pooling_layer=True)
 
 
-# ---------------------------------------------------------------- audio input (PaSST uses it too)
-
-
-def check_waveforms(x: np.ndarray, modality: Modality, network: str) -> np.ndarray:
-    """The audio input contract of the audio embedders: (B, n) finite float mono waveforms, n > 0."""
-    if modality != "audio":
-        raise ValueError(f"{network}: this call embeds audio, not {modality}")
-    ok = isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] > 0 and np.issubdtype(x.dtype, np.floating)
-    if not ok:
-        shape = getattr(x, "shape", None)
-        raise ValueError(f"{network}: expected float waveforms (B, n), got {type(x).__name__} {shape}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{network}: waveforms contain NaN or infinite samples")
-    return x.astype(np.float32, copy=False)
-
-
-def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """(B, n) at `rate` -> (B, m) at `target` with soxr (each row is one channel)."""
-    if rate == target:
-        return x
-    return np.ascontiguousarray(soxr.resample(x.T, rate, target).T, dtype=np.float32)
+# ---------------------------------------------------------------- audio input
 
 
 def quantize_int16(x: np.ndarray) -> np.ndarray:
@@ -373,32 +342,6 @@ def repeat_pad(x: np.ndarray, length: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- weights
-
-
-def read_checkpoint(path: Path, network: str) -> dict[str, Tensor]:
-    """The tensors of a checkpoint read with weights_only=True: a plain state dict, or one nested under
-    `state_dict` / `model` (training checkpoints), less a DDP `module.` prefix. One line on failure."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: one line naming it
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{path}: cannot read as a {network} checkpoint with weights_only=True "
-                        f"({type(err).__name__}: {first[:200]})") from None
-    while isinstance(raw, dict) and not _all_tensors(raw):
-        inner = next((raw[k] for k in ("state_dict", "model") if isinstance(raw.get(k), dict)), None)
-        if inner is None:
-            break
-        raw = inner
-    if not isinstance(raw, dict) or not raw or not _all_tensors(raw):
-        raise UserError(f"{path}: holds no {network} state dict (expected a dict of tensors, "
-                        "or one under 'state_dict' or 'model')")
-    if all(k.startswith("module.") for k in raw):
-        raw = {k[len("module."):]: v for k, v in raw.items()}
-    return raw
-
-
-def _all_tensors(d: dict) -> bool:
-    return all(isinstance(v, Tensor) for v in d.values())
 
 
 def infer_htsat(state: dict[str, Tensor]) -> HTSATConfig:
@@ -484,7 +427,8 @@ class CLAPEmbedder:
 
     def prepare_audio(self, x: np.ndarray) -> np.ndarray:
         """(B, n) at `sample_rate` -> (B, 480000) at 48 kHz, as the network reads it."""
-        x = resample(check_waveforms(x, "audio", self.name), self.sample_rate, SAMPLE_RATE)
+        x = check_waveforms(x, "audio", self.name, allow_empty=True)  # an empty batch gives (0, 512)
+        x = resample(x, self.sample_rate, SAMPLE_RATE)
         if self.quantize:
             x = quantize_int16(x)
         return repeat_pad(x, CLIP_SAMPLES)
@@ -529,7 +473,7 @@ def load(weights: Path | None = None, *, tokenizer: Path | str | None = None, de
     waveforms `embed` will get (default 48 kHz); others are resampled with soxr.
     """
     path = require_weights(weights, "clap", WEIGHTS_HINT, "the clap weights path")
-    state = published_keys(read_checkpoint(path, "LAION-CLAP"), path)
+    state = published_keys(read_state_dict(path, "LAION-CLAP"), path)
     model = build_clap(state, text_heads)
     load_strict(model, state, path, "LAION-CLAP")
     tok = None if tokenizer is None else load_tokenizer(tokenizer)

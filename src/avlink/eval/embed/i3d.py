@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avlink.eval.embed.inception import Scale, as_tensor, check_frames, load_strict, read_state_dict
+from avlink.eval.embed.common import Scale, as_tensor, check_frames, load_strict, read_state_dict
 from avlink.eval.embedders import Modality, require_weights
 
 IMAGE_SIZE = 224

@@ -37,7 +37,9 @@ resampled with soxr where the published code uses torchaudio's resampler.
 `embed(x, "audio")` and `embed(x, "video")` return (B, 1024) L2-normalised embeddings. ImageBind averages the
 per-clip (and per-crop) outputs of its postprocessor; we normalise that mean once more, which leaves every
 cosine score unchanged. With `video_as="image"` a video is embedded as its middle frame through the image path
-(the image side of IB-AI); the default `"video"` gives the video side of IB-AV.
+(the image side of IB-AI); the default `"video"` gives the video side of IB-AV. `video_as` is an option of
+the instance and of each `embed(x, "video", video_as=...)` call, so one loaded network (632M parameters in
+the vision branch) serves both scores.
 """
 
 from __future__ import annotations
@@ -55,9 +57,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avlink.cli import UserError
-from avlink.eval.embed.clap import check_waveforms, read_checkpoint, resample
-from avlink.eval.embed.inception import as_tensor, check_frames, load_strict
-from avlink.eval.embed.passt import kaldi_mel_banks
+from avlink.eval.embed.common import (
+    InProjAttention,
+    Mlp,
+    as_tensor,
+    center_crop,
+    check_frames,
+    check_waveforms,
+    kaldi_mel_banks,
+    load_strict,
+    read_state_dict,
+    resample,
+    resize_short_side_bicubic,
+)
 from avlink.eval.embedders import Modality, require_weights
 
 NETWORK = "ImageBind"
@@ -121,46 +133,6 @@ class ImageBindConfig:
 
 
 # ---------------------------------------------------------------- blocks (names follow the published keys)
-
-
-class InProjAttention(nn.Module):
-    """Batch-first multi-head self-attention with the parameters of torch's nn.MultiheadAttention:
-    `in_proj_weight` / `in_proj_bias` (q, k, v stacked), `out_proj`, and with `bias_kv` the learned key and
-    value appended to every sequence (`bias_k`, `bias_v`)."""
-
-    def __init__(self, dim: int, heads: int, bias_kv: bool = False):
-        super().__init__()
-        assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.bias_k = nn.Parameter(torch.zeros(1, 1, dim)) if bias_kv else None
-        self.bias_v = nn.Parameter(torch.zeros(1, 1, dim)) if bias_kv else None
-        self.out_proj = nn.Linear(dim, dim)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, c = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # (B, N, C) each
-        if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.expand(b, 1, c)], dim=1)  # (B, N + 1, C)
-            v = torch.cat([v, self.bias_v.expand(b, 1, c)], dim=1)
-
-        def split(t: Tensor) -> Tensor:
-            return t.reshape(b, t.shape[1], self.heads, c // self.heads).transpose(1, 2)  # (B, h, L, d)
-
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v))  # (B, h, N, d)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -449,30 +421,6 @@ def video_views(frames: np.ndarray | Tensor, fps: float, size: int = 224, clips:
     return torch.stack(views)
 
 
-def resize_short_side_bicubic(images: Tensor, size: int, pil: bool = False) -> Tensor:
-    """(N, 3, H, W) uint8 -> (N, 3, h, w) float holding 8-bit values: short side -> size, long side
-    truncated, bicubic with antialias (a = -0.5, the filter of PIL and of torchvision's tensor resize).
-
-    `pil`: as PIL, resample the width, then the height, rounding to 8 bits after each pass (bicubic
-    overshoot is clipped in between); otherwise as torchvision on a uint8 tensor, one float pass rounded once.
-    """
-    h, w = images.shape[-2:]
-    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    x = images.float()
-    passes = [(h, new_w), (new_h, new_w)] if pil else [(new_h, new_w)]
-    for shape in passes:
-        x = F.interpolate(x, size=shape, mode="bicubic", align_corners=False, antialias=True)
-        x = x.round().clamp(0, 255)
-    return x
-
-
-def center_crop(x: Tensor, size: int) -> Tensor:
-    """torchvision's CenterCrop offsets (rounded halves) on (..., H, W)."""
-    h, w = x.shape[-2:]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return x[..., top:top + size, left:left + size]
-
-
 def image_view(frame: np.ndarray | Tensor, size: int = 224) -> Tensor:
     """(H, W, 3) uint8 -> (3, size, size) normalised image, ImageBind's image transform."""
     x = resize_short_side_bicubic(as_tensor(frame).permute(2, 0, 1)[None], size, pil=True)  # (1, 3, h, w)
@@ -567,21 +515,26 @@ class ImageBindEmbedder:
         return self._pooled([audio_clips(w, cfg.mel_bins, cfg.target_len) for w in wave], "audio")
 
     @torch.no_grad()
-    def embed_video(self, x: np.ndarray) -> Tensor:
-        """(B, T, H, W, 3) uint8 at `fps` -> (B, D) unit vectors (15 views, or the middle frame)."""
+    def embed_video(self, x: np.ndarray, video_as: VideoAs | None = None) -> Tensor:
+        """(B, T, H, W, 3) uint8 at `fps` -> (B, D) unit vectors: 15 views ("video"), or the middle frame
+        through the image path ("image"); `video_as` None takes the instance's setting."""
+        video_as = video_as or self.video_as
+        assert video_as in ("video", "image"), f"video_as must be 'video' or 'image', got {video_as!r}"
         check_frames(x, "video", self.name)
         size = self.model.cfg.image_size
-        if self.video_as == "image":
+        if video_as == "image":
             views = [image_view(clip[len(clip) // 2], size)[None] for clip in x]  # (1, 3, S, S) each
         else:
             views = [video_views(clip, self.fps, size) for clip in x]  # (15, 3, 2, S, S) each
         return self._pooled(views, "vision")
 
-    def embed(self, x: np.ndarray, modality: Modality) -> Tensor:
+    def embed(self, x: np.ndarray, modality: Modality, video_as: VideoAs | None = None) -> Tensor:
+        """`video_as` (video only) overrides the instance's setting for this call, so one loaded network
+        gives both sides of IB-AI and IB-AV."""
         if modality == "audio":
             return self.embed_audio(x)
         if modality == "video":
-            return self.embed_video(x)
+            return self.embed_video(x, video_as)
         raise ValueError(f"{self.name} embeds audio and video, not {modality}")
 
     def logits(self, x: np.ndarray, modality: Modality) -> Tensor | None:
@@ -597,7 +550,7 @@ def load(weights: Path | None = None, *, device: str = "cpu", fps: float = 25.0,
     16 kHz; others are resampled with soxr); `video_as`: "video" (IB-AV) or "image" (IB-AI, middle frame).
     """
     path = require_weights(weights, "imagebind", WEIGHTS_HINT, "the imagebind weights path")
-    state = branch_keys(read_checkpoint(path, NETWORK))
+    state = branch_keys(read_state_dict(path, NETWORK))
     model = ImageBindAV(infer_config(state, path, vision_heads, audio_heads))
     load_strict(model, state, path, NETWORK)
     return ImageBindEmbedder(model, device=device, fps=fps, input_rate=input_rate, video_as=video_as,

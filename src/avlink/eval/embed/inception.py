@@ -19,7 +19,6 @@ row per frame, (B * T', 2048), clip-major (clip 0's frames, then clip 1's, ...),
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avlink.cli import UserError
+from avlink.eval.embed.common import Scale, as_tensor, check_frames, load_strict, read_state_dict
 from avlink.eval.embedders import Modality, require_weights
 
 IMAGE_SIZE = 299
@@ -67,17 +66,6 @@ def pool_3x3_same(x: Tensor, kind: PoolKind) -> Tensor:
     if kind == "max":
         return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-class Scale:
-    """Channel counts of a network `width` times the published one (width 1 = the real network)."""
-
-    def __init__(self, width: float):
-        assert width > 0, f"width must be positive, got {width}"
-        self.width = width
-
-    def __call__(self, channels: int) -> int:
-        return max(1, round(channels * self.width))
 
 
 class InceptionA(nn.Module):
@@ -250,22 +238,6 @@ class FIDInceptionV3(nn.Module):
 # ---------------------------------------------------------------- preprocessing
 
 
-def check_frames(x: np.ndarray, modality: Modality, network: str) -> None:
-    """The video input contract of every video embedder: (B, T, H, W, 3) uint8 RGB."""
-    if modality != "video":
-        raise ValueError(f"{network} embeds video only, not {modality}")
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 5 or x.shape[-1] != 3:
-        shape = getattr(x, "shape", None)
-        raise ValueError(f"{network}: expected uint8 frames (B, T, H, W, 3), got {type(x).__name__} {shape}")
-    if x.size == 0:
-        raise ValueError(f"{network}: no frames to embed (shape {x.shape})")
-
-
-def as_tensor(frames: np.ndarray | Tensor) -> Tensor:
-    """A tensor of the frames; numpy input is copied (decoded frames may be read-only buffers)."""
-    return frames if isinstance(frames, Tensor) else torch.from_numpy(np.array(frames))
-
-
 def preprocess(frames: np.ndarray | Tensor) -> Tensor:
     """(N, H, W, 3) uint8 images -> (N, 3, 299, 299) float32 in [-1, 1], the pytorch-fid input path."""
     x = as_tensor(frames).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W) in [0, 1]
@@ -278,55 +250,6 @@ def pick_frames(num_frames: int, frames_per_clip: int | None) -> np.ndarray:
     if frames_per_clip is None or frames_per_clip >= num_frames:
         return np.arange(num_frames)
     return np.unique(np.round(np.linspace(0, num_frames - 1, frames_per_clip)).astype(int))
-
-
-# ---------------------------------------------------------------- weights
-
-
-def read_state_dict(path: Path, network: str) -> dict[str, Tensor]:
-    """A plain state dict read with weights_only=True; anything else is refused in one line naming the file"""
-    if _is_torchscript(path):  # checked first: torch.load would hand such a file to the TorchScript loader
-        raise UserError(f"{path}: a TorchScript archive, which cannot be loaded without running its code; "
-                        f"give {network} a plain state dict instead")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: one line naming it
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{path}: cannot read as a {network} state dict "
-                        f"({type(err).__name__}: {first})") from None
-    if not isinstance(raw, dict) or not raw or not all(isinstance(v, Tensor) for v in raw.values()):
-        raise UserError(f"{path}: holds no {network} state dict (expected a dict of tensors)")
-    return raw
-
-
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives hold a `<name>/code/` folder; a saved state dict holds only data."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def load_strict(model: nn.Module, state: dict[str, Tensor], path: Path, network: str) -> None:
-    """Load every tensor by its published name, or say in one line what does not match.
-
-    Files saved before PyTorch 0.4 carry no `num_batches_tracked` counters; they only matter in training, so a
-    missing counter is filled with zero.
-    """
-    state = dict(state)
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-        details = "; ".join(f"{what} {keys[:3]}" for what, keys in found if keys)
-        raise UserError(f"{path}: not a {network} state dict in the published layout ({details})")
-    model.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------- the embedder

@@ -5,7 +5,8 @@ its torchlibrosa front end) so that the released checkpoints load strictly by th
 - "32k" `Cnn14_mAP=0.431.pth` (the paper's model): 32 kHz, n_fft 1024, hop 320, 64 mels 50-14000 Hz;
 - "16k" `Cnn14_16k_mAP=0.438.pth` (the one av-benchmark uses): 16 kHz, n_fft 512, hop 160, 64 mels 50-8000 Hz.
 Both are {"model": state_dict, ...}; the variant is read off the checkpoint's mel filter shape. The files also
-hold the training sampler's state as numpy arrays, which `read_torch_file` allows (weights_only=True still).
+hold the training sampler's state as numpy arrays, which `common.read_weights` allows (with weights_only=True
+still on).
 
 Front end, as torchlibrosa computes it: reflect-pad n_fft / 2 on both sides, frames every hop, periodic Hann
 window over n_fft samples, power spectrum |X|^2 (the DFT is a frozen Conv1d whose weights the checkpoint holds
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avlink.cli import UserError
-from avlink.eval.embed.vggish import check_waves, load_strict, pad_to, read_torch_file, resample
+from avlink.eval.embed.common import check_waveforms, load_strict, pad_to, read_weights, resample
 from avlink.eval.embedders import Modality, require_weights
 
 CHANNELS = (64, 128, 256, 512, 1024, 2048)
@@ -219,7 +220,7 @@ class PANNsEmbedder:
     def run(self, x: np.ndarray, modality: Modality = "audio", rate: int | None = None
             ) -> tuple[Tensor, Tensor]:
         """(B, n) waveforms -> embeddings (B, 2048) and pre-sigmoid logits (B, 527), float32 on the CPU."""
-        waves = resample(check_waves(x, modality, self.name), rate, self.sample_rate)
+        waves = resample(check_waveforms(x, modality, self.name), rate, self.sample_rate)
         wave = pad_to(torch.from_numpy(waves), self.model.frontend.min_samples)
         embeddings, logits = [], []
         for start in range(0, len(wave), self.batch_size):
@@ -283,7 +284,7 @@ def load(weights: Path | None = None, *, variant: str | None = None, device: str
         raise ValueError(f"unknown CNN14 variant {variant!r}; known: {', '.join(VARIANTS)}")
     names = " or ".join(f.weights_file for f in VARIANTS.values())
     path = require_weights(weights, "panns-cnn14", f"{names} ({WEIGHTS_URL})", "the panns-cnn14 weights path")
-    state = model_state(read_torch_file(path, "CNN14"), path)
+    state = model_state(read_weights(path, "CNN14"), path)
     found = variant_of(state, path)
     if variant is not None and variant != found:
         raise UserError(f"{path}: a CNN14 {found} checkpoint, not {variant}")

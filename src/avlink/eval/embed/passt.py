@@ -31,8 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avlink.cli import UserError
-from avlink.eval.embed.clap import check_waveforms, read_checkpoint, resample
-from avlink.eval.embed.inception import load_strict
+from avlink.eval.embed.common import (
+    Mlp,
+    check_waveforms,
+    kaldi_mel_banks,
+    load_strict,
+    read_state_dict,
+    resample,
+)
 from avlink.eval.embedders import Modality, require_weights
 
 SAMPLE_RATE = 32_000
@@ -83,16 +89,6 @@ class Attention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # (B,h,N,d)
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -156,20 +152,6 @@ class PaSST(nn.Module):
 # ---------------------------------------------------------------- preprocessing
 
 
-def kaldi_mel_banks(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE,
-                    fmin: float = FMIN, fmax: float = FMAX) -> Tensor:
-    """(n_mels, n_fft // 2 + 1) Kaldi filter bank: triangles linear in mel, zero weight on the Nyquist bin."""
-    def mel(f):
-        return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
-
-    delta = (mel(fmax) - mel(fmin)) / (n_mels + 1)
-    left = mel(fmin) + delta * np.arange(n_mels)[:, None]  # (n_mels, 1)
-    centre, right = left + delta, left + 2 * delta
-    bins = mel(sample_rate / n_fft * np.arange(n_fft // 2))[None]  # (1, n_fft / 2)
-    banks = np.maximum(0.0, np.minimum((bins - left) / (centre - left), (right - bins) / (right - centre)))
-    return torch.from_numpy(np.pad(banks, ((0, 0), (0, 1)))).float()
-
-
 class PaSSTMel(nn.Module):
     """Waveform (B, n) at 32 kHz -> normalised log-mel (B, 1, 128, frames): the eval path of the published
     front end (no frequency jitter, no masking)."""
@@ -177,7 +159,8 @@ class PaSSTMel(nn.Module):
     def __init__(self):
         super().__init__()
         self.register_buffer("window", torch.hann_window(WIN, periodic=False), persistent=False)
-        self.register_buffer("mel_basis", kaldi_mel_banks(), persistent=False)  # (128, 513)
+        banks = kaldi_mel_banks(N_MELS, N_FFT, SAMPLE_RATE, FMIN, FMAX)  # (128, 513)
+        self.register_buffer("mel_basis", banks, persistent=False)
 
     def power_spectrum(self, wave: Tensor) -> Tensor:
         """(B, n) -> (B, 513, frames) power of the pre-emphasised signal."""
@@ -247,7 +230,8 @@ class PaSSTEmbedder:
 
     def prepare_audio(self, x: np.ndarray) -> np.ndarray:
         """(B, n) at `sample_rate` -> (B, 320000) at 32 kHz."""
-        return fit_clip(resample(check_waveforms(x, "audio", self.name), self.sample_rate, SAMPLE_RATE))
+        x = check_waveforms(x, "audio", self.name, allow_empty=True)  # an empty batch gives (0, 768)
+        return fit_clip(resample(x, self.sample_rate, SAMPLE_RATE))
 
     @torch.no_grad()
     def _run(self, x: np.ndarray, modality: Modality) -> tuple[Tensor, Tensor]:
@@ -277,7 +261,7 @@ def load(weights: Path | None = None, *, device: str = "cpu", input_rate: int | 
     """PaSST from a local AudioSet checkpoint (sizes read from its shapes). `input_rate`: the rate of the
     waveforms `embed` will get (default 32 kHz); others are resampled with soxr."""
     path = require_weights(weights, "passt", WEIGHTS_HINT, "the passt weights path")
-    state = read_checkpoint(path, "PaSST")
+    state = read_state_dict(path, "PaSST")
     model = build_passt(state, path, num_heads, stride)
     load_strict(model, state, path, "PaSST")
     return PaSSTEmbedder(model, device=device, input_rate=input_rate, batch_size=batch_size)

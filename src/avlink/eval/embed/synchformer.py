@@ -53,9 +53,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avlink.cli import UserError
-from avlink.eval.embed.clap import check_waveforms, read_checkpoint, resample
-from avlink.eval.embed.imagebind import InProjAttention, Mlp, center_crop, resize_short_side_bicubic
-from avlink.eval.embed.inception import as_tensor, check_frames, load_strict
+from avlink.eval.embed.common import (
+    InProjAttention,
+    Mlp,
+    RefusedPickle,
+    as_tensor,
+    center_crop,
+    check_frames,
+    check_waveforms,
+    load_strict,
+    read_state_dict,
+    resample,
+    resize_short_side_bicubic,
+)
 from avlink.eval.embedders import Modality, require_weights
 
 NETWORK = "Synchformer"
@@ -541,13 +551,11 @@ def windows(num_segments: int, size: int) -> list[slice]:
 
 
 def read_state(path: Path) -> dict[str, Tensor]:
-    """The state dict (plain, or under 'model'); a file torch cannot read with weights_only=True is refused
-    in one line that says what to do if it is a training checkpoint (those pickle their config)."""
+    """The state dict (plain, or under 'model'); a file that pickles other classes is refused in one line
+    that says what to do if it is a training checkpoint (those pickle their config)."""
     try:
-        return read_checkpoint(path, NETWORK)
-    except UserError as err:
-        if "weights_only" not in str(err):
-            raise
+        return read_state_dict(path, NETWORK)
+    except RefusedPickle as err:
         raise UserError(f"{err}; a Synchformer training checkpoint pickles its config: save its 'model' "
                         f"entry as a plain state dict once, or use {WEIGHTS_FILE}") from None
 
@@ -612,8 +620,16 @@ class SynchformerEmbedder:
         self.batch_size = batch_size
         self.offsets = model.cfg.offsets
 
+    @property
+    def window_seconds(self) -> float:
+        """The shortest clip DeSync scores: one window of both streams (4.8 s for the published network)."""
+        cfg = self.model.cfg
+        video = ((cfg.segments - 1) * FRAME_STEP + cfg.segment_frames) / FPS
+        audio = ((cfg.segments - 1) * SAMPLE_STEP + SEGMENT_SAMPLES) / SAMPLE_RATE
+        return max(video, audio)
+
     def _too_short(self, what: str, got: str) -> ValueError:
-        seconds = (self.model.cfg.segments - 1) * FRAME_STEP / FPS + SEGMENT_FRAMES / FPS
+        seconds = self.window_seconds
         return ValueError(f"{self.name}: {what} is {got}; a Synchformer window needs {seconds:g} s")
 
     @torch.no_grad()

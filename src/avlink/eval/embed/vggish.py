@@ -26,24 +26,19 @@ Network: conv64-pool-conv128-pool-conv256x2-pool-conv512x2-pool (3x3 convs with 
 Per clip: `embed` returns the mean of the clip's per-example embeddings, (B, 128); `embed_examples` returns
 them all, (B, E, 128), for FD over examples as av-benchmark computes it. A clip shorter than one example
 (0.975 s) is right-padded with silence to one example. VGGish has no classifier, so `logits` returns None.
-
-Helpers shared with the other audio embedders live here too: `check_waves`, `resample`, `read_torch_file`
-(a foreign .pth read with weights_only=True, numpy arrays allowed) and `load_strict`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
-import soxr
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avlink.cli import UserError
+from avlink.eval.embed.common import check_waveforms, load_strict, pad_to, read_weights, resample
 from avlink.eval.embedders import Modality, require_weights
 
 # vggish_params.py
@@ -75,94 +70,6 @@ HIDDEN = 4096
 WEIGHTS_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/"
 WEIGHTS_FILE = "vggish-10086976.pth"
 PCA_FILE = "vggish_pca_params-970ea276.pth"
-
-
-# ---------------------------------------------------------------- helpers shared by the audio embedders
-
-
-def check_waves(x: np.ndarray, modality: Modality, network: str) -> np.ndarray:
-    """The audio input contract: (B, n) finite float waveforms, returned as float32."""
-    if modality != "audio":
-        raise ValueError(f"{network} embeds audio only, not {modality}")
-    if not isinstance(x, np.ndarray) or x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
-        shape = getattr(x, "shape", None)
-        raise ValueError(f"{network}: expected float waveforms (B, n), got {type(x).__name__} {shape}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{network}: no audio to embed (shape {x.shape})")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{network}: waveforms hold NaN or infinite samples")
-    return x.astype(np.float32, copy=False)
-
-
-def resample(x: np.ndarray, rate: int | None, target: int) -> np.ndarray:
-    """(B, n) at `rate` -> (B, n') at `target` with soxr (high quality); None or equal rates pass through."""
-    if rate is None or rate == target:
-        return x
-    assert rate > 0, f"sample rate must be positive, got {rate}"
-    out = soxr.resample(np.ascontiguousarray(x.T), rate, target, quality="HQ")  # soxr wants (n, channels)
-    return np.ascontiguousarray(out.reshape(-1, x.shape[0]).T, dtype=np.float32)
-
-
-def pad_to(wave: Tensor, min_samples: int) -> Tensor:
-    """Right-pad (B, n) with silence to at least min_samples."""
-    return F.pad(wave, (0, max(0, min_samples - wave.shape[-1])))
-
-
-def _numpy_globals() -> list:
-    """What torch.save'd numpy arrays need to unpickle: array and scalar constructors and dtypes, under both
-    the numpy 1 (`numpy.core`) and numpy 2 (`numpy._core`) module names. None of them runs stored code."""
-    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed: list = [np.ndarray, np.dtype]
-    for name in ("_reconstruct", "scalar"):
-        allowed += [(getattr(core, name), f"numpy.core.multiarray.{name}"),
-                    (getattr(core, name), f"numpy._core.multiarray.{name}")]
-    kinds = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-             np.float16, np.float32, np.float64]
-    allowed += [type(np.dtype(kind)) for kind in kinds]  # numpy >= 1.25 dtype classes, rebuilt by BUILD
-    return allowed
-
-
-def read_torch_file(path: Path, network: str) -> object:
-    """torch.load(weights_only=True) with numpy arrays allowed (published files carry them: the VGGish PCA
-    parameters, the PANNs sampler state). Anything unreadable is refused in one line naming the file."""
-    try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: one line naming it
-        raise UserError(f"{path}: cannot read as a {network} weight file ({_load_failure(err)})") from None
-
-
-def _load_failure(err: Exception) -> str:
-    """One short reason; torch's own message for a refused pickle suggests turning weights_only off."""
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-    if found:
-        return f"it holds a pickled {found.group(1)}, which is refused rather than run"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {first}"
-
-
-def load_strict(model: nn.Module, state: object, path: Path, network: str) -> None:
-    """Put every tensor in place by its published name, or say in one line what does not match.
-
-    The model may be built on the meta device: the file's tensors are assigned, not copied, so the published
-    network is never initialised at random first. Files saved before PyTorch 0.4 carry no batch-norm
-    `num_batches_tracked` counters; they only matter in training, so a missing counter is set to zero.
-    """
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise UserError(f"{path}: holds no {network} state dict (expected a dict of tensors)")
-    expected = model.state_dict()
-    counters = {k: torch.zeros((), dtype=torch.long) for k in expected
-                if k.endswith("num_batches_tracked") and k not in state}
-    state = {**state, **counters}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-        details = "; ".join(f"{what} {keys[:3]}" for what, keys in found if keys)
-        raise UserError(f"{path}: not a {network} state dict in the published layout ({details})")
-    typed = {k: v.to(expected[k].dtype) for k, v in state.items()}  # e.g. a float64 export runs as float32
-    model.load_state_dict(typed, strict=True, assign=True)
 
 
 # ---------------------------------------------------------------- front end (mel_features.py)
@@ -272,7 +179,7 @@ def read_pca(path: Path) -> tuple[Tensor, Tensor]:
         except Exception as err:  # any unreadable file: one line naming it
             raise UserError(f"{path}: cannot read as VGGish PCA parameters ({type(err).__name__})") from None
     else:
-        params = read_torch_file(path, "VGGish PCA")
+        params = read_weights(path, "VGGish PCA")
     if not isinstance(params, dict) or not {PCA_EIGEN_VECTORS_NAME, PCA_MEANS_NAME} <= set(params):
         raise UserError(f"{path}: holds no VGGish PCA parameters "
                         f"({PCA_EIGEN_VECTORS_NAME}, {PCA_MEANS_NAME})")
@@ -306,7 +213,7 @@ class VGGishEmbedder:
     @torch.no_grad()
     def embed_examples(self, x: np.ndarray, modality: Modality = "audio", rate: int | None = None) -> Tensor:
         """(B, n) waveforms -> (B, E, 128) float32, one row per 0.96 s example."""
-        waves = resample(check_waves(x, modality, self.name), rate, self.sample_rate)
+        waves = resample(check_waveforms(x, modality, self.name), rate, self.sample_rate)
         examples = waveform_to_examples(torch.from_numpy(waves))  # (B, E, 96, 64)
         b, e = examples.shape[:2]
         flat = examples.reshape(b * e, 1, EXAMPLE_FRAMES, NUM_BANDS)
@@ -334,7 +241,7 @@ def load(weights: Path | None = None, *, pca: Path | None = None, final_relu: bo
         expected = f"{PCA_FILE} ({WEIGHTS_URL}{PCA_FILE})"
         pca_path = require_weights(Path(pca), "vggish PCA", expected, "pca=PATH")
         pca_params = read_pca(pca_path)
-    state = read_torch_file(path, "VGGish")
+    state = read_weights(path, "VGGish")
     with torch.device("meta"):  # the file's tensors take the place of these
         model = VGGish(width=width, final_relu=final_relu)
     load_strict(model, state, path, "VGGish")
