@@ -9,8 +9,10 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def run(args, tmp_path, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), **(env_extra or {})}
-    subprocess.run(args, check=True, env=env, cwd=tmp_path, timeout=180, capture_output=True)
+    # Loopback only: gloo otherwise picks an interface from the host name.
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), "GLOO_SOCKET_IFNAME": "lo", **(env_extra or {})}
+    done = subprocess.run(args, env=env, cwd=tmp_path, timeout=180, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
