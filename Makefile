@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup test test-all lint demo clean
+.PHONY: setup test test-all lint demo checkpoints clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ lint: setup
 
 demo: setup
 	$(VENV)/bin/avlink demo
+
+# Trains everything the embedded default ships, from scratch on SyncBench, into checkpoints/tiny/.
+checkpoints: setup
+	$(VENV)/bin/avlink recipe --out checkpoints/tiny --work runs/recipe
 
 clean:
 	rm -rf $(VENV) outputs

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("avlink.params", "parameter counts per part of a preset (built on the meta device)"),
     "synth": ("avlink.data.syncbench", "render SyncBench clips (procedural audio-visual data set)"),
     "prepare": ("avlink.data.prepare", "encode a data set into WebDataset shards"),
+    "recipe": ("avlink.train.recipe", "train everything the embedded default ships, from scratch (make checkpoints)"),
     "train": ("avlink.train.cli", "train the VAE, a generator or the Fusion Blocks (torchrun for many GPUs)"),
     "eval": ("avlink.eval.runner", "score generated clips against references, or sweep a sampling setting"),
 }

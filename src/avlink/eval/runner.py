@@ -24,7 +24,8 @@ Metric groups (--metrics; default all that can run; a group that cannot run is s
     fd, kl, is Frechet distance, KL, Inception Score over every embedder given with --weights that reads the
                generated modality (but Synchformer, which serves DeSync only), plus the SyncBench classifier
                of that modality (distances.py)
-    class_acc  top-1 class of the SyncBench classifier on the generated clip among the clip's true classes
+    class_acc  the SyncBench classifier's set of classes present in the generated clip (sigmoid > 0.5)
+               equals the clip's true set (eval/classifiers.py)
     clap       CLAP score: caption vs generated audio (V2A, needs captions: SyncBench references)
     imagebind  IB-AV and IB-AI: ImageBind cosine of the generated modality and the reference's other one;
                IB-AV reads the video as video, IB-AI its middle frame through ImageBind's image path. One
@@ -399,16 +400,19 @@ class RowScorer:
         out.per_clip[f"kl_{name}"] = per.tolist()
 
     def class_acc(self, xs: list[Features], name: str, out: Scored) -> None:
+        from avlink.eval.classifiers import predicted_classes
+
         key = f"{name}:{self.gen_modality}"
         classes = getattr(self.embedders[name], "classes", None)
         hits = []
         for x, ref, pair in zip(xs, self.refs, self.pairs, strict=True):
-            top = int(np.argmax(x.logits[key]))
+            names = classes or [str(i) for i in range(len(x.logits[key]))]
+            predicted = predicted_classes(x.logits[key], names)  # sigmoid > 0.5: the classes present
             truth = _true_classes(pair.meta)
             if classes is not None and truth:
-                hits.append(float(classes[top] in truth))
+                hits.append(float(predicted == truth))
             else:  # no labels to compare with: agreement with the classifier on the reference
-                hits.append(float(top == int(np.argmax(ref.logits[key]))))
+                hits.append(float(predicted == predicted_classes(ref.logits[key], names)))
         out.values["class_acc"], out.used["class_acc"] = _nanmean(hits)
         out.per_clip["class_acc"] = hits
 
@@ -542,8 +546,8 @@ def metric_info(name: str, task: Task) -> rep.MetricInfo:
         "event_precision": ("higher", f"SyncBench: detected {gen_m} events that match a true event"),
         "event_recall": ("higher", f"SyncBench: true events matched by a detected {gen_m} event"),
         "event_f1": ("higher", "SyncBench: F1 of event matching, counts pooled over clips"),
-        "class_acc": ("higher", f"SyncBench classifier: top-1 class of the generated {gen_m} among the "
-                                f"clip's true classes"),
+        "class_acc": ("higher", f"SyncBench classifier: the classes it finds in the generated {gen_m} "
+                                f"(sigmoid > 0.5) are exactly the clip's true classes"),
         "clap_score": ("higher", "CLAP: cosine of caption and generated audio embeddings"),
         "ib_av": ("higher", f"ImageBind IB-AV: cosine of generated {gen_m} and reference {cond_m} embeddings "
                             "(video as 5 two-frame clips x 3 crops)"),

@@ -1,4 +1,5 @@
-"""`avlink train vae|audio|video|fusion`: train one part of AV-Link on prepared shards or a folder of videos.
+"""`avlink train vae|audio|video|fusion|classifiers`: train one part of AV-Link on prepared shards or a folder of
+videos (classifiers: the SyncBench audio and video classifiers of the evaluation, eval/classifiers.py).
 
     avlink train vae    --preset tiny --data shards/ --out runs/vae
     avlink train audio  --preset tiny --data shards/ --out runs/t2a --vae runs/vae/export/vae.safetensors
@@ -6,6 +7,7 @@
     avlink train fusion --preset tiny --task v2a --data folder:my_videos/ --out runs/v2a \\
         --audio-dit runs/t2a/export/audio_dit.safetensors --video-dit runs/t2v/export/video_dit.safetensors \\
         --vae runs/vae/export/vae.safetensors
+    avlink train classifiers --preset tiny --data syncbench:sb_train/ --out runs/classifiers
 
 --data takes a folder written by `avlink prepare`, or any data spec `avlink prepare` takes (syncbench:DIR,
 vggsound:CSV:DIR, folder:DIR), which is prepared into OUT/prepared first (resumable). A YAML file (--config) holds
@@ -35,8 +37,9 @@ from avlink.config import PRESETS, ModelConfig, get_preset
 from avlink.train.distributed import Dist, setup, teardown
 from avlink.train.loop import TrainConfig, fit
 
-PARTS = ("vae", "audio", "video", "fusion")
-EXPORT_NAMES = {"vae": "vae", "audio": "audio_dit", "video": "video_dit", "fusion": "fusion"}
+PARTS = ("vae", "audio", "video", "fusion", "classifiers")
+EXPORT_NAMES = {"vae": "vae", "audio": "audio_dit", "video": "video_dit", "fusion": "fusion",
+                "classifiers": "classifiers"}
 VAE_DEFAULTS = {"hidden": 128, "depth": 2, "kl_weight": 1e-4}
 
 
@@ -89,6 +92,10 @@ def load_settings(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, i
         tc = replace(tc, max_steps=args.max_steps)
     if args.part == "fusion" and "lr" not in train:
         tc = replace(tc, lr=1e-4)  # the paper's fusion learning rate
+    if args.part == "classifiers":
+        from avlink.eval.classifiers import train_defaults
+
+        tc = replace(tc, **train_defaults(train, args.max_steps))
     batch = args.batch_size or int(extra.pop("batch_size", 32))
     return cfg, tc, batch, extra
 
@@ -137,13 +144,17 @@ def load_part(path: Path | None, module: torch.nn.Module, what: str, flag: str) 
 
 
 def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Namespace, extra: dict[str, Any],
-                    device: torch.device):
+                    device: torch.device, data: str | None = None):
     from avlink.backbones.audio_dit import AudioDiT
     from avlink.backbones.video_dit import VideoDiT
     from avlink.codecs.vae import AudioVAE
     from avlink.fusion.linked import AVLink
     from avlink.train.objectives import FusionObjective, GeneratorObjective, VAEObjective
 
+    if part == "classifiers":  # the labels come from the prepared clips' metadata
+        from avlink.eval import classifiers
+
+        return classifiers.build_objective(data or args.data, device, n_mels=cfg.clip.audio.n_mels)
     vae = None
     if args.vae is not None and part != "vae":
         from avlink.data.prepare import load_vae
@@ -189,6 +200,10 @@ def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, An
     if part == "vae":
         opts = {**VAE_DEFAULTS, **card.get("vae", {})}
         meta.update(hidden=str(opts["hidden"]), depth=str(opts["depth"]))
+    if part == "classifiers":
+        from avlink.eval.classifiers import weights_metadata
+
+        meta.update(weights_metadata())
     atomic_write(target, lambda tmp: save_file(weights, str(tmp), metadata=meta))
     save_config(out / "export" / "config.json", cfg)
     text = json.dumps(card, indent=2)
@@ -201,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = setup(args.device)
     try:
         data = resolve_data(args.data, args.out, args.preset, args.vae, ctx)
-        objective = build_objective(args.part, args.task, cfg, args, extra, ctx.device)
+        objective = build_objective(args.part, args.task, cfg, args, extra, ctx.device, data)
         if args.part == "fusion":
             cfg = objective.model.cfg
         if tc.activation_checkpointing:

@@ -1,0 +1,336 @@
+"""SyncBench classifiers: which event classes are present in a clip, heard in its audio or seen in its video.
+
+The evaluation scores generated audio and video by whether a small network trained on real SyncBench clips
+recognises the objects the clip should hold. Two networks, one per modality, both multi-label (an independent
+sigmoid per class of `CLASSES`, since a clip holds 1 to 3 objects):
+- `AudioClassifier` reads the log-mel the tiny preset trains on (n_mels x F, as `avlink prepare` writes it);
+- `VideoClassifier` reads the video the video generator sees, (3, T, H, W) in [-1, 1] (16 x 16 px, 6 fps).
+Each also gives its penultimate features (`embed`), for Frechet distances in SyncBench feature space.
+`SyncBenchClassifiers` holds both, so one weight file (keys `audio.*`, `video.*`) serves both embedders.
+
+Class accuracy, the evaluation's `class_acc`: a clip counts as right when the set of classes whose sigmoid
+exceeds 0.5 (logit > 0) equals the clip's true set of classes exactly (exact-match accuracy). Per-label
+accuracy, the share of right (clip, class) decisions, is reported beside it when the classifiers are scored.
+
+Training (`avlink train classifiers`): both networks on the same batches of prepared SyncBench shards, binary
+cross-entropy per class, evaluated with the EMA weights the training loop keeps. Augmentation: the mel gets a
+gain, a time shift and, for half the clips, another clip's sound added (the labels become the union: SyncBench
+rarely puts every pair of classes in one clip); the video gets a mirror image, a random order of the colour
+channels (colour is drawn at random per object, so it must not matter), contrast, brightness and a one-pixel
+shift. The labels come from each clip's SyncBench metadata, which `avlink prepare` keeps in the shards' json
+(`meta.objects[i].class`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from avlink.cli import UserError
+from avlink.codecs.mel import LOG_FLOOR, normalize
+from avlink.data.syncbench import CLASSES
+from avlink.train.loop import LossOutput
+
+# `avlink train classifiers` defaults where the config and the command line leave them unset: a classifier
+# takes a larger step than the generators; 1000 steps of 32 clips take about 3.5 minutes on 2 CPU cores.
+TRAIN_DEFAULTS: dict[str, Any] = {"max_steps": 1000, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.01}
+GAIN = 0.7  # mel augmentation: +-0.7 in natural-log magnitude, about +-6 dB
+SHIFT = 0.25  # mel augmentation: circular time shift by up to this fraction of the clip
+MIX = 0.5  # mel augmentation: share of clips that get another clip's sound added (labels: the union)
+
+
+# --- networks ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Sizes of both networks; `from_state` reads them back from a weight file's tensor shapes."""
+
+    num_classes: int = len(CLASSES)
+    n_mels: int = 80
+    audio_width: int = 128  # channels of the first audio conv; doubled once on the way down
+    video_width: int = 16  # channels of the first video conv; doubled twice on the way down
+    embed_dim: int = 128  # penultimate features of each network
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor]) -> ClassifierConfig:
+        audio_in, video_in = state["audio.convs.0.0.weight"], state["video.convs.0.0.weight"]
+        head = state["audio.head.weight"]  # (C, D)
+        return cls(num_classes=head.shape[0], n_mels=audio_in.shape[1], audio_width=audio_in.shape[0],
+                   video_width=video_in.shape[0], embed_dim=head.shape[1])
+
+
+def conv_block(dims: int, cin: int, cout: int, stride: int | tuple[int, ...]) -> nn.Sequential:
+    """3^dims conv -> GroupNorm -> GELU. GroupNorm, not BatchNorm: the same in training and evaluation, so the
+    averaged (EMA) weights need no recomputed statistics."""
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](cin, cout, 3, stride=stride, padding=1)
+    return nn.Sequential(conv, nn.GroupNorm(min(8, cout), cout), nn.GELU())
+
+
+class AudioClassifier(nn.Module):
+    """log-mel (B, n_mels, F) -> features (B, embed_dim) -> logits (B, classes).
+
+    1D convs over time with the mel bands as input channels (every band keeps its own weights: which band a
+    sound sits in tells a beep from a hum), time down by 8, then pooled by mean and max (max: one short hit
+    anywhere in the clip is enough to say its class is present).
+    """
+
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        w = cfg.audio_width
+        self.n_mels = cfg.n_mels
+        self.convs = nn.Sequential(conv_block(1, cfg.n_mels, w, 1), conv_block(1, w, w, 2),
+                                   conv_block(1, w, 2 * w, 2), conv_block(1, 2 * w, 2 * w, 2))
+        self.embed_proj = nn.Linear(2 * 2 * w, cfg.embed_dim)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+
+    def embed(self, mel: Tensor) -> Tensor:
+        assert mel.ndim == 3 and mel.shape[1] == self.n_mels, \
+            f"expected log-mel (B, {self.n_mels}, F), got {tuple(mel.shape)}"
+        x = self.convs(normalize(mel))  # (B, 2w, F / 8)
+        x = torch.cat([x.mean(-1), x.amax(-1)], dim=1)  # (B, 4w)
+        return F.gelu(self.embed_proj(x))  # (B, D)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        return self.head(self.embed(mel))  # (B, C)
+
+
+class VideoClassifier(nn.Module):
+    """video (B, 3, T, H, W) in [-1, 1] -> features (B, embed_dim) -> logits (B, classes).
+
+    A 3D conv stack (space down by 8, time by 2), then mean and max over every remaining position: an object is
+    the same class wherever it stands in the frame.
+    """
+
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        w = cfg.video_width
+        self.convs = nn.Sequential(conv_block(3, 6, w, 1), conv_block(3, w, 2 * w, (1, 2, 2)),
+                                   conv_block(3, 2 * w, 4 * w, (1, 2, 2)), conv_block(3, 4 * w, 4 * w, (2, 2, 2)))
+        self.embed_proj = nn.Linear(2 * 4 * w, cfg.embed_dim)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+
+    def embed(self, video: Tensor) -> Tensor:
+        assert video.ndim == 5 and video.shape[1] == 3, f"expected video (B, 3, T, H, W), got {tuple(video.shape)}"
+        # What changed since the previous frame, beside the frame: motion and flashes are what tell a bouncing
+        # ball from a resting one, a struck drum from a drum.
+        change = F.pad(video.diff(dim=2), (0, 0, 0, 0, 1, 0))  # (B, 3, T, H, W), zero at the first frame
+        x = self.convs(torch.cat([video, change], dim=1)).flatten(2)  # (B, 4w, T/2 * H/8 * W/8)
+        x = torch.cat([x.mean(-1), x.amax(-1)], dim=1)  # (B, 8w)
+        return F.gelu(self.embed_proj(x))  # (B, D)
+
+    def forward(self, video: Tensor) -> Tensor:
+        return self.head(self.embed(video))  # (B, C)
+
+
+class SyncBenchClassifiers(nn.Module):
+    """Both networks in one module: one weight file, trained together on the same batches."""
+
+    def __init__(self, cfg: ClassifierConfig = ClassifierConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.audio = AudioClassifier(cfg)
+        self.video = VideoClassifier(cfg)
+
+
+# --- labels and accuracy ----------------------------------------------------------------------------------
+
+
+def multi_hot(names: Iterable[str], classes: Sequence[str] = CLASSES) -> Tensor:
+    """Class names -> (C,) float 0/1 in `classes` order; an unknown name is an error, not silently dropped."""
+    out = torch.zeros(len(classes))
+    for name in names:
+        if name not in classes:
+            raise ValueError(f"unknown SyncBench class {name!r}; known: {', '.join(classes)}")
+        out[classes.index(name)] = 1.0
+    return out
+
+
+def clip_classes(meta: dict[str, Any]) -> set[str]:
+    """The true classes of a SyncBench clip from its metadata row (or the `meta` a shard keeps of it)."""
+    return {str(obj["class"]) for obj in meta.get("objects", [])}
+
+
+def predicted_classes(logits: np.ndarray | Tensor, classes: Sequence[str] = CLASSES) -> set[str]:
+    """(C,) logits of one clip -> the classes whose sigmoid is above 0.5 (logit > 0)."""
+    values = np.asarray(logits.detach().cpu() if isinstance(logits, Tensor) else logits).reshape(-1)
+    assert len(values) == len(classes), f"{len(values)} logits for {len(classes)} classes"
+    return {classes[i] for i in np.flatnonzero(values > 0)}
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    exact: float  # share of clips whose predicted set of classes is exactly the true set
+    per_label: float  # share of right (clip, class) decisions
+    clips: int
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> Accuracy:
+    """(N, C) logits and (N, C) 0/1 labels -> exact-match and per-label accuracy at sigmoid 0.5."""
+    assert logits.shape == labels.shape and logits.ndim == 2, \
+        f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must be the same (N, C)"
+    right = (logits > 0) == labels.bool()  # (N, C)
+    return Accuracy(right.all(dim=1).float().mean().item(), right.float().mean().item(), logits.shape[0])
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+def shard_labels(source: str | Path, classes: Sequence[str] = CLASSES) -> dict[str, Tensor]:
+    """id -> (C,) multi-hot of every clip in prepared shards, from the SyncBench metadata the shards keep."""
+    from avlink.data.shards import list_shards, read_records
+
+    shards, _ = list_shards(source)
+    labels: dict[str, Tensor] = {}
+    for shard in shards:
+        for record in read_records(shard):
+            info = record["json"]
+            meta = info.get("meta") or {}
+            if not meta.get("objects"):
+                raise UserError(f"{shard}: clip {info.get('id')} has no SyncBench objects in its metadata; "
+                                "the classifiers train on shards prepared from syncbench:DIR")
+            labels[str(info["id"])] = multi_hot(clip_classes(meta), classes)
+    if not labels:
+        raise UserError(f"{source}: no clips in the shards")
+    return labels
+
+
+def augment_mel(mel: Tensor) -> Tensor:
+    """(B, n_mels, F) log-mel: a random gain per clip (silence stays at the floor) and a circular time shift."""
+    b, _, frames = mel.shape
+    gain = (torch.rand(b, 1, 1, device=mel.device) * 2 - 1) * GAIN
+    mel = (mel + gain).clamp(min=LOG_FLOOR)
+    limit = int(frames * SHIFT)
+    shifts = torch.randint(-limit, limit + 1, (b,)).tolist()
+    return torch.stack([m.roll(s, dims=-1) for m, s in zip(mel, shifts, strict=True)])
+
+
+def augment_video(video: Tensor) -> Tensor:
+    """(B, 3, T, H, W) in [-1, 1], per clip: a mirror image, the colour channels in a random order (an object's
+    colour says nothing of its class), contrast and brightness, a shift by up to a pixel."""
+    b = video.shape[0]
+    flip = torch.rand(b, device=video.device) < 0.5
+    video = torch.where(flip[:, None, None, None, None], video.flip(-1), video)
+    order = torch.rand(b, 3, device=video.device).argsort(dim=1)  # (B, 3) a permutation per clip
+    video = torch.gather(video, 1, order[:, :, None, None, None].expand_as(video))
+    contrast = 1 + (torch.rand(b, 1, 1, 1, 1, device=video.device) * 2 - 1) * 0.2
+    brightness = (torch.rand(b, 1, 1, 1, 1, device=video.device) * 2 - 1) * 0.1
+    video = (video * contrast + brightness).clamp(-1, 1)
+    shifts = torch.randint(-1, 2, (b, 2)).tolist()
+    return torch.stack([v.roll((dy, dx), dims=(-2, -1)) for v, (dy, dx) in zip(video, shifts, strict=True)])
+
+
+def mix_mels(mel: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """With probability p per clip, add the sound of the next clip in the batch: the magnitudes add (about),
+    and the classes present are the union."""
+    chosen = (torch.rand(mel.shape[0], device=mel.device) < p)[:, None]  # (B, 1)
+    other_mel, other_y = mel.roll(1, dims=0), y.roll(1, dims=0)
+    mixed = torch.logaddexp(mel, other_mel)
+    return torch.where(chosen[..., None], mixed, mel), torch.where(chosen, torch.maximum(y, other_y), y)
+
+
+@dataclass
+class ClassifierObjective:
+    """Both classifiers on one batch of shards: binary cross-entropy per class, audio and video summed."""
+
+    trainable: SyncBenchClassifiers
+    labels: dict[str, Tensor]  # clip id -> (C,) multi-hot
+    augment: bool = True
+    mix: float = MIX
+    device: torch.device = torch.device("cpu")
+
+    def loss(self, batch: dict[str, Any]) -> LossOutput:
+        missing = [i for i in batch["id"] if i not in self.labels]
+        assert not missing, f"no labels for clips {missing[:3]}"
+        y = torch.stack([self.labels[i] for i in batch["id"]]).to(self.device)  # (B, C)
+        mel, video = batch["mel"].to(self.device), batch["video"].to(self.device)
+        y_a = y
+        if self.augment:
+            mel, video = augment_mel(mel), augment_video(video)
+            mel, y_a = mix_mels(mel, y, self.mix)  # only the audio sees mixtures
+        logits_a, logits_v = self.trainable.audio(mel), self.trainable.video(video)  # (B, C) each
+        loss_a = F.binary_cross_entropy_with_logits(logits_a, y_a)
+        loss_v = F.binary_cross_entropy_with_logits(logits_v, y)
+        acc_a, acc_v = accuracy(logits_a.detach(), y_a), accuracy(logits_v.detach(), y)
+        return LossOutput(loss_a + loss_v, scalars={"loss/audio": loss_a.item(), "loss/video": loss_v.item(),
+                                                    "acc/audio": acc_a.exact, "acc/video": acc_v.exact})
+
+
+def build_objective(data: str | Path, device: torch.device, n_mels: int = 80) -> ClassifierObjective:
+    """What `avlink train classifiers` optimises, over the prepared shards in `data`."""
+    model = SyncBenchClassifiers(ClassifierConfig(n_mels=n_mels)).to(device)
+    return ClassifierObjective(model, shard_labels(data), device=device)
+
+
+def train_defaults(train: dict[str, Any], max_steps: int | None) -> dict[str, Any]:
+    """TRAIN_DEFAULTS less whatever the config file (`train`) or --max-steps set."""
+    return {k: v for k, v in TRAIN_DEFAULTS.items()
+            if k not in train and not (k == "max_steps" and max_steps is not None)}
+
+
+# --- weights ----------------------------------------------------------------------------------------------
+
+
+def weights_metadata(classes: Sequence[str] = CLASSES) -> dict[str, str]:
+    """What a classifiers weight file says of itself: the class of each logit, in order."""
+    return {"part": "classifiers", "classes": ",".join(classes)}
+
+
+def save_classifiers(path: Path | str, model: SyncBenchClassifiers, classes: Sequence[str] = CLASSES) -> None:
+    """The weights as `avlink train classifiers` exports them (written atomically)."""
+    from avlink.checkpoint import save_weights
+
+    assert len(classes) == model.cfg.num_classes, f"{len(classes)} names for {model.cfg.num_classes} logits"
+    save_weights(Path(path), model, weights_metadata(classes))
+
+
+def load_classifiers(path: Path | str) -> tuple[SyncBenchClassifiers, tuple[str, ...]]:
+    """Both networks and their class names from a weight file; anything else is refused in one line."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for a file that is not one of its own
+        raise UserError(f"{path}: not a safetensors file ({str(err).splitlines()[0]})") from None
+    try:
+        model = SyncBenchClassifiers(ClassifierConfig.from_state(state))
+        model.load_state_dict(state, strict=True)
+    except (KeyError, RuntimeError, AssertionError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise UserError(f"{path}: does not hold SyncBench classifiers ({reason})") from None
+    classes = tuple(meta["classes"].split(",")) if meta.get("classes") else CLASSES
+    if len(classes) != model.cfg.num_classes:
+        raise UserError(f"{path}: {model.cfg.num_classes} logits but {len(classes)} class names")
+    return model.eval().requires_grad_(False), classes
+
+
+# --- scoring ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_shards(model: SyncBenchClassifiers, source: str | Path, batch_size: int = 64,
+                 device: torch.device | str = "cpu") -> dict[str, Accuracy]:
+    """Exact-match and per-label accuracy of both networks on every clip of prepared shards."""
+    from avlink.data.shards import ShardDataset, collate
+
+    labels = shard_labels(source)
+    model = model.to(device).eval()
+    outs: dict[str, list[Tensor]] = {"audio": [], "video": [], "labels": []}
+    samples = list(ShardDataset(source))
+    for start in range(0, len(samples), batch_size):
+        batch = collate(samples[start:start + batch_size])
+        outs["audio"].append(model.audio(batch["mel"].to(device)).cpu())
+        outs["video"].append(model.video(batch["video"].to(device)).cpu())
+        outs["labels"].append(torch.stack([labels[i] for i in batch["id"]]))
+    y = torch.cat(outs["labels"])
+    return {m: accuracy(torch.cat(outs[m]), y) for m in ("audio", "video")}

@@ -1,0 +1,128 @@
+"""`avlink recipe` (what `make checkpoints` runs): everything the embedded default ships, trained from scratch on
+SyncBench on one machine, in one command.
+
+    synth train / val / test clips -> prepare shards -> VAE -> shards with VAE latents -> T2A, T2V generators ->
+    V2A and A2V Fusion Blocks -> SyncBench classifiers -> OUT/ (safetensors, config.json, one card per part)
+
+Every step goes through the same commands a user runs (`avlink synth`, `prepare`, `train`), each resumable, so a
+killed recipe picks up where it stopped. `--scale` multiplies clip counts and step counts, for a quick try.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from avlink.checkpoint import atomic_write
+from avlink.cli import UserError, main
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Clip and step counts of the tiny recipe, sized to the calibration in the design notes: base models 500
+    steps of batch 32, fusion 1200 steps of batch 32, on 2 CPU cores."""
+
+    train_clips: int = 1600
+    val_clips: int = 64
+    test_clips: int = 100
+    vae_steps: int = 600
+    generator_steps: int = 500
+    fusion_steps: int = 1200
+    classifier_steps: int = 600
+    batch_size: int = 32
+
+    def scaled(self, scale: float) -> Budget:
+        def s(n: int, least: int) -> int:
+            return max(least, round(n * scale))
+
+        return Budget(s(self.train_clips, 8), s(self.val_clips, 2), s(self.test_clips, 2), s(self.vae_steps, 2),
+                      s(self.generator_steps, 2), s(self.fusion_steps, 2), s(self.classifier_steps, 2),
+                      min(self.batch_size, s(self.train_clips, 8)))
+
+
+def step(name: str, argv: list[str], log: list[dict]) -> None:
+    started = time.perf_counter()
+    print(f"avlink recipe: {name}: avlink {' '.join(argv)}", flush=True)
+    code = main(argv)
+    if code not in (0,):
+        raise UserError(f"step {name} failed (exit {code}): avlink {' '.join(argv)}")
+    log.append({"step": name, "command": "avlink " + " ".join(argv), "wall_s": round(time.perf_counter() - started, 1)})
+
+
+def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, seed: int = 0,
+               progress: bool = True) -> dict:
+    b = Budget().scaled(scale)
+    log: list[dict] = []
+    started = time.perf_counter()
+    sb, shards = work / "syncbench", work / "shards"
+    quiet = [] if progress else ["--no-progress"]
+    for split, n in (("train", b.train_clips), ("val", b.val_clips), ("test", b.test_clips)):
+        step(f"synth {split}", ["synth", "--out", str(sb), "--n", str(n), "--seed", str(seed), "--split", split,
+                                "--preset", preset], log)
+    step("prepare mel", ["prepare", "--data", f"syncbench:{sb}:train", "--out", str(shards / "mel"),
+                         "--preset", preset, "--shard-size", "64"], log)
+    common = ["--preset", preset, "--batch-size", str(b.batch_size), "--resume", *quiet]
+    runs = work / "runs"
+    step("train vae", ["train", "vae", "--data", str(shards / "mel"), "--out", str(runs / "vae"),
+                       "--max-steps", str(b.vae_steps), *common], log)
+    vae = runs / "vae" / "export" / "vae.safetensors"
+    step("prepare latents", ["prepare", "--data", f"syncbench:{sb}:train", "--out", str(shards / "latent"),
+                             "--preset", preset, "--shard-size", "64", "--vae", str(vae)], log)
+    data = str(shards / "latent")
+    for part in ("audio", "video"):
+        step(f"train {part}", ["train", part, "--data", data, "--out", str(runs / part), "--vae", str(vae),
+                               "--max-steps", str(b.generator_steps), *common], log)
+    t2a, t2v = runs / "audio" / "export" / "audio_dit.safetensors", runs / "video" / "export" / "video_dit.safetensors"
+    for task in ("v2a", "a2v"):
+        step(f"train fusion {task}", ["train", "fusion", "--task", task, "--data", data, "--out", str(runs / task),
+                                      "--vae", str(vae), "--audio-dit", str(t2a), "--video-dit", str(t2v),
+                                      "--max-steps", str(b.fusion_steps), *common], log)
+    step("train classifiers", ["train", "classifiers", "--data", str(shards / "mel"), "--out",
+                               str(runs / "classifiers"), "--max-steps", str(b.classifier_steps), *common], log)
+    collect(out, runs)
+    summary = {"preset": preset, "scale": scale, "seed": seed, "budget": b.__dict__, "steps": log,
+               "wall_s": round(time.perf_counter() - started, 1)}
+    text = json.dumps(summary, indent=2)
+    atomic_write(out / "recipe.json", lambda tmp: tmp.write_text(text))
+    return summary
+
+
+def collect(out: Path, runs: Path) -> None:
+    """The exported parts, in the layout `checkpoint.load_link` reads; both fusion sets in one file."""
+    out.mkdir(parents=True, exist_ok=True)
+    for part, name in (("vae", "vae"), ("audio", "audio_dit"), ("video", "video_dit"),
+                       ("classifiers", "classifiers")):
+        export = runs / part / "export"
+        for suffix in (".safetensors", ".card.json"):
+            shutil.copyfile(export / f"{name}{suffix}", out / f"{name}{suffix}")
+    fusion, cards = {}, {}
+    for task in ("v2a", "a2v"):
+        export = runs / task / "export"
+        fusion.update(load_file(str(export / "fusion.safetensors")))
+        cards[task] = json.loads((export / "fusion.card.json").read_text())
+    atomic_write(out / "fusion.safetensors", lambda tmp: save_file(fusion, str(tmp), metadata={"part": "fusion"}))
+    text = json.dumps(cards, indent=2)
+    atomic_write(out / "fusion.card.json", lambda tmp: tmp.write_text(text))
+    # One model config for the linked model: the fusion run's (it holds the generators' sizes too).
+    shutil.copyfile(runs / "v2a" / "export" / "config.json", out / "config.json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("checkpoints/tiny"), help="where the parts go")
+    parser.add_argument("--work", type=Path, default=Path("runs/recipe"), help="data, runs and logs")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply clip and step counts (quick tries)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = run_recipe(args.out, args.work, args.preset, args.scale, args.seed, not args.no_progress)
+    print(f"avlink recipe: done in {summary['wall_s'] / 60:.1f} min; parts in {args.out}")
+    return 0

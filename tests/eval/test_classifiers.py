@@ -1,0 +1,232 @@
+"""SyncBench classifiers: networks, accuracy, training objective, weight files, the Embedder adapters against the
+training pipeline, `avlink train classifiers`, and the evaluation's class_acc."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from avlink import cli
+from avlink.cli import UserError
+from avlink.config import get_preset
+from avlink.data import media
+from avlink.data.shards import ShardDataset, collate
+from avlink.data.syncbench import CLASSES
+from avlink.eval import classifiers as clf
+from avlink.eval.embed import syncbench as sb_embed
+from avlink.eval.embedders import Embedder, WeightsMissing, load_embedder
+
+CLIP = get_preset("tiny").clip
+SMALL = clf.ClassifierConfig(audio_width=16, video_width=8, embed_dim=24)
+NUM_CLIPS = 3
+
+
+def small_model(seed: int = 0) -> clf.SyncBenchClassifiers:
+    torch.manual_seed(seed)
+    return clf.SyncBenchClassifiers(SMALL).eval()
+
+
+@pytest.fixture(scope="module")
+def syncbench_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from avlink.data.syncbench import synth
+
+    out = tmp_path_factory.mktemp("sb_classifiers")
+    synth(out, n=NUM_CLIPS, seed=7, split="test", preset="tiny")
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(syncbench_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from avlink.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("sb_classifier_shards")
+    assert prepare(f"syncbench:{syncbench_dir}", out, shard_size=2, workers=1, progress=False)["complete"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sb_weights") / "classifiers.safetensors"
+    clf.save_classifiers(path, small_model())
+    return path
+
+
+# --- networks and accuracy --------------------------------------------------------------------------------
+
+
+def test_shapes_for_the_tiny_geometry_and_other_lengths() -> None:
+    model = small_model()
+    mel = torch.randn(2, CLIP.audio.n_mels, CLIP.num_mel_frames) - 5  # (2, 80, 232)
+    video = torch.rand(2, *CLIP.video_shape) * 2 - 1  # (2, 3, 16, 16, 16)
+    assert model.audio.embed(mel).shape == (2, SMALL.embed_dim)
+    assert model.audio(mel).shape == (2, len(CLASSES))
+    assert model.video.embed(video).shape == (2, SMALL.embed_dim)
+    assert model.video(video).shape == (2, len(CLASSES))
+    # pooled over time (and space): any clip length reads
+    assert model.audio(mel[..., :37]).shape == (2, len(CLASSES))
+    assert model.video(video[:, :, :5]).shape == (2, len(CLASSES))
+    with pytest.raises(AssertionError, match="log-mel"):
+        model.audio(mel[:, :64])
+
+
+def test_accuracy_is_exact_match_of_the_sets_at_sigmoid_one_half() -> None:
+    labels = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]], dtype=torch.float32)
+    logits = torch.tensor([[2.0, -1, 0.5, -3, -2, -2],  # right set
+                           [0.1, 3, -1, -1, -1, -1],  # one extra class: wrong clip, 5 of 6 labels right
+                           [-1, -1, -1, -1, 4, -0.1]])  # one missed: wrong clip, 5 of 6 labels right
+    acc = clf.accuracy(logits, labels)
+    assert acc.exact == pytest.approx(1 / 3) and acc.per_label == pytest.approx(16 / 18) and acc.clips == 3
+    assert clf.predicted_classes(logits[1]) == {"ball", "hammer"}
+    assert clf.predicted_classes(np.array([-1.0] * 6)) == set()
+    assert clf.multi_hot(["lamp", "ball", "lamp"]).tolist() == [1, 0, 1, 0, 0, 0]
+    with pytest.raises(ValueError, match="unknown SyncBench class 'dog'"):
+        clf.multi_hot(["dog"])
+
+
+def test_a_few_training_steps_reduce_the_loss_on_a_tiny_batch() -> None:
+    torch.manual_seed(0)
+    model = clf.SyncBenchClassifiers(SMALL)
+    labels = {"a": clf.multi_hot(["ball"]), "b": clf.multi_hot(["lamp", "rain"]),
+              "c": clf.multi_hot(["drum", "slider", "hammer"]), "d": clf.multi_hot(["rain"])}
+    batch = {"id": list(labels), "mel": torch.randn(4, 80, 64) - 5, "video": torch.rand(4, 3, 8, 16, 16) * 2 - 1}
+    objective = clf.ClassifierObjective(model, labels, augment=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = objective.loss(batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.3 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert out.scalars["acc/audio"] == 1.0 and out.scalars["acc/video"] == 1.0
+
+
+def test_augmentation_keeps_shapes_ranges_and_mixture_labels() -> None:
+    torch.manual_seed(0)
+    mel = torch.randn(4, 80, 40) - 5
+    video = torch.rand(4, 3, 6, 16, 16) * 2 - 1
+    assert clf.augment_mel(mel).shape == mel.shape and clf.augment_mel(mel).min() >= clf.LOG_FLOOR
+    out = clf.augment_video(video)
+    assert out.shape == video.shape and out.min() >= -1 and out.max() <= 1
+    y = torch.eye(6)[:4]
+    mixed, y_mixed = clf.mix_mels(mel, y, p=1.0)
+    assert torch.equal(y_mixed, torch.maximum(y, y.roll(1, dims=0)))  # the union of both clips' classes
+    assert torch.allclose(mixed, torch.logaddexp(mel, mel.roll(1, dims=0)))
+    kept, y_kept = clf.mix_mels(mel, y, p=0.0)
+    assert torch.equal(kept, mel) and torch.equal(y_kept, y)
+
+
+# --- weight files -----------------------------------------------------------------------------------------
+
+
+def test_saved_weights_round_trip(weights: Path) -> None:
+    model, classes = clf.load_classifiers(weights)
+    assert classes == CLASSES and model.cfg == SMALL
+    reference = small_model().state_dict()
+    assert model.state_dict().keys() == reference.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    with safe_open(str(weights), framework="pt") as f:
+        assert f.metadata() == {"part": "classifiers", "classes": ",".join(CLASSES)}
+
+
+def test_missing_and_bad_weight_files_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(WeightsMissing) as err:
+        sb_embed.load_audio(tmp_path / "absent.safetensors")
+    assert "absent.safetensors" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setattr(sb_embed, "REPO_ROOT", tmp_path)  # the default place, empty here
+    with pytest.raises(WeightsMissing) as err:
+        load_embedder("syncbench-video")
+    text = str(err.value)
+    assert text.startswith(str(tmp_path / "checkpoints" / "tiny" / "classifiers.safetensors"))
+    assert "avlink train classifiers" in text and "\n" not in text
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(UserError, match="bad.safetensors: not a safetensors file"):
+        sb_embed.load_video(bad)
+    other = tmp_path / "other.safetensors"
+    clf.save_classifiers(other, small_model())
+    state = {k: v for k, v in small_model().state_dict().items() if not k.startswith("video.")}
+    from safetensors.torch import save_file
+
+    save_file(state, str(other))
+    with pytest.raises(UserError, match="other.safetensors: does not hold SyncBench classifiers"):
+        sb_embed.load_audio(other)
+
+
+# --- the adapters against the training pipeline -----------------------------------------------------------
+
+
+def test_adapters_read_media_as_the_shards_hold_it(syncbench_dir: Path, shards: Path, weights: Path) -> None:
+    audio, video = load_embedder("syncbench-audio", weights), load_embedder("syncbench-video", weights)
+    assert isinstance(audio, Embedder) and isinstance(video, Embedder)
+    assert audio.sample_rate == 22050 and audio.fps is None and video.fps == 6.0 and audio.classes == CLASSES
+    model, _ = clf.load_classifiers(weights)
+    batch = collate(list(ShardDataset(shards)))
+    rows = {json.loads(line)["id"]: json.loads(line) for line in (syncbench_dir / "metadata.jsonl").open()}
+    files = [syncbench_dir / rows[i]["file"] for i in batch["id"]]
+    waves = np.stack([media.read_audio(f, 22050, duration=CLIP.duration).samples for f in files])
+    frames = np.stack([media.read_video(f, 6.0, (16, 16), duration=CLIP.duration).frames for f in files])
+    with torch.no_grad():
+        torch.testing.assert_close(audio.logits(waves, "audio"), model.audio(batch["mel"]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(audio.embed(waves, "audio"), model.audio.embed(batch["mel"]), atol=1e-4,
+                                   rtol=1e-4)
+        torch.testing.assert_close(video.logits(frames, "video"), model.video(batch["video"]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(video.embed(frames, "video"), model.video.embed(batch["video"]), atol=1e-5,
+                                   rtol=1e-5)
+    # the labels the training reads are the metadata's classes
+    labels = clf.shard_labels(shards)
+    assert {i: clf.predicted_classes(labels[i] * 2 - 1) for i in labels} == \
+           {i: clf.clip_classes(row) for i, row in rows.items()}
+    with pytest.raises(ValueError, match="syncbench-audio embeds audio only"):
+        audio.logits(frames, "video")
+
+
+def test_video_of_another_size_is_cover_resized_to_the_training_view(syncbench_dir: Path, weights: Path) -> None:
+    video = sb_embed.load_video(weights)
+    path = next((syncbench_dir / "test").glob("*.mp4"))
+    full = media.read_video(path, 6.0, duration=CLIP.duration).frames  # 256 x 144
+    small = media.read_video(path, 6.0, (16, 16), duration=CLIP.duration).frames
+    resized = sb_embed.cover_resize(torch.from_numpy(full), 16, 16).numpy()
+    assert resized.shape == small.shape and resized.dtype == np.uint8
+    # FFmpeg's scaler and ours agree to a few levels of 255 on average
+    assert np.abs(resized.astype(int) - small.astype(int)).mean() < 6
+    assert video.logits(full[None], "video").shape == (1, len(CLASSES))
+
+
+# --- `avlink train classifiers` and the evaluation's class_acc ---------------------------------------------
+
+
+def test_train_cli_exports_weights_the_embedders_load(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code = cli.main(["train", "classifiers", "--data", str(shards), "--out", str(out), "--max-steps", "2",
+                     "--batch-size", "2", "--no-progress", "--device", "cpu"])
+    assert code == 0
+    exported = out / "export" / "classifiers.safetensors"
+    card = json.loads((out / "export" / "classifiers.card.json").read_text())
+    assert card["part"] == "classifiers" and card["steps"] == 2 and card["train"]["lr"] == clf.TRAIN_DEFAULTS["lr"]
+    embedder = sb_embed.load_audio(exported)
+    assert embedder.logits(np.zeros((1, 22050), np.float32), "audio").shape == (1, len(CLASSES))
+
+
+def test_runner_class_acc_counts_exact_sets() -> None:
+    from avlink.eval.runner import Features, Pair, RowScorer, Scored
+
+    class Fixed:
+        classes = CLASSES
+
+    meta = {"objects": [{"class": "ball"}, {"class": "lamp"}]}
+    pairs = [Pair(str(i), Path(f"g{i}.wav"), Path(f"r{i}.mp4"), meta) for i in range(3)]
+    key = "syncbench-audio:audio"
+    logits = [[3, -1, 2, -1, -1, -1], [3, -1, -2, -1, -1, -1], [3, 1, 2, -1, -1, -1]]  # right, missed, extra
+    xs = [Features(logits={key: np.array(row, np.float32)}) for row in logits]
+    scorer = RowScorer("v2a", xs, pairs, [2.0] * 3, {"syncbench-audio": Fixed()})
+    out = Scored()
+    scorer.class_acc(xs, "syncbench-audio", out)
+    assert out.per_clip["class_acc"] == [1.0, 0.0, 0.0]
+    assert out.values["class_acc"] == pytest.approx(1 / 3)

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from avlink.checkpoint import load_link, save_config
+from avlink.train.recipe import Budget, collect, run_recipe
+
+from helpers import tiny_link
+
+
+def test_budget_scales_and_keeps_minimums():
+    full = Budget()
+    assert full.fusion_steps == 1200 and full.batch_size == 32
+    small = full.scaled(0.001)
+    assert small.train_clips == 8 and small.fusion_steps == 2 and small.batch_size == 8
+
+
+def fake_exports(runs, model):
+    def part(folder, name, tensors):
+        export = runs / folder / "export"
+        export.mkdir(parents=True)
+        save_file(tensors, str(export / f"{name}.safetensors"))
+        (export / f"{name}.card.json").write_text(json.dumps({"part": folder}))
+        save_config(export / "config.json", model.cfg)
+
+    part("vae", "vae", {"w": torch.zeros(1)})
+    part("classifiers", "classifiers", {"w": torch.zeros(1)})
+    part("audio", "audio_dit", model.audio.state_dict())
+    part("video", "video_dit", model.video.state_dict())
+    for task in ("v2a", "a2v"):
+        state = {k: v for k, v in model.fusion.state_dict().items() if k.startswith(task)}
+        part(task, "fusion", state)
+
+
+def test_collect_lays_out_a_loadable_link(tmp_path):
+    model = tiny_link()
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(0.5)
+    fake_exports(tmp_path / "runs", model)
+    collect(tmp_path / "out", tmp_path / "runs")
+    loaded = load_link(tmp_path / "out")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    cards = json.loads((tmp_path / "out" / "fusion.card.json").read_text())
+    assert set(cards) == {"v2a", "a2v"}
+
+
+@pytest.mark.slow
+def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
+    summary = run_recipe(tmp_path / "out", tmp_path / "work", scale=0.005, progress=False)
+    assert [s["step"] for s in summary["steps"]][-1] == "train classifiers"
+    assert load_link(tmp_path / "out") is not None
+    for name in ("vae", "audio_dit", "video_dit", "fusion", "classifiers"):
+        assert (tmp_path / "out" / f"{name}.safetensors").is_file()
