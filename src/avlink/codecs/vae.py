@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avlink.codecs.mel import denormalize, normalize
-from avlink.seq import AudioGeometry
+from avlink.seq import AudioGeometry, ClipGeometry
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite early in training
 
@@ -192,3 +192,32 @@ def vae_loss(mel: Tensor, recon: Tensor, posterior: Posterior, kl_weight: float 
     rec = (recon - mel).abs().mean()
     kl = posterior.kl().mean() / posterior.mean[0].numel()
     return VAELoss(total=rec + kl_weight * kl, recon=rec, kl=kl)
+
+
+def load_vae(path: str, clip: ClipGeometry) -> AudioVAE:
+    """A frozen AudioVAE from a .safetensors state dict for the preset's audio geometry.
+
+    The width (`hidden`) and blocks per level (`depth`) come from the file's metadata when it has them, else
+    from the tensor shapes; `load_state_dict(strict=True)` then proves the architecture matches.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from avlink.cli import UserError
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(path)
+    except Exception as err:  # safetensors raises its own error types for a file that is not one of its own
+        raise UserError(f"{path}: not a safetensors VAE checkpoint ({err})") from None
+    try:
+        hidden = int(meta.get("hidden", state["encoder.conv_in.weight"].shape[0]))
+        levels = clip.audio.latent_downsample.bit_length() - 1
+        blocks = {k.split(".")[2] for k in state if k.startswith("encoder.blocks.") and k.endswith("conv1.weight")}
+        depth = int(meta.get("depth", len(blocks) // (levels + 1)))
+        vae = AudioVAE(clip.audio, hidden=hidden, depth=depth)
+        vae.load_state_dict(state, strict=True)
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise UserError(f"{path}: does not hold an AudioVAE for this preset's audio geometry ({err})") from None
+    return vae.freeze()

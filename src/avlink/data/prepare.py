@@ -36,10 +36,10 @@ import torch
 from tqdm import tqdm
 
 from avlink.cli import UserError
+from avlink.codecs.vae import load_vae
 from avlink.config import get_preset
 from avlink.data.datasets import SPEC_HELP, AVDataset, ItemRef, Skipped, load_item, open_dataset
 from avlink.data.media import MediaError
-from avlink.seq import ClipGeometry
 
 MANIFEST = "manifest.json"
 FORMAT = "avlink-shards/1"
@@ -139,35 +139,6 @@ class ClipEncoder:
             for caption, tokens, mask in zip(batch, cond.tokens, cond.mask, strict=True):
                 states[caption] = tokens[mask.bool()].float().cpu().numpy()
         return [states[c] for c in captions]
-
-
-def load_vae(path: str, clip: ClipGeometry) -> Any:
-    """A frozen AudioVAE from a .safetensors state dict for the preset's audio geometry.
-
-    The width (`hidden`) and blocks per level (`depth`) come from the file's metadata when it has them, else
-    from the tensor shapes; `load_state_dict(strict=True)` then proves the architecture matches.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from avlink.codecs.vae import AudioVAE
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(path)
-    except Exception as err:  # safetensors raises its own error types for a file that is not one of its own
-        raise UserError(f"{path}: not a safetensors VAE checkpoint ({err})") from None
-    try:
-        hidden = int(meta.get("hidden", state["encoder.conv_in.weight"].shape[0]))
-        levels = clip.audio.latent_downsample.bit_length() - 1
-        blocks = {k.split(".")[2] for k in state if k.startswith("encoder.blocks.") and k.endswith("conv1.weight")}
-        depth = int(meta.get("depth", len(blocks) // (levels + 1)))
-        vae = AudioVAE(clip.audio, hidden=hidden, depth=depth)
-        vae.load_state_dict(state, strict=True)
-    except (KeyError, RuntimeError, ValueError) as err:
-        raise UserError(f"{path}: does not hold an AudioVAE for this preset's audio geometry ({err})") from None
-    return vae.freeze()
 
 
 _SETTINGS: EncodeSettings | None = None

@@ -52,7 +52,7 @@ def load_checkpoint_vae(folder: Path, clip: Any) -> torch.nn.Module:
     shapes when absent). Its mel and latent geometry is the linked model's (config.json, clip.audio): the one
     the audio generator works in. Loading is strict: weights of another geometry or architecture are refused.
     """
-    from avlink.data.prepare import load_vae
+    from avlink.codecs.vae import load_vae
 
     path = Path(folder) / VAE_FILE
     if not path.is_file():

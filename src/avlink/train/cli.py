@@ -157,7 +157,7 @@ def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Names
         return classifiers.build_objective(data or args.data, device, n_mels=cfg.clip.audio.n_mels)
     vae = None
     if args.vae is not None and part != "vae":
-        from avlink.data.prepare import load_vae
+        from avlink.codecs.vae import load_vae
 
         vae = load_vae(str(args.vae), cfg.clip).to(device)
     if part == "vae":
