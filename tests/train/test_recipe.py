@@ -1,6 +1,5 @@
 import json
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -48,7 +47,6 @@ def test_collect_lays_out_a_loadable_link(tmp_path):
     assert set(cards) == {"v2a", "a2v"}
 
 
-@pytest.mark.slow
 def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     summary = run_recipe(tmp_path / "out", tmp_path / "work", scale=0.005, progress=False)
     assert [s["step"] for s in summary["steps"]][-1] == "train classifiers"
