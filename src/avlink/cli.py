@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"avlink {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
+    args.command_line = "avlink " + " ".join(argv)  # for model cards and logs
     try:
         return int(module.run(args) or 0)
     except UserError as err:

@@ -11,9 +11,10 @@ from helpers import tiny_link
 
 def test_budget_scales_and_keeps_minimums():
     full = Budget()
-    assert full.fusion_steps == 1200 and full.batch_size == 32
+    assert full.fusion_steps == 1600 and full.batch_size == 32
     small = full.scaled(0.001)
     assert small.train_clips == 8 and small.fusion_steps == 2 and small.batch_size == 8
+    assert small.fusion_lr == full.fusion_lr
 
 
 def fake_exports(runs, model):
@@ -53,3 +54,10 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     assert load_link(tmp_path / "out") is not None
     for name in ("vae", "audio_dit", "video_dit", "fusion", "classifiers"):
         assert (tmp_path / "out" / f"{name}.safetensors").is_file()
+    card = json.loads((tmp_path / "out" / "fusion.card.json").read_text())
+    assert card["v2a"]["train"]["lr"] == Budget().fusion_lr
+    # A second run finds every step done: same parts, nothing retrained.
+    before = (tmp_path / "out" / "fusion.safetensors").read_bytes()
+    again = run_recipe(tmp_path / "out", tmp_path / "work", scale=0.005, progress=False)
+    assert (tmp_path / "out" / "fusion.safetensors").read_bytes() == before
+    assert again["wall_s"] < summary["wall_s"]

@@ -68,3 +68,10 @@ def test_fusion_without_generators_is_one_line(shards, tmp_path, capsys):
 def test_bad_override_is_one_line(shards, tmp_path, capsys):
     assert main(["train", "vae", "--data", str(shards), "--out", str(tmp_path), "--set", "model.nope=1"]) == 2
     assert "bad config" in capsys.readouterr().err
+
+
+def test_scientific_notation_is_a_number():
+    from avlink.train.cli import scalar
+
+    assert scalar("1e-3") == 1e-3 and scalar("2E+2") == 200.0
+    assert scalar("fusion") == "fusion" and scalar("nan") == "nan" and scalar(5) == 5

@@ -236,8 +236,8 @@ def fingerprint(settings: EncodeSettings, shard_size: int, items: list[ItemRef])
     """What decides the content of every shard: a resumed run must match it exactly."""
     vae = None
     if settings.vae is not None:
-        stat = Path(settings.vae).stat()
-        vae = [str(Path(settings.vae).resolve()), stat.st_size, stat.st_mtime_ns]
+        # By content: a re-export of the same weights (a resumed recipe) keeps the shards valid.
+        vae = hashlib.sha256(Path(settings.vae).read_bytes()).hexdigest()
     content = {
         "geometry": asdict(get_preset(settings.preset).clip), "preset": settings.preset, "audio": settings.audio,
         "text_encoder": settings.text_encoder, "vae": vae, "shard_size": shard_size,

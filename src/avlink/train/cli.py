@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import subprocess
-import sys
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -62,20 +62,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def scalar(value: Any) -> Any:
+    """YAML 1.1 reads 1e-4 (no dot) as a string; a learning rate written so is meant as a number."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+        return float(value)
+    return value
+
+
 def load_settings(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, int, dict[str, Any]]:
     doc: dict[str, Any] = {}
     if args.config is not None:
         if not args.config.is_file():
             raise UserError(f"{args.config}: config file not found")
         doc = yaml.safe_load(args.config.read_text()) or {}
-    train = dict(doc.get("train", {}))
-    model = dict(doc.get("model", {}))
+    train = {k: scalar(v) for k, v in dict(doc.get("train", {})).items()}
+    model = {k: scalar(v) for k, v in dict(doc.get("model", {})).items()}
     extra = {k: v for k, v in doc.items() if k not in ("train", "model")}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--set {item}: expected KEY=VALUE")
-        value = yaml.safe_load(value)
+        value = scalar(yaml.safe_load(value))
         section, _, name = key.partition(".")
         {"train": train, "model": model}.get(section, extra)[name if section in ("train", "model") else key] = value
     cfg = get_preset(args.preset)
@@ -230,11 +237,16 @@ def run(args: argparse.Namespace) -> int:
                       "batch_size": batch_size, "data": args.data, **extra}
         result = fit(objective, batches, tc, args.out, resume=args.resume, device=ctx.device,
                      run_config=run_config, progress=not args.no_progress, dist_ctx=ctx)
-        if ctx.is_main:
+        card_path = args.out / "export" / f"{EXPORT_NAMES[args.part]}.card.json"
+        if ctx.is_main and not result.losses and card_path.is_file():
+            # Resumed at its last step: the export of the run that got there stands (a re-export would lose
+            # that run's wall time and losses from its card).
+            print(f"avlink train: {args.part} already trained to step {result.step}; export kept: {card_path}")
+        elif ctx.is_main:
             tail = [loss for _, loss in result.losses[-20:]]
             card = {
                 "part": args.part, "task": args.task if args.part == "fusion" else None,
-                "command": " ".join(["avlink", "train", *sys.argv[2:]]) if sys.argv[1:2] == ["train"] else None,
+                "command": getattr(args, "command_line", None),
                 "seed": tc.seed, "git_commit": git_commit(), "data": args.data, "steps": result.step,
                 "batch_size": batch_size, "world_size": ctx.world_size, "wall_time_s": round(time.time() - started, 1),
                 "final_loss": sum(tail) / len(tail) if tail else None, "train": asdict(tc), **extra,
