@@ -44,3 +44,25 @@ def tiny_batch(cfg: ModelConfig, b: int = 2, seed: int = 0):
     audio = torch.randn(b, *cfg.clip.latent_shape, generator=g)
     video = torch.randn(b, *cfg.clip.video_shape, generator=g)
     return audio, video
+
+
+def random_checkpoint(folder, seed: int = 0, **overrides):
+    """A complete checkpoint folder (config, both DiTs, fusion, VAE) of random weights, for the generation
+    commands' tests. Text width 384 so that MiniLM prompts fit."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from avlink.checkpoint import save_link
+    from avlink.codecs.vae import AudioVAE
+
+    folder = Path(folder)
+    model = tiny_link(seed, **{"audio.text_dim": 384, "video.text_dim": 384, **overrides})
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    save_link(folder, model)
+    torch.manual_seed(seed)
+    vae = AudioVAE(model.cfg.clip.audio, hidden=16, depth=1)
+    save_file(vae.state_dict(), str(folder / "vae.safetensors"), metadata={"hidden": "16", "depth": "1"})
+    return folder

@@ -13,12 +13,17 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("avlink.demo", "the main job on the embedded default (needs the shipped checkpoints)"),
+    "v2a": ("avlink.generate", "sound for a video, muxed into it (a file, a folder or a list of files)"),
+    "a2v": ("avlink.generate", "a video for a sound, with that sound (a file, a folder or a list of files)"),
     "params": ("avlink.params", "parameter counts per part of a preset (built on the meta device)"),
+    "bench": ("avlink.bench", "sampling and training speed, FLOPs and utilisation per preset (table + JSON)"),
     "synth": ("avlink.data.syncbench", "render SyncBench clips (procedural audio-visual data set)"),
     "prepare": ("avlink.data.prepare", "encode a data set into WebDataset shards"),
     "recipe": ("avlink.train.recipe", "train everything the embedded default ships, from scratch (make checkpoints)"),
     "train": ("avlink.train.cli", "train the VAE, a generator or the Fusion Blocks (torchrun for many GPUs)"),
     "eval": ("avlink.eval.runner", "score generated clips against references, or sweep a sampling setting"),
+    "ablate": ("avlink.train.ablate", "rerun the paper's Table 2 ablations: train each fusion variant, score it"),
+    "app": ("avlink.app", "a local web app for V2A and A2V (Gradio, offline, 127.0.0.1 by default)"),
 }
 
 

@@ -5,6 +5,8 @@ Conditions are prepared once (`AVLink.prepare`); the solver then asks for the ve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -12,7 +14,7 @@ from avlink.backbones.dit import DiT
 from avlink.backbones.protocol import TextCond
 from avlink.config import Task
 from avlink.flow.guidance import classifier_free_guidance
-from avlink.flow.solvers import solve
+from avlink.flow.solvers import Velocity, solve
 from avlink.fusion.linked import AVLink
 from avlink.seq import matching_audio_tokens, matching_frames
 
@@ -30,6 +32,30 @@ def generated_shape(model: AVLink, task: Task, x_cond: Tensor) -> tuple[int, ...
     return (x_cond.shape[0], v.channels, frames, v.height, v.width)
 
 
+@dataclass
+class Known:
+    """Part of the generated sample fixed in advance (windowed generation: the overlap with the window before).
+
+    values has the sample's shape; mask is True where values hold. On the straight path from the initial noise
+    x0 to x1 such a part moves with velocity values - x0, so every solver step keeps it at
+    x0 + t * (values - x0), the noise level of the rest, and the model sees a consistent sample."""
+
+    values: Tensor
+    mask: Tensor  # bool, broadcastable to values
+
+
+def constrain(velocity: Velocity, x0: Tensor, known: Known | None) -> Velocity:
+    if known is None:
+        return velocity
+    fixed = (known.values - x0).to(x0.dtype)
+    mask = known.mask.to(x0.device)
+
+    def constrained(x: Tensor, t: Tensor) -> Tensor:
+        return torch.where(mask, fixed, velocity(x, t))
+
+    return constrained
+
+
 def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> Tensor:
     """x0 ~ N(0, I), reproducible by seed whatever the device."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -39,7 +65,7 @@ def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str 
 def sample_link(
     model: AVLink, task: Task, x_cond: Tensor, *, text_gen: TextCond | None = None,
     text_cond: TextCond | None = None, steps: int = 64, method: str = "euler", cfg_scale: float = 1.0,
-    t_cond: float | None = None, seed: int = 0, progress: bool = False,
+    t_cond: float | None = None, seed: int = 0, progress: bool = False, known: Known | None = None,
 ) -> Tensor:
     """Generate the other modality for x_cond (V2A: video (B, C, T, H, W) in [-1, 1]; A2V: latent (B, Ta, Da)).
 
@@ -56,13 +82,14 @@ def sample_link(
     else:
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             return model(x, t, cond)
-    return solve(velocity, x0, steps=steps, method=method, progress=progress)
+    return solve(constrain(velocity, x0, known), x0, steps=steps, method=method, progress=progress)
 
 
 @torch.no_grad()
 def sample_backbone(
     backbone: DiT, shape: tuple[int, ...], *, text: TextCond | None = None, steps: int = 64,
     method: str = "euler", cfg_scale: float = 1.0, seed: int = 0, progress: bool = False,
+    known: Known | None = None,
 ) -> Tensor:
     """A generator alone (T2A / T2V): noise of `shape` to data."""
     x0 = initial_noise(shape, seed, next(backbone.parameters()).device)
@@ -72,4 +99,4 @@ def sample_backbone(
     else:
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             return backbone(x, t, text)
-    return solve(velocity, x0, steps=steps, method=method, progress=progress)
+    return solve(constrain(velocity, x0, known), x0, steps=steps, method=method, progress=progress)

@@ -50,14 +50,22 @@ def test_collect_lays_out_a_loadable_link(tmp_path):
 
 def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     summary = run_recipe(tmp_path / "out", tmp_path / "work", scale=0.005, progress=False)
-    assert [s["step"] for s in summary["steps"]][-1] == "train classifiers"
+    assert [s["step"] for s in summary["steps"]][-2:] == ["train classifiers", "score"]
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
+    for task, system in (("v2a", "t2a_alone"), ("a2v", "t2v_alone")):
+        rows = scores[task]["rows"]
+        assert {"avlink", system, "ceiling", "floor"} <= set(rows)
+        assert rows["ceiling"]["event_f1"] is not None
+    card = json.loads((tmp_path / "out" / "fusion.card.json").read_text())
+    assert card["v2a"]["eval"]["model"] == scores["v2a"]["rows"]["avlink"]
+    assert "t2a_alone" in json.loads((tmp_path / "out" / "audio_dit.card.json").read_text())["eval"]
+    assert "| AV-Link |" in (tmp_path / "out" / "scores.md").read_text()
     assert load_link(tmp_path / "out") is not None
     for name in ("vae", "audio_dit", "video_dit", "fusion", "classifiers"):
         assert (tmp_path / "out" / f"{name}.safetensors").is_file()
-    card = json.loads((tmp_path / "out" / "fusion.card.json").read_text())
     assert card["v2a"]["train"]["lr"] == Budget().fusion_lr
     # A second run finds every step done: same parts, nothing retrained.
     before = (tmp_path / "out" / "fusion.safetensors").read_bytes()
     again = run_recipe(tmp_path / "out", tmp_path / "work", scale=0.005, progress=False)
     assert (tmp_path / "out" / "fusion.safetensors").read_bytes() == before
-    assert again["wall_s"] < summary["wall_s"]
+    assert again["steps"][-2]["wall_s"] < 5

@@ -631,6 +631,18 @@ def _stream_span(container, stream) -> tuple[int, int]:
     return min(pts)[0], last_pts + last_duration
 
 
+def video_duration(path: str | os.PathLike) -> float:
+    """Seconds the video stream of `path` lasts, from its packets: the length `mux_audio` fits audio to."""
+    with _opened(path) as (name, container):
+        video = _video_stream(container)
+        if video is None:
+            raise MediaError(f"{name}: no video stream")
+        first, end = _stream_span(container, video)
+        if end <= first:
+            raise MediaError(f"{name}: zero duration")
+        return float((end - first) * video.time_base)
+
+
 def mux_audio(
     video_path: str | os.PathLike, audio: np.ndarray, sample_rate: int, out_path: str | os.PathLike
 ) -> None:

@@ -686,7 +686,9 @@ class Slider(EventClass):
         floor_y = cell.h - 24.0 * u
         span = duration - END_MARGIN - MIN_EVENT
         count = 2 if span > 1.6 and rng.uniform() < 0.5 else 1
-        lengths = rng.uniform(0.5, min(1.2, span / count - 0.2), size=count)
+        # Slides of 0.5-1.2 s; a clip too short for that gets shorter ones (same draws whenever 0.5 s fits).
+        longest = max(0.1, min(1.2, span / count - 0.2))
+        lengths = rng.uniform(min(0.5, longest / 2), longest, size=count)
         gaps = [float(lengths[0]) + 0.2] if count == 2 else []
         events = [_on_sample_grid(t) for t in irregular_times(rng, gaps, MIN_EVENT, duration - END_MARGIN)]
         a = max(0.9 * bw, 24.0 * u)  # puff half-width

@@ -702,6 +702,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--data", type=Path, help="SyncBench folder whose clips condition the generation")
     sweep.add_argument("--values", nargs="+", type=float, help="values of the swept setting")
     sweep.add_argument("--n", type=int, help="clips of --data to use (default all)")
+    sweep.add_argument("--split", default="test", help="split of --data (default test; 'all' for every clip)")
     sweep.add_argument("--steps", type=int, default=64, help="sampling steps for a t_cond sweep (default 64)")
     sweep.add_argument("--methods", nargs="+", default=["euler"], help="solvers, one curve each (euler)")
     sweep.add_argument("--vocoder", default="hifigan-universal",

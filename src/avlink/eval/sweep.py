@@ -70,12 +70,17 @@ class Conditioned:
     audio: np.ndarray  # the clip's wave at the model's rate, muxed into A2V outputs
 
 
-def load_conditions(data: Path, n: int | None, task: Task, clip: Any, vae: Any) -> list[Conditioned]:
+def load_conditions(data: Path, n: int | None, task: Task, clip: Any, vae: Any,
+                    split: str | None = "test") -> list[Conditioned]:
+    """The first n clips of one split of a SyncBench folder (a folder made by `synth --split` holds train,
+    val and test; scoring a model on the clips it trained on would flatter it). split None: every clip."""
     from avlink.codecs.mel import MelSpectrogram, fit_frames
     from avlink.data.datasets import load_item, syncbench_dataset
     from avlink.data.media import MediaError
 
-    dataset = syncbench_dataset(data)
+    dataset = syncbench_dataset(data, split)
+    if not dataset.items and split is not None:
+        raise UserError(f"{data}: no clips of split {split!r} (use --split all for a folder without splits)")
     mel = MelSpectrogram(clip.audio)
     out = []
     for item in dataset.items[:n]:
@@ -220,7 +225,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     clip = model.cfg.clip
     vae = load_checkpoint_vae(args.ckpt, clip)
     vocoder = load_vocoder(args.vocoder, clip.audio) if args.task == "v2a" else None
-    conds = load_conditions(args.data, args.n, args.task, clip, vae)
+    split = None if args.split == "all" else args.split
+    conds = load_conditions(args.data, args.n, args.task, clip, vae, split)
     settings = EvalSettings(task=args.task, metrics=tuple(args.metrics or METRIC_GROUPS),
                             weights=parse_weights(args.weights), fps=clip.video.fps, duration=clip.duration,
                             seed=args.seed)

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from avlink.train.distributed import Dist, wrap
+from avlink.train import distributed
+from avlink.train.distributed import Dist
 from avlink.train.ema import EMA
 from avlink.train.state import CheckpointManager, rng_state, set_rng_state
 
@@ -35,6 +36,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     precision: str = "fp32"  # "bf16": autocast on CUDA or on a CPU with bf16 matmul; never fp16 on CPU
     activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
+    sharding: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (sharded per block, distributed.py)
     log_every: int = 10
     ckpt_every: int = 200
     keep: int = 3
@@ -121,13 +123,15 @@ def fit(
 ) -> RunResult:
     """Train objective.trainable for cfg.max_steps steps; resume=True continues from the last checkpoint.
 
-    Under torchrun (dist_ctx.enabled) the loss goes through DDP, which averages gradients across ranks; rank 0
-    alone logs and writes checkpoints, and every rank resumes from them.
+    Under torchrun (dist_ctx.enabled) the loss goes through DDP (or FSDP, cfg.sharding), which averages gradients
+    across ranks; rank 0 alone logs and writes checkpoints, and every rank resumes from them.
     """
     run_dir, device = Path(run_dir), torch.device(device)
     ctx = dist_ctx or Dist(device=device)
-    ddp = wrap(objective, ctx)
+    wrapped = distributed.wrap(objective, ctx, cfg.sharding)
     module = objective.trainable
+    if validate is not None and cfg.sharding == "fsdp" and ctx.enabled:
+        raise ValueError("validation runs on rank 0 alone, which sharded weights do not allow")
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps))
@@ -141,9 +145,9 @@ def fit(
     latest = manager.latest() if resume else None
     if latest is not None:
         state = latest.state()
-        module.load_state_dict(latest.weights(ema=False), strict=False)
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
+        distributed.load_weights(module, latest.weights(ema=False))
+        ema.load_state_dict({**state["ema"], "shadow": distributed.shard_like(state["ema"]["shadow"], module)})
+        distributed.load_optimizer_state(module, opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
         set_rng_state(state["rng"])
@@ -151,11 +155,16 @@ def fit(
             torch.manual_seed(cfg.seed + ctx.rank + 1_000_003 * step)
 
     def save() -> None:
-        ema_weights = {name: ema.shadow[name] for name in ema.names}
-        full_ema = {**module.state_dict(), **ema_weights}
-        manager.save(step, module.state_dict(), full_ema, {
+        # Every rank calls this: sharded weights are gathered by all ranks together; rank 0 writes.
+        weights = distributed.full_weights(module)
+        ema_weights = distributed.full_tensors({name: ema.shadow[name] for name in ema.names})
+        optimizer = distributed.full_optimizer_state(module, opt)
+        if not ctx.is_main:
+            return
+        manager.save(step, weights, {**weights, **ema_weights}, {
             "step": step, "epoch": epoch, "consumed": consumed, "rng": rng_state(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema.state_dict(),
+            "optimizer": optimizer, "scheduler": sched.state_dict(),
+            "ema": {**ema.state_dict(), "shadow": ema_weights},
         }, config)
 
     losses: list[tuple[int, float]] = []
@@ -173,11 +182,11 @@ def fit(
             continue
         consumed += 1
         with autocast(cfg.precision, device):
-            if ddp is None:
+            if wrapped is None:
                 out = objective.loss(batch)
             else:
-                ddp(batch)
-                out = ddp.module.last
+                wrapped(batch)
+                out = distributed.loss_output(wrapped)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"loss is {out.loss.item()} at step {step}; last checkpoint kept")
         out.loss.backward()
@@ -201,7 +210,7 @@ def fit(
             with ema.swapped_in(module), torch.no_grad():
                 logger.log(step, {f"val/{k}": v for k, v in validate(step).items()})
             module.train()
-        if ctx.is_main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             save()
     bar.close()
     if logger is not None:

@@ -3,6 +3,7 @@ SyncBench on one machine, in one command.
 
     synth train / val / test clips -> prepare shards -> VAE -> shards with VAE latents -> T2A, T2V generators ->
     V2A and A2V Fusion Blocks -> SyncBench classifiers -> OUT/ (safetensors, config.json, one card per part)
+    -> scores on the test split (train/scorecard.py) into the cards, OUT/scores.md
 
 Every step goes through the same commands a user runs (`avlink synth`, `prepare`, `train`), each resumable, so a
 killed recipe picks up where it stopped. `--scale` multiplies clip counts and step counts, for a quick try.
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from avlink.checkpoint import atomic_write
 from avlink.cli import UserError, main
+from avlink.train.scorecard import markdown, score_checkpoint, write_scores
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Budget:
     classifier_steps: int = 600
     batch_size: int = 32
     fusion_lr: float = 1e-3
+    score_steps: int = 64  # Euler steps of the final scoring on the test split
 
     def scaled(self, scale: float) -> Budget:
         def s(n: int, least: int) -> int:
@@ -52,7 +55,8 @@ class Budget:
 
         return Budget(s(self.train_clips, 8), s(self.val_clips, 2), s(self.test_clips, 2), s(self.vae_steps, 2),
                       s(self.audio_steps, 2), s(self.video_steps, 2), s(self.fusion_steps, 2),
-                      s(self.classifier_steps, 2), min(self.batch_size, s(self.train_clips, 8)), self.fusion_lr)
+                      s(self.classifier_steps, 2), min(self.batch_size, s(self.train_clips, 8)), self.fusion_lr,
+                      s(self.score_steps, 2))
 
 
 def step(name: str, argv: list[str], log: list[dict]) -> None:
@@ -96,6 +100,14 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
     step("train classifiers", ["train", "classifiers", "--data", str(shards / "mel"), "--out",
                                str(runs / "classifiers"), "--max-steps", str(b.classifier_steps), *common], log)
     collect(out, runs)
+    started_score = time.perf_counter()
+    print(f"avlink recipe: score: {b.test_clips} test clips, {b.score_steps} Euler steps", flush=True)
+    results = score_checkpoint(out, sb, work / "scores", n=b.test_clips, steps=b.score_steps, seed=seed,
+                               progress=progress)
+    write_scores(out, results)
+    log.append({"step": "score", "command": "(scorecard.score_checkpoint on the test split)",
+                "wall_s": round(time.perf_counter() - started_score, 1)})
+    print(markdown(results))
     summary = {"preset": preset, "scale": scale, "seed": seed, "budget": b.__dict__, "steps": log,
                "wall_s": round(time.perf_counter() - started, 1)}
     text = json.dumps(summary, indent=2)

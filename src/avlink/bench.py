@@ -1,0 +1,725 @@
+"""`avlink bench`: how fast the linked model samples and trains on this machine, against the matmul peak
+measured in the same run.
+
+    avlink bench [--presets tiny small paper] [--tasks v2a a2v] [--device cpu|cuda] [--precision fp32|bf16]
+                 [--batch N] [--steps 64] [--repeats 3] [--out bench.json] [--max-batch-search]
+                 [--time-budget SECONDS]
+
+What is measured, per preset and task (models of random weights; text states are random tokens of the
+preset's text width, `--text-tokens` of them, so no text encoder runs; guidance scale 1, one network
+evaluation per step):
+- prepare: `AVLink.prepare`, once per clip (the conditioning stream up to the first fusion point);
+- step: one velocity evaluation, `AVLink.forward` with the prepared condition (batch 1);
+- clip: a whole clip of `--steps` Euler steps through `sample.sample_link`, the path every command uses
+  (batch 1), timed once after the step timings warmed everything up; it should take prepare + steps x step;
+- train: one fusion training step as the training loop takes it: loss, backward, gradient clipping, AdamW
+  update of the task's fusion set, at `--batch` clips; with `--max-batch-search` (CUDA) at batch 1, 2, 4, ...
+  until the device runs out of memory, `--max-batch` or `--time-budget`.
+On a CPU the paper preset gets prepare, one step and one training step at batch 1, each timed once: a whole
+clip at that size is not a CPU job.
+
+Timing: `--warmup` untimed calls, then the median of `--repeats` timed calls, the device synchronised after
+each. bf16 runs under torch.autocast with fp32 weights, as training does. Peak memory is the high-water mark
+over the timed calls, weights and runtime included: on CUDA `torch.cuda.max_memory_allocated` after resetting
+it; on a Linux CPU the process's peak resident set (VmHWM), reset before each measurement through
+/proc/self/clear_refs; where that is refused, ru_maxrss, the process's peak since it started (the JSON says
+which). The matmul peak is the median time of an n x n x n product (`--matmul-size`: 2048 on CPU, 8192 on
+CUDA) in fp32 and in bf16; utilisation is achieved FLOP/s over the peak of the run's precision.
+
+Analytic FLOPs (`link_flops`), counted from the model's shapes for one clip (all scale with the batch):
+- Only matrix products count, 2 FLOPs per multiply-add. A linear layer on R rows: 2 R d_in d_out. Attention
+  of Nq queries over Nk keys at width D (all heads): 2 Nq Nk D for the scores and as much for the weighted
+  sum. Norms, RoPE, activations, softmax, modulation and the optimiser's update are elementwise: left out.
+- A DiT block over N tokens, L text tokens, width D, MLP width H = mlp_ratio D: adaLN 2 D 6D (once per clip,
+  not per token); self-attention 2 N D 3D + 4 N^2 D + 2 N D D; text cross-attention 2 N D D + 2 L D 2D +
+  4 N L D + 2 N D D; MLP 2 N D H + 2 N H D. Embedding: token projection, timestep MLP (256 -> D -> D), text
+  projection (Dt -> D -> D on L tokens). Head: adaLN 2 D 2D and the output projection.
+- A Fusion Block over Na audio and Nv video tokens at width Df (MLP width Hf): per stream the projection in
+  (d -> Df), adaLN (Df -> 5 Df + d) and the MLP (Df -> Hf -> d); one joint self-attention over Na + Nv
+  tokens. A fusion set's two flow-time embedders (256 -> Df -> Df) run once per forward.
+- One sampling step (`AVLink.forward`) runs the generated stream's embedding, all its blocks and its head, the
+  conditioning stream's blocks from the first to the last fusion point, and every fusion block. The
+  conditioning stream's embedding and its blocks before the first fusion point run once per clip, in
+  `prepare`, so a clip of S steps is prepare + S step; without that cache every step would pay prepare too
+  (`LinkFlops.step_uncached`).
+- A training step is prepare + one forward + its backward. Backward counts the products autograd needs, no
+  more: for Y = X W, dX = dY W^T (as much as the forward) when X depends on a trainable weight, and
+  dW = X^T dY (as much again) when W is trainable; attention likewise per operand (scores: dQ, dK; weighted
+  sum: dP, dV). So a trainable fusion block costs 2x its forward in backward, except the first block's input
+  projections (1x: their inputs come from frozen blocks that need no gradient) and the last block's
+  conditioning-stream MLP (nothing: its output reaches no loss). A frozen block on a path to the loss (the
+  generated stream after the first fusion point, the conditioning stream between fusion points) costs 1x for
+  its projections (activation gradients only), 2x for its self-attention core, 1x for its text cross-attention
+  core, nothing for its adaLN and text keys and values. Nothing before the first fusion point has a backward.
+  Recomputation (activation checkpointing, fused attention kernels that recompute the scores) is not counted:
+  these are model FLOPs, the usual basis of utilisation. Under PyTorch's math attention backend,
+  `torch.utils.flop_counter.FlopCounterMode` counts the same numbers (the tests check that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avlink.backbones.protocol import TextCond
+from avlink.cli import UserError
+from avlink.config import PRESETS, DiTConfig, FusionConfig, ModelConfig, Task, get_preset
+from avlink.fusion.linked import TASKS, AVLink, fusion_points
+from avlink.params import build_model, count
+from avlink.sample import generated_shape, initial_noise, sample_link
+from avlink.train.loop import autocast
+
+TIMESTEP_FEATURES = 256  # the sinusoid width of nn.layers.TimestepEmbedder
+
+
+# --- analytic FLOPs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flops:
+    forward: int
+    backward: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+    def __add__(self, other: Flops) -> Flops:
+        return Flops(self.forward + other.forward, self.backward + other.backward)
+
+    def __mul__(self, k: int) -> Flops:
+        return Flops(self.forward * k, self.backward * k)
+
+    def no_backward(self) -> Flops:
+        return Flops(self.forward)
+
+
+def linear(rows: int, d_in: int, d_out: int, *, weight_grad: bool = False, input_grad: bool = False) -> Flops:
+    """A linear layer on `rows` rows; backward: dW if the weight trains, dX if the input needs a gradient."""
+    f = 2 * rows * d_in * d_out
+    return Flops(f, f * (int(weight_grad) + int(input_grad)))
+
+
+def attention(n_q: int, n_k: int, dim: int, *, q_grad: bool, kv_grad: bool) -> Flops:
+    """Scores and weighted sum of n_q queries over n_k keys at width dim (all heads together)."""
+    half = 2 * n_q * n_k * dim
+    scores = half * (int(q_grad) + int(kv_grad))  # dQ, dK
+    weighted = half * (int(q_grad or kv_grad) + int(kv_grad))  # dP (the scores depend on Q, K), dV
+    return Flops(2 * half, scores + weighted)
+
+
+def dit_embed(cfg: DiTConfig, token_dim: int, n: int, text_tokens: int) -> Flops:
+    """Token projection, timestep MLP, text projection: frozen, on inputs that never need a gradient."""
+    d = cfg.dim
+    return (linear(n, token_dim, d) + linear(1, TIMESTEP_FEATURES, d) + linear(1, d, d)
+            + linear(text_tokens, cfg.text_dim, d) + linear(text_tokens, d, d))
+
+
+def dit_block(cfg: DiTConfig, n: int, text_tokens: int, grad: bool = False) -> Flops:
+    """One frozen DiT block; grad: its input depends on trainable weights (it sits after a fusion point)."""
+    d, h = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
+    return (
+        linear(1, d, 6 * d)  # adaLN from the backbone's own timestep embedding: no gradient needed
+        + linear(n, d, 3 * d, input_grad=grad) + attention(n, n, d, q_grad=grad, kv_grad=grad)
+        + linear(n, d, d, input_grad=grad)
+        + linear(n, d, d, input_grad=grad) + linear(text_tokens, d, 2 * d)  # text keys/values: no gradient
+        + attention(n, text_tokens, d, q_grad=grad, kv_grad=False) + linear(n, d, d, input_grad=grad)
+        + linear(n, d, h, input_grad=grad) + linear(n, h, d, input_grad=grad)
+    )
+
+
+def dit_head(cfg: DiTConfig, token_dim: int, n: int, grad: bool = False) -> Flops:
+    return linear(1, cfg.dim, 2 * cfg.dim) + linear(n, cfg.dim, token_dim, input_grad=grad)
+
+
+def fusion_conditioning(cfg: FusionConfig) -> Flops:
+    """The two flow-time embedders of a fusion set (trainable; the sinusoid needs no gradient)."""
+    d = cfg.dim
+    first = linear(1, TIMESTEP_FEATURES, d, weight_grad=True)
+    return (first + linear(1, d, d, weight_grad=True, input_grad=True)) * 2
+
+
+def fusion_block(
+    cfg: FusionConfig, n_a: int, n_v: int, dim_a: int, dim_v: int, *, inputs_grad: bool,
+    used: tuple[bool, bool] = (True, True),
+) -> Flops:
+    """One trainable Fusion Block. inputs_grad: its inputs depend on trainable weights (not so for the first);
+    used: whether the (audio, video) output reaches the loss (its MLP gets a backward only then)."""
+    d, h = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
+    n = n_a + n_v
+    both = {"weight_grad": True, "input_grad": True}
+    total = linear(n, d, 3 * d, **both) + attention(n, n, d, q_grad=True, kv_grad=True)
+    total += linear(n, d, d, **both)
+    for tokens, width, reaches_loss in ((n_a, dim_a, used[0]), (n_v, dim_v, used[1])):
+        total += linear(tokens, width, d, weight_grad=True, input_grad=inputs_grad)
+        total += linear(1, d, 5 * d + width, **both)
+        mlp = linear(tokens, d, h, **both) + linear(tokens, h, width, **both)
+        total += mlp if reaches_loss else mlp.no_backward()
+    return total
+
+
+@dataclass(frozen=True)
+class LinkFlops:
+    """Analytic FLOPs of one task for one clip (batch 1)."""
+
+    prepare: int  # once per clip: the conditioning embedding and its blocks before the first fusion point
+    step: int  # one velocity evaluation with the prepared condition
+    train: Flops  # prepare + forward, and backward, of one training clip
+
+    def clip(self, steps: int) -> int:
+        return self.prepare + steps * self.step
+
+    @property
+    def step_uncached(self) -> int:
+        """A step that recomputed the conditioning stream from its embedding (no `prepare` cache)."""
+        return self.prepare + self.step
+
+
+def link_flops(cfg: ModelConfig, task: Task, text_tokens: int) -> LinkFlops:
+    """Walk the fusion points as `AVLink.prepare` and `AVLink.forward` do, counting (module docstring)."""
+    if cfg.fusion.injection != "fusion":
+        raise ValueError(f"FLOPs are counted for injection 'fusion' only, not {cfg.fusion.injection!r}")
+    clip, fcfg, L = cfg.clip, cfg.fusion, text_tokens
+    n_a, n_v = clip.num_audio_tokens, clip.num_video_tokens
+    streams = {"a": (cfg.audio, clip.audio.latent_dim, n_a), "v": (cfg.video, clip.video.patch_dim, n_v)}
+    gen = "a" if task == "v2a" else "v"
+    (g_cfg, g_tok, g_n), (c_cfg, c_tok, c_n) = streams[gen], streams["v" if gen == "a" else "a"]
+    points = fusion_points(fcfg, cfg.audio.depth, cfg.video.depth)  # (audio block, video block)
+    points = points if task == "v2a" else [(v, a) for a, v in points]  # (generated, conditioning)
+
+    prepare = dit_embed(c_cfg, c_tok, c_n, L) + dit_block(c_cfg, c_n, L) * points[0][1]
+    fwd = dit_embed(g_cfg, g_tok, g_n, L) + fusion_conditioning(fcfg)
+    g_at, c_at = 0, points[0][1]
+    for i, (g_point, c_point) in enumerate(points):
+        grad = i > 0  # before the first fusion block nothing depends on a trainable weight
+        fwd += dit_block(g_cfg, g_n, L, grad) * (g_point - g_at)
+        fwd += dit_block(c_cfg, c_n, L, grad) * (c_point - c_at)
+        cond_used = i < len(points) - 1  # the conditioning stream's last fused output runs no further
+        used = (True, cond_used) if gen == "a" else (cond_used, True)
+        fwd += fusion_block(fcfg, n_a, n_v, cfg.audio.dim, cfg.video.dim, inputs_grad=grad, used=used)
+        g_at, c_at = g_point, c_point
+    fwd += dit_block(g_cfg, g_n, L, True) * (g_cfg.depth - g_at) + dit_head(g_cfg, g_tok, g_n, True)
+    return LinkFlops(prepare=prepare.forward, step=fwd.forward, train=prepare.no_backward() + fwd)
+
+
+# --- measuring ---------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Memory:
+    """Peak memory over a measurement (module docstring says what each device reports)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated, reset before each measurement"
+        elif self._reset_rss():
+            self.method = "peak resident set of the process (VmHWM), reset before each measurement"
+        else:
+            self.method = "ru_maxrss: the process's peak resident set since it started (never reset)"
+
+    @staticmethod
+    def _reset_rss() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+            return "VmHWM" in Path("/proc/self/status").read_text()
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._reset_rss()
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.method.startswith("peak resident"):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+        import resource  # Unix only
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB elsewhere
+
+
+@dataclass
+class Timing:
+    times: list[float]
+    peak_bytes: int
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.times)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, memory: Memory, warmup: int, repeats: int) -> Timing:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    memory.reset()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return Timing(times, memory.peak_bytes())
+
+
+def matmul_peak(
+    size: int, dtype: torch.dtype, device: torch.device, memory: Memory, repeats: int,
+) -> dict[str, Any]:
+    """FLOP/s of one size x size x size product, median of `repeats` after two warm-ups."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, generator=g, device=device).to(dtype)
+    b = torch.randn(size, size, generator=g, device=device).to(dtype)
+    timing = measure(lambda: a @ b, device, memory, warmup=2, repeats=repeats)
+    flops = 2 * size**3
+    return {"size": size, "seconds": timing.seconds, "times": timing.times, "flops": flops,
+            "flops_per_s": flops / timing.seconds}
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "device": device.type,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
+    return info
+
+
+# --- what one preset runs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    warmup: int
+    repeats: int
+    clip: bool  # time a whole clip of `steps` steps
+    train_batch: int
+
+
+def plan_for(name: str, device: torch.device, args: argparse.Namespace) -> Plan:
+    if name == "paper" and device.type == "cpu":  # one of each, at batch 1
+        return Plan(warmup=0, repeats=1, clip=False, train_batch=1)
+    batch = args.batch if args.batch is not None else (4 if device.type == "cpu" else 1)
+    return Plan(warmup=args.warmup, repeats=args.repeats, clip=True, train_batch=batch)
+
+
+def randomize(model: AVLink, seed: int = 0) -> None:
+    """Every weight matrix drawn afresh on the model's device, so that no zero-initialised layer is left (a
+    product with zeros can run faster than one with real data); biases and norm scales stay as built."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.02, generator=g)
+
+
+def build_random(cfg: ModelConfig, device: torch.device) -> AVLink:
+    model = build_model(cfg, device)
+    randomize(model)
+    return model
+
+
+@dataclass
+class Inputs:
+    audio: torch.Tensor  # (B, Ta, Da) latent
+    video: torch.Tensor  # (B, C, T, H, W) in [-1, 1]
+    text_a: TextCond
+    text_v: TextCond
+
+    def for_task(self, task: Task) -> tuple[torch.Tensor, TextCond, TextCond]:
+        """(x_cond, text_gen, text_cond)."""
+        if task == "v2a":
+            return self.video, self.text_a, self.text_v
+        return self.audio, self.text_v, self.text_a
+
+
+def random_inputs(
+    cfg: ModelConfig, batch: int, text_tokens: int, device: torch.device, seed: int = 0,
+) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+
+    def text(width: int) -> TextCond:
+        tokens = torch.randn(batch, text_tokens, width, generator=g)
+        return TextCond(tokens.to(device), torch.ones(batch, text_tokens, dtype=torch.bool, device=device))
+
+    audio = torch.randn(batch, *cfg.clip.latent_shape, generator=g)
+    video = torch.rand(batch, *cfg.clip.video_shape, generator=g) * 2 - 1
+    return Inputs(audio.to(device), video.to(device), text(cfg.audio.text_dim), text(cfg.video.text_dim))
+
+
+class Deadline:
+    def __init__(self, budget: float | None):
+        self.start = time.perf_counter()
+        self.budget = budget
+
+    def left(self) -> float:
+        return math.inf if self.budget is None else self.budget - (time.perf_counter() - self.start)
+
+
+class Bench:
+    """Runs the measurements, keeps every result, and rewrites the JSON after each one."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args = args
+        self.device = device
+        self.memory = Memory(device)
+        self.deadline = Deadline(args.time_budget)
+        self.out = Path(args.out)
+        self.result: dict[str, Any] = {
+            "machine": machine(device),
+            "settings": {k: getattr(args, k) for k in (
+                "presets", "tasks", "precision", "batch", "steps", "repeats", "warmup", "text_tokens",
+                "matmul_size", "max_batch_search", "max_batch", "time_budget")},
+            "memory_method": self.memory.method,
+            "peak": {},
+            "presets": {},
+            "rows": [],
+        }
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------
+    def save(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        tmp.write_text(json.dumps(self.result, indent=2) + "\n")
+        os.replace(tmp, self.out)
+
+    @property
+    def peak_flops(self) -> float | None:
+        peak = self.result["peak"].get(self.args.precision)
+        return peak["flops_per_s"] if peak else None
+
+    def row(self, preset: str, task: str, what: str, batch: int, timing: Timing, flops: int,
+            **extra: Any) -> dict[str, Any]:
+        achieved = flops / timing.seconds
+        peak = self.peak_flops
+        row = {"preset": preset, "task": task, "what": what, "batch": batch, "seconds": timing.seconds,
+               "times": timing.times, "flops": flops, "flops_per_s": achieved,
+               "utilisation": achieved / peak if peak else None, "peak_bytes": timing.peak_bytes, **extra}
+        self.result["rows"].append(row)
+        self.save()
+        return row
+
+    def note(self, preset: str, task: str, what: str, batch: int, key: str, text: str) -> None:
+        """A measurement that gave no time: key "skipped" (time budget, out of memory) or "error"."""
+        self.result["rows"].append({"preset": preset, "task": task, "what": what, "batch": batch, key: text})
+        self.save()
+
+    def timed(self, fn: Callable[[], Any], warmup: int, repeats: int) -> Timing:
+        return measure(fn, self.device, self.memory, warmup, repeats)
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        size = self.args.matmul_size
+        repeats = max(5, self.args.repeats)
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            self.result["peak"][precision] = matmul_peak(size, dtype, self.device, self.memory, repeats)
+            self.save()
+        for name in self.args.presets:
+            self.preset(name)
+        return self.result
+
+    def preset(self, name: str) -> None:
+        cfg = get_preset(name)
+        plan = plan_for(name, self.device, self.args)
+        flops = {task: link_flops(cfg, task, self.args.text_tokens) for task in self.args.tasks}
+        self.result["presets"][name] = {
+            "tokens": {"audio": cfg.clip.num_audio_tokens, "video": cfg.clip.num_video_tokens,
+                       "text": self.args.text_tokens},
+            "plan": asdict(plan) | {"steps": self.args.steps},
+            "flops": {task: {"prepare": f.prepare, "step": f.step, "step_uncached": f.step_uncached,
+                             "clip": f.clip(self.args.steps), "train_forward": f.train.forward,
+                             "train_backward": f.train.backward} for task, f in flops.items()},
+        }
+        model = self.guarded(name, "-", "build", 0, 0.0, lambda: build_random(cfg, self.device))
+        if model is None:
+            return
+        self.result["presets"][name]["params"] = {"total": count(model), "trainable": count(model, True)}
+        self.save()
+        try:
+            for task in self.args.tasks:
+                self.sampling(name, model, task, flops[task], plan)
+                if self.args.max_batch_search:
+                    self.batch_search(name, model, task, flops[task], plan)
+                else:
+                    self.training(name, model, task, flops[task], plan)
+        finally:
+            del model
+            release(self.device)
+
+    def guarded(self, preset: str, task: str, what: str, batch: int, predicted_s: float,
+                fn: Callable[[], Any]) -> Any:
+        """fn(), unless the time budget would be overrun; a failure (out of memory too) is recorded, not
+        raised, so that one failed measurement loses none of the others."""
+        if predicted_s > self.deadline.left() or self.deadline.left() <= 0:
+            self.note(preset, task, what, batch, "skipped", "time budget")
+            return None
+        try:
+            return fn()
+        except Exception as err:  # recorded in the JSON and the table; the exit status says so
+            text = describe(err)
+        release(self.device)  # (the failed call's tensors are free only once the exception is gone)
+        self.note(preset, task, what, batch, "error", text)
+        return None
+
+    def autocast(self) -> Any:
+        return autocast(self.args.precision, self.device)
+
+    def sampling(self, name: str, model: AVLink, task: Task, flops: LinkFlops, plan: Plan) -> None:
+        model.eval()
+        inputs = random_inputs(model.cfg, 1, self.args.text_tokens, self.device)
+        x_cond, text_gen, text_cond = inputs.for_task(task)
+
+        def prepare() -> Any:
+            with torch.no_grad(), self.autocast():
+                return model.prepare(task, x_cond, text_gen, text_cond)
+
+        prep = self.guarded(name, task, "prepare", 1, 0.0,
+                            lambda: self.timed(prepare, plan.warmup, plan.repeats))
+        if prep is None:
+            return
+        self.row(name, task, "prepare", 1, prep, flops.prepare)
+        cond = prepare()
+        x = initial_noise(generated_shape(model, task, x_cond), 0, self.device)
+        t = torch.full((1,), 0.5, device=self.device)
+
+        def step() -> Any:
+            with torch.no_grad(), self.autocast():
+                return model(x, t, cond)
+
+        step_t = self.guarded(name, task, "step", 1, 0.0, lambda: self.timed(step, plan.warmup, plan.repeats))
+        if step_t is None:
+            return
+        # Random weights could overflow in a deep stack, and non-finite arithmetic can run at another speed.
+        self.row(name, task, "step", 1, step_t, flops.step, finite=bool(torch.isfinite(step()).all()))
+        if not plan.clip:
+            return
+        steps = self.args.steps
+
+        def clip() -> Any:
+            with self.autocast():
+                return sample_link(model, task, x_cond, text_gen=text_gen, text_cond=text_cond, steps=steps)
+
+        expected = prep.seconds + steps * step_t.seconds
+        clip_t = self.guarded(name, task, "clip", 1, expected, lambda: self.timed(clip, 0, 1))
+        if clip_t is not None:
+            self.row(name, task, "clip", 1, clip_t, flops.clip(steps), steps=steps, expected_seconds=expected,
+                     ratio_to_expected=clip_t.seconds / expected)
+
+    def train_timing(self, model: AVLink, task: Task, batch: int, plan: Plan) -> Timing:
+        """Training steps as the training loop takes them (less its EMA and learning-rate schedule)."""
+        model.train()
+        inputs = random_inputs(model.cfg, batch, self.args.text_tokens, self.device, seed=1)
+        params = [p for p in model.fusion_set(task).parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step() -> None:
+            with self.autocast():
+                loss = model.loss(task, inputs.audio, inputs.video, inputs.text_a, inputs.text_v)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        try:
+            return self.timed(step, plan.warmup, plan.repeats)
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.eval()
+
+    def training(self, name: str, model: AVLink, task: Task, flops: LinkFlops, plan: Plan) -> None:
+        batch = plan.train_batch
+        timing = self.guarded(name, task, "train", batch, 0.0,
+                              lambda: self.train_timing(model, task, batch, plan))
+        if timing is not None:
+            self.train_row(name, task, batch, timing, flops)
+
+    def train_row(self, name: str, task: Task, batch: int, timing: Timing, flops: LinkFlops) -> None:
+        self.row(name, task, "train", batch, timing, flops.train.total * batch,
+                 clips_per_s=batch / timing.seconds)
+
+    def batch_search(self, name: str, model: AVLink, task: Task, flops: LinkFlops, plan: Plan) -> None:
+        """Training at batch 1, 2, 4, ... until out of memory, --max-batch or the time budget."""
+        search: dict[str, Any] = {"largest_batch": None, "stopped": "max batch"}
+        self.result["presets"][name].setdefault("batch_search", {})[task] = search
+        batch, last_seconds = 1, 0.0
+        while batch <= self.args.max_batch:
+            # A step at twice the batch takes about twice as long; warm-up and repeats each take one.
+            left = self.deadline.left()
+            if left <= 0 or 2 * last_seconds * (plan.warmup + plan.repeats) > left:
+                search["stopped"] = "time budget"
+                self.note(name, task, "train", batch, "skipped", "time budget")
+                break
+            try:
+                timing = self.train_timing(model, task, batch, plan)
+            except Exception as err:  # out of memory ends the search, and so does anything else
+                oom, text = is_oom(err), describe(err)
+                timing = None
+            if timing is None:  # (the failed step's tensors are free only once the exception is gone)
+                release(self.device)
+                search["stopped"] = "out of memory" if oom else "error"
+                if oom:
+                    self.note(name, task, "train", batch, "skipped", "out of memory")
+                else:
+                    self.note(name, task, "train", batch, "error", text)
+                break
+            self.train_row(name, task, batch, timing, flops)
+            search["largest_batch"] = batch
+            last_seconds = timing.seconds
+            batch *= 2
+        self.save()
+
+
+def describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- the table ---------------------------------------------------------------------------------------------
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    device = m["device"] + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else "")
+    lines = [f"machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads),"
+             f" torch {m['torch']}, device {device}, precision {result['settings']['precision']}"]
+    for precision, peak in result["peak"].items():
+        lines.append(f"matmul peak {precision}: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
+                     f"({peak['size']}^3 in {_seconds(peak['seconds'])})")
+    lines.append(f"peak memory: {result['memory_method']}")
+    header = ["preset", "task", "what", "batch", "time", "GFLOP", "GFLOP/s", "util", "peak mem", "note"]
+    table = [header]
+    for r in result["rows"]:
+        what = r["what"] + (f" ({r['steps']} steps)" if "steps" in r else "")
+        if "seconds" not in r:
+            note = r.get("skipped") or r.get("error", "")
+            table.append([r["preset"], r["task"], what, str(r["batch"]), "-", "-", "-", "-", "-", note])
+            continue
+        util = "-" if r["utilisation"] is None else f"{100 * r['utilisation']:.1f}%"
+        note = ""
+        if "clips_per_s" in r:
+            note = f"{r['clips_per_s']:.2f} clips/s"
+        if "ratio_to_expected" in r:
+            note = f"{r['ratio_to_expected']:.2f} x (prepare + steps x step)"
+        table.append([r["preset"], r["task"], what, str(r["batch"]), _seconds(r["seconds"]),
+                      f"{r['flops'] / 1e9:.2f}", f"{r['flops_per_s'] / 1e9:.1f}", util,
+                      _bytes(r["peak_bytes"]), note])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines.append("")
+    for j, row in enumerate(table):
+        lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
+        if j == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+# --- the command -------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small", "paper"], choices=sorted(PRESETS),
+                        help="presets to measure (default: tiny small paper)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="default: v2a a2v")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="clips per training step (default: 4 on CPU, 1 on CUDA; 1 for paper on CPU)")
+    parser.add_argument("--steps", type=int, default=64, help="sampling steps of one clip (default: 64)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed calls per measurement, the median counts (default: 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement")
+    parser.add_argument("--text-tokens", type=int, default=16,
+                        help="random text tokens per prompt (default: 16)")
+    parser.add_argument("--matmul-size", type=int, default=None,
+                        help="n of the n x n peak product (default: 2048 on CPU, 8192 on CUDA)")
+    parser.add_argument("--max-batch-search", action="store_true",
+                        help="training at batch 1, 2, 4, ... until out of memory (for a GPU)")
+    parser.add_argument("--max-batch", type=int, default=1024, help="upper end of --max-batch-search")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: skip measurements that would end later (the batch search stops)")
+    parser.add_argument("--out", default="bench.json", help="JSON with every number (default: bench.json)")
+
+
+def check_args(args: argparse.Namespace) -> torch.device:
+    for flag in ("steps", "repeats", "text_tokens", "max_batch"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: need at least 1")
+    if args.warmup < 0:
+        raise UserError(f"--warmup {args.warmup}: need 0 or more")
+    if args.batch is not None and args.batch < 1:
+        raise UserError(f"--batch {args.batch}: need at least 1")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise UserError(f"--time-budget {args.time_budget}: need a positive number of seconds")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available to this torch")
+    if args.max_batch_search and args.device != "cuda":
+        raise UserError("--max-batch-search: needs --device cuda (a CPU raises no out-of-memory error)")
+    if Path(args.out).is_dir():
+        raise UserError(f"{args.out}: is a folder; --out names the JSON file")
+    if args.matmul_size is None:
+        args.matmul_size = 8192 if args.device == "cuda" else 2048
+    if args.matmul_size < 1:
+        raise UserError(f"--matmul-size {args.matmul_size}: need at least 1")
+    return torch.device(args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = check_args(args)
+    bench = Bench(args, device)
+    result = bench.run()
+    print(format_table(result))
+    print(f"wrote {args.out}")
+    return 1 if any("error" in r for r in result["rows"]) else 0

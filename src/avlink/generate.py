@@ -1,0 +1,329 @@
+"""`avlink v2a` / `avlink a2v`: sound for a user's video, a video for a user's sound.
+
+    avlink v2a VIDEO|FOLDER|LIST [-p PROMPT] [-o OUT] [--steps 64] [--seed N] [--cfg S] [--ckpt DIR]
+               [--device cpu|cuda] [--method euler] [--vocoder hifigan] [--no-fusion] [--overwrite]
+    avlink a2v AUDIO|FOLDER|LIST [-p PROMPT] [-o OUT.mp4] [--upscale 8] [...the same options]
+
+Both commands load the checkpoint once (`Pipeline`, the one inference path) and run it on every input, with the
+same seed for every file, so a result does not depend on what else is in the batch.
+
+V2A reads the whole video at the model's fps and size for conditioning, whatever the file's own; the wave is
+generated at the model's sample rate for all of it and cut to the video stream's exact duration. It is written
+as a 16-bit wav and muxed into a copy of the user's video: the video stream is copied packet for packet (no
+re-encode) and the sound is AAC of exactly the video's length; the input's own audio and other streams are
+left out. The mp4 is written first, so a video stream the container cannot hold fails before any wav exists.
+
+A2V reads the sound, downmixed to mono, and generates frames at the model's fps and size for all of it: the
+conditioning is padded with silence to the end of the frame in which the sound ends, so no sound is cut. The
+frames are upscaled by --upscale (nearest neighbour; a size is rounded up to even, which H.264 needs) and
+written as H.264 with the user's sound as mono AAC at the file's own sample rate (the model's rate where AAC
+has no such rate), padded with silence to the end of the last frame.
+
+Output names. One input file: V2A `-o OUT.wav` or `-o OUT.mp4` (or .mov, .mkv, .m4v) names one output and the
+other gets the same name with the other suffix; `-o FOLDER` (an existing one) puts `<stem>.v2a.wav` and
+`<stem>.v2a.mp4` there; without -o they go next to the input. A2V: `-o OUT.mp4`, `-o FOLDER` for
+`<stem>.a2v.mp4`, or that name next to the input. Outputs are replaced when they exist.
+
+Batches. A folder gives its files (not subfolders') with a video suffix (V2A) or an audio suffix (A2V), leaving
+out hidden files and our own outputs (`*.v2a.*`, `*.a2v.*`). A list file (.txt or .list) gives one path per
+line, relative to the list's folder; blank lines and lines starting with '#' are ignored. -o is then a folder
+(made if missing); without it the outputs go next to each input. An input whose outputs all exist is skipped,
+so an interrupted batch goes on where it stopped (`--overwrite` redoes them). A file that cannot be used is
+left out and named with the reason in one line at the end, and the rest go on; the exit status is then 3, else
+0. A single bad input is refused in one line with status 2, as every command does.
+
+Writes are atomic (the media writers write a temp file beside the output and rename it), so an interrupted run
+leaves no half-written output for the next run to take as done.
+
+Options passed through to the pipeline: --method, the ODE solver (euler, midpoint, heun); --vocoder (V2A),
+hifigan (the universal HiFi-GAN shipped in a package), griffinlim (no weights, fast, rough) or the path of a
+HiFi-GAN checkpoint for the model's mel analysis; --no-fusion, the frozen text-to-audio / text-to-video
+generator alone with the same prompt, seed and length (the baseline: it ignores the input's content).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from avlink.cli import UserError
+from avlink.config import Task
+from avlink.flow.solvers import SOLVERS
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv",
+                            ".wmv", ".ogv", ".3gp"})
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aif", ".aiff",
+                            ".wma"})
+LIST_SUFFIXES = frozenset({".txt", ".list"})
+CONTAINER_SUFFIXES = (".mp4", ".mov", ".mkv", ".m4v")  # what the media writers can write video into
+INPUT_SUFFIXES: dict[str, frozenset[str]] = {"v2a": VIDEO_SUFFIXES, "a2v": AUDIO_SUFFIXES}
+# Sample rates the AAC encoder takes; another rate is resampled to the model's.
+AAC_RATES = frozenset({7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000})
+EXIT_BAD_INPUT = 3
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input and the files made from it."""
+
+    source: Path
+    video: Path  # the mp4 (V2A: the user's video with the generated sound; A2V: the generated video)
+    wave: Path | None = None  # V2A: the generated sound alone
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        return (self.video,) if self.wave is None else (self.video, self.wave)
+
+    def done(self) -> bool:
+        return all(path.is_file() for path in self.outputs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the user chose for the generation; the same for every file."""
+
+    prompt: str | None
+    steps: int
+    seed: int
+    cfg_scale: float
+    method: str
+    fusion: bool
+    upscale: int
+
+
+# --- inputs and output names --------------------------------------------------------------------------------
+
+
+def is_batch(source: Path) -> bool:
+    return source.is_dir() or source.suffix.lower() in LIST_SUFFIXES
+
+
+def is_own_output(path: Path) -> bool:
+    """`clip.v2a.mp4`, `clip.a2v.mp4`: made by these commands, never an input of a folder run."""
+    return Path(path.stem).suffix in (".v2a", ".a2v")
+
+
+def read_list(path: Path) -> list[Path]:
+    """The paths of a list file: one a line, relative to the list's folder; '#' starts a comment line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeError) as err:
+        raise UserError(f"{path}: cannot read the list ({err.__class__.__name__})") from None
+    entries = [line.strip() for line in lines]
+    return [path.parent / entry for entry in entries if entry and not entry.startswith("#")]
+
+
+def batch_inputs(task: Task, source: Path) -> list[Path]:
+    """The inputs of a folder or a list file, in a fixed order."""
+    if source.is_dir():
+        inputs = sorted(path for path in source.iterdir()
+                        if path.suffix.lower() in INPUT_SUFFIXES[task] and not path.name.startswith(".")
+                        and not is_own_output(path) and path.is_file())
+    else:
+        inputs = read_list(source)
+    if not inputs:
+        kind = "video" if task == "v2a" else "audio"
+        raise UserError(f"{source}: no {kind} files to read (suffixes: {', '.join(sorted(INPUT_SUFFIXES[task]))})"
+                        if source.is_dir() else f"{source}: the list names no files")
+    return inputs
+
+
+def named_job(task: Task, source: Path, folder: Path) -> Job:
+    """The outputs of `source` by the naming rule: <stem>.v2a.wav + <stem>.v2a.mp4, or <stem>.a2v.mp4."""
+    base = f"{source.stem}.{task}"
+    return Job(source, folder / f"{base}.mp4", folder / f"{base}.wav" if task == "v2a" else None)
+
+
+def single_job(task: Task, source: Path, out: Path | None) -> Job:
+    """The outputs of one input file from -o (a file name, a folder, or nothing)."""
+    if out is None or out.is_dir():
+        job = named_job(task, source, source.parent if out is None else out)
+    elif out.suffix.lower() in CONTAINER_SUFFIXES:
+        job = Job(source, out, out.with_suffix(".wav") if task == "v2a" else None)
+    elif task == "v2a" and out.suffix.lower() == ".wav":
+        job = Job(source, out.with_suffix(".mp4"), out)
+    else:
+        names = (".wav, " if task == "v2a" else "") + ", ".join(CONTAINER_SUFFIXES)
+        raise UserError(f"{out}: -o takes a {names} file or an existing folder")
+    if not job.video.parent.is_dir():
+        raise UserError(f"{job.video.parent}: folder does not exist (-o)")
+    if any(path.resolve() == source.resolve() for path in job.outputs):
+        raise UserError(f"{source}: -o would overwrite the input")
+    return job
+
+
+def batch_jobs(task: Task, inputs: list[Path], out: Path | None) -> tuple[list[Job], list[str]]:
+    """Jobs for a batch, and one line per input that cannot have its own outputs (two inputs, one name)."""
+    jobs, bad, taken = [], [], {}
+    for source in inputs:
+        job = named_job(task, source, source.parent if out is None else out)
+        first = taken.setdefault(job.video.resolve(), source)
+        if first is not source:
+            bad.append(f"{source}: its output {job.video.name} is also the output of {first}; rename one")
+            continue
+        jobs.append(job)
+    return jobs, bad
+
+
+# --- generation ---------------------------------------------------------------------------------------------
+
+
+def fit_length(wave: np.ndarray, length: int) -> np.ndarray:
+    """Cut or zero-pad a wave to exactly `length` samples."""
+    return np.pad(wave, (0, max(0, length - wave.shape[0])))[:length]
+
+
+def make_v2a(pipe, job: Job, settings: Settings, progress: bool) -> None:
+    from avlink.data import media
+
+    seconds = media.video_duration(job.source)  # before generating: a file without a video stream fails now
+    frames = pipe.read_video(job.source)  # (T, H, W, 3) at the model's fps and size, T / fps >= seconds
+    wave = pipe.video_to_audio(frames, prompt=settings.prompt, steps=settings.steps, seed=settings.seed,
+                               cfg_scale=settings.cfg_scale, method=settings.method, fusion=settings.fusion,
+                               progress=progress)  # (round(T / fps * sample_rate),)
+    wave = fit_length(wave, round(seconds * pipe.sample_rate))
+    media.mux_audio(job.source, wave, pipe.sample_rate, job.video)
+    media.write_audio(job.wave, wave, pipe.sample_rate)
+
+
+def sound_to_keep(path: Path, model_rate: int) -> tuple[np.ndarray, int]:
+    """The user's sound as it goes into the A2V mp4: mono at the file's own rate where AAC takes it."""
+    from avlink.data import media
+
+    rate = media.probe(path).sample_rate
+    rate = rate if rate in AAC_RATES else model_rate
+    return media.read_audio(path, rate).samples, rate
+
+
+def make_a2v(pipe, job: Job, settings: Settings, progress: bool) -> None:
+    from avlink.data import media
+    from avlink.pipeline import upscale
+
+    wave = pipe.read_audio(job.source)  # (N,) at the model's rate
+    sound, rate = sound_to_keep(job.source, pipe.sample_rate)
+    # The frame in which the sound ends is generated too: pad the conditioning with silence to its end.
+    n_frames = math.ceil(wave.shape[0] / pipe.sample_rate * pipe.fps - 1e-6)
+    wave = fit_length(wave, max(wave.shape[0], round(n_frames / pipe.fps * pipe.sample_rate)))
+    frames = pipe.audio_to_video(wave, prompt=settings.prompt, steps=settings.steps, seed=settings.seed,
+                                 cfg_scale=settings.cfg_scale, method=settings.method, fusion=settings.fusion,
+                                 progress=progress)  # (n_frames, H, W, 3)
+    assert frames.shape[0] == n_frames, f"the pipeline gave {frames.shape[0]} frames for {n_frames}"
+    media.write_video(job.video, upscale(frames, settings.upscale), pipe.fps, audio=sound, sample_rate=rate)
+
+
+MAKERS = {"v2a": make_v2a, "a2v": make_a2v}
+
+
+class LazyPipeline:
+    """Loads the checkpoint on first use: a batch whose outputs all exist loads nothing."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.pipe = args, None
+
+    def get(self):
+        if self.pipe is None:
+            from avlink.pipeline import Pipeline
+
+            # A2V never turns a mel into sound: the weight-free vocoder saves loading HiFi-GAN.
+            vocoder = self.args.vocoder if self.args.task == "v2a" else "griffinlim"
+            self.pipe = Pipeline.load(self.args.ckpt, device=self.args.device, vocoder=vocoder)
+        return self.pipe
+
+
+def one_line(source: Path, err: Exception) -> str:
+    """'<input>: <reason>', whichever file the error named (the input, or an output that failed to write)."""
+    text = " ".join(str(err).split())
+    return text if text.startswith(str(source)) else f"{source}: {text}"
+
+
+def run_single(args: argparse.Namespace, settings: Settings) -> int:
+    job = single_job(args.task, args.input, args.out)
+    pipe = LazyPipeline(args).get()
+    MAKERS[args.task](pipe, job, settings, progress=sys.stderr.isatty())
+    print(f"wrote {', '.join(str(path) for path in job.outputs)}")
+    return 0
+
+
+def run_batch(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    if args.out is not None:
+        if args.out.exists() and not args.out.is_dir():
+            raise UserError(f"{args.out}: is a file; with a folder or list of inputs, -o is a folder")
+        args.out.mkdir(parents=True, exist_ok=True)
+    jobs, bad = batch_jobs(args.task, batch_inputs(args.task, args.input), args.out)
+    pipe, written, skipped = LazyPipeline(args), 0, 0
+    for job in tqdm(jobs, desc=f"avlink {args.task}", unit="file", disable=None):
+        if job.done() and not args.overwrite:
+            skipped += 1
+            continue
+        pipeline = pipe.get()  # outside the try: a checkpoint that does not load stops the batch
+        try:
+            MAKERS[args.task](pipeline, job, settings, progress=False)
+        except UserError as err:
+            bad.append(one_line(job.source, err))
+            continue
+        written += 1
+    print(f"avlink {args.task}: {written} written, {skipped} already done, {len(bad)} left out")
+    for line in bad:
+        print(line, file=sys.stderr)
+    return EXIT_BAD_INPUT if bad else 0
+
+
+# --- command ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # One module serves both commands; the CLI names the parser after the command ("avlink v2a").
+    task = parser.prog.split()[-1]
+    assert task in MAKERS, f"generate serves v2a and a2v, not {parser.prog!r}"
+    parser.set_defaults(task=task)
+    kind = "a video" if task == "v2a" else "an audio"
+    parser.add_argument("input", type=Path, metavar=kind.split()[-1].upper(),
+                        help=f"{kind} file, a folder of them, or a list file (.txt: one path a line)")
+    parser.add_argument("-p", "--prompt", help="text prompt (optional; guided by --cfg)")
+    parser.add_argument("-o", "--out", type=Path,
+                        help="output file or folder (default: next to the input; see the naming rule)")
+    parser.add_argument("--steps", type=int, default=64, help="sampling steps (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every file (default 0)")
+    parser.add_argument("--cfg", type=float, default=1.0,
+                        help="classifier-free guidance scale for the prompt (default 1: none)")
+    parser.add_argument("--ckpt", type=Path, help="checkpoint folder (default: the shipped checkpoints/tiny)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    parser.add_argument("--method", choices=tuple(SOLVERS), default="euler", help="ODE solver (default euler)")
+    if task == "v2a":
+        parser.add_argument("--vocoder", default="hifigan",
+                            help="hifigan (universal, shipped), griffinlim, or a HiFi-GAN checkpoint path")
+    else:
+        parser.add_argument("--upscale", type=int, default=8,
+                            help="nearest-neighbour upscaling of the frames for viewing (default 8)")
+    parser.add_argument("--no-fusion", dest="fusion", action="store_false",
+                        help="baseline: the frozen generator alone, ignoring the input")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="batches: redo inputs whose outputs exist (default: skip them)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    upscale = getattr(args, "upscale", 1)
+    if upscale < 1:
+        raise UserError(f"--upscale must be at least 1, got {upscale}")
+    if not math.isfinite(args.cfg):
+        raise UserError(f"--cfg must be a number, got {args.cfg}")
+    return Settings(prompt=args.prompt or None, steps=args.steps, seed=args.seed, cfg_scale=args.cfg,
+                    method=args.method, fusion=args.fusion, upscale=upscale)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if not args.input.exists():
+        raise UserError(f"{args.input}: no such file or folder")
+    if is_batch(args.input):
+        return run_batch(args, settings)
+    return run_single(args, settings)

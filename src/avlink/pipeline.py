@@ -1,0 +1,255 @@
+"""Generation for users: a checkpoint folder loaded once, then V2A / A2V (or the frozen generators alone, the
+no-fusion baseline) on whole videos and audio files of any length. `avlink v2a` / `a2v`, `avlink demo` and
+`avlink app` all come through here, and here through `sample.py`.
+
+Long inputs: the model sees one window of `clip.duration` seconds. A longer input is cut into windows that
+overlap by at least a quarter of a window; each window after the first is generated with its overlap fixed to
+what the window before generated (`sample.Known`: those tokens follow the straight path to the known values,
+so the model continues them instead of starting afresh). The windows are written into one latent (V2A) or one
+frame sequence (A2V), and V2A decodes that latent once through the VAE and the vocoder, so there is no seam to
+cross-fade. Cost grows linearly with length: one window's sampling per hop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avlink.backbones.protocol import TextCond
+from avlink.cli import UserError
+from avlink.codecs.vae import AudioVAE
+from avlink.config import Task
+from avlink.fusion.linked import AVLink
+from avlink.sample import Known, sample_backbone, sample_link
+from avlink.seq import ClipGeometry
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
+PARTS = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "fusion.safetensors", "vae.safetensors")
+VOCODER_ALIASES = {"hifigan": "hifigan-universal", "griffinlim": "griffin-lim"}
+MIN_OVERLAP = 0.25  # of a window
+
+
+@dataclass(frozen=True)
+class Window:
+    frame: int  # first video frame of the window
+    token: int  # first audio latent token of the window
+
+
+def plan_windows(total_frames: int, window_frames: int, total_tokens: int, window_tokens: int,
+                 fps: float, eta_a: float) -> list[Window]:
+    """Window starts covering [0, total_frames) with at least MIN_OVERLAP overlap, the last one ending at the end.
+
+    The hop (in frames) is the longest one that keeps the overlap and lands within a tenth of a token of a
+    whole number of audio tokens, so that audio and video windows start at the same instant."""
+    if total_frames <= window_frames:
+        return [Window(0, 0)]
+    longest = max(1, int(window_frames * (1 - MIN_OVERLAP)))
+    hop = max(range(1, longest + 1), key=lambda h: (_misfit(h, fps, eta_a) < 0.1, h))
+    starts = list(range(0, total_frames - window_frames, hop)) + [total_frames - window_frames]
+    windows = []
+    for frame in starts:
+        token = min(round(frame / fps * eta_a), total_tokens - window_tokens)
+        windows.append(Window(frame, token))
+    return windows
+
+
+def _misfit(hop: int, fps: float, eta_a: float) -> float:
+    tokens = hop / fps * eta_a
+    return abs(tokens - round(tokens))
+
+
+class Pipeline:
+    """A checkpoint folder loaded for generation: the linked model, the audio VAE, a vocoder, a text encoder
+    (loaded on the first prompt). Tests build a small random checkpoint with tests/helpers.py random_checkpoint.
+    """
+
+    def __init__(self, model: AVLink, vae: AudioVAE, vocoder: torch.nn.Module, device: str = "cpu"):
+        self.model, self.vae, self.vocoder = model.eval(), vae.eval(), vocoder.eval()
+        self.device = torch.device(device)
+        self._text_encoder = None
+
+    @classmethod
+    def load(cls, ckpt: str | Path | None = None, device: str = "cpu", vocoder: str = "hifigan") -> Pipeline:
+        from avlink.checkpoint import load_config, load_link
+        from avlink.codecs.vae import load_vae
+        from avlink.codecs.vocoder import load_vocoder
+
+        folder = Path(ckpt) if ckpt is not None else DEFAULT_CHECKPOINT
+        missing = [name for name in PARTS if not (folder / name).is_file()]
+        if missing:
+            hint = " (make them with `make checkpoints`)" if folder == DEFAULT_CHECKPOINT else ""
+            raise UserError(f"{folder}: not a complete checkpoint folder, missing {', '.join(missing)}{hint}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device here")
+        clip = load_config(folder / "config.json").clip
+        model = load_link(folder, device)
+        vae = load_vae(str(folder / "vae.safetensors"), clip).to(device)
+        voc = load_vocoder(VOCODER_ALIASES.get(vocoder, vocoder), clip.audio, device)
+        return cls(model, vae, voc, device)
+
+    # -- geometry -------------------------------------------------------------------------------------------
+    @property
+    def clip(self) -> ClipGeometry:
+        return self.model.cfg.clip
+
+    @property
+    def fps(self) -> float:
+        return self.clip.video.fps
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.clip.video.height, self.clip.video.width
+
+    @property
+    def sample_rate(self) -> int:
+        return self.clip.audio.sample_rate
+
+    @property
+    def clip_seconds(self) -> float:
+        return self.clip.num_frames / self.fps
+
+    # -- media ----------------------------------------------------------------------------------------------
+    def read_video(self, path: str | Path) -> np.ndarray:
+        """(T, H, W, 3) uint8 frames of the whole file at the model's fps and size."""
+        from avlink.data import media
+
+        height, width = self.size
+        clip = media.read_video(path, self.fps, size=(width, height))
+        if clip.frames.shape[0] == 0:
+            raise media.MediaError(f"{path}: no video frames")
+        return clip.frames
+
+    def read_audio(self, path: str | Path) -> np.ndarray:
+        """(N,) float32 mono samples of the whole file at the model's rate."""
+        from avlink.data import media
+
+        clip = media.read_audio(path, self.sample_rate)
+        if clip.samples.shape[0] < self.clip.audio.hop_length * self.clip.audio.latent_downsample:
+            raise media.MediaError(f"{path}: audio too short")
+        return clip.samples.astype(np.float32)
+
+    # -- text -----------------------------------------------------------------------------------------------
+    def _text(self, task: Task, prompt: str | None, modality: str) -> TextCond:
+        backbone = self.model.audio if modality == "audio" else self.model.video
+        if not prompt:
+            return backbone.null_text_cond(1)
+        if self._text_encoder is None:
+            from avlink.codecs.text import load_text_encoder
+
+            self._text_encoder = load_text_encoder(self.model.cfg.text_encoder, device=self.device)
+        text = self._text_encoder.encode([prompt])
+        return TextCond(text.tokens.to(self.device), text.mask.to(self.device))
+
+    # -- generation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def video_to_audio(self, frames: np.ndarray, *, prompt: str | None = None, steps: int = 64, seed: int = 0,
+                       cfg_scale: float = 1.0, method: str = "euler", fusion: bool = True,
+                       progress: bool = False) -> np.ndarray:
+        """frames (T, H, W, 3) uint8 at fps/size -> (round(T / fps * sample_rate),) float32 wave in [-1, 1].
+
+        fusion=False: the frozen T2A generator alone with the same prompt, seed and length."""
+        assert frames.ndim == 4 and frames.shape[1:] == (*self.size, 3) and frames.dtype == np.uint8, (
+            f"frames must be uint8 (T, {self.size[0]}, {self.size[1]}, 3), got {frames.dtype} {frames.shape}")
+        clip, audio = self.clip, self.clip.audio
+        total = frames.shape[0]
+        n_samples = round(total / self.fps * self.sample_rate)
+        win_frames = clip.num_frames
+        if total < win_frames:  # one window; the missing end is the last frame held
+            frames = np.concatenate([frames, np.repeat(frames[-1:], win_frames - total, 0)])
+        video = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (C, T, H, W)
+        frames_used = video.shape[1]
+        win_tokens = clip.num_audio_tokens
+        total_tokens = max(audio.num_tokens(frames_used / self.fps), win_tokens)
+        windows = plan_windows(frames_used, win_frames, total_tokens, win_tokens, self.fps, audio.eta)
+        text_a, text_v = self._text("v2a", prompt, "audio"), self._text("v2a", prompt, "video")
+        latent = torch.zeros(1, total_tokens, audio.latent_dim, device=self.device)
+        done = torch.zeros(total_tokens, dtype=torch.bool, device=self.device)
+        for i, w in enumerate(self._progress(windows, progress, "v2a windows")):
+            span = slice(w.token, w.token + win_tokens)
+            known = Known(latent[:, span], done[span][None, :, None]) if done[span].any() else None
+            x_cond = video[None, :, w.frame:w.frame + win_frames]
+            if fusion:
+                z = sample_link(self.model, "v2a", x_cond, text_gen=text_a, text_cond=text_v, steps=steps,
+                                method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
+            else:
+                z = sample_backbone(self.model.audio, (1, win_tokens, audio.latent_dim), text=text_a,
+                                    steps=steps, method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i,
+                                    known=known)
+            latent[:, span] = z
+            done[span] = True
+        mel = self.vae.decode(self.vae.unscale_latent(latent))  # (1, n_mels, F)
+        wave = self.vocoder(mel)[0].float().cpu().numpy()
+        wave = np.pad(wave, (0, max(0, n_samples - wave.shape[0])))[:n_samples]
+        return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+    @torch.no_grad()
+    def audio_to_video(self, wave: np.ndarray, *, prompt: str | None = None, steps: int = 64, seed: int = 0,
+                       cfg_scale: float = 1.0, method: str = "euler", fusion: bool = True,
+                       progress: bool = False) -> np.ndarray:
+        """wave (N,) float32 mono at sample_rate -> (round(N / sample_rate * fps), H, W, 3) uint8 frames.
+
+        fusion=False: the frozen T2V generator alone with the same prompt, seed and length."""
+        from avlink.codecs.mel import MelSpectrogram, fit_frames
+
+        assert wave.ndim == 1, f"wave must be mono (N,), got {wave.shape}"
+        clip, audio, v = self.clip, self.clip.audio, self.clip.video
+        n_frames = max(1, round(wave.shape[0] / self.sample_rate * self.fps))
+        win_frames, win_tokens = clip.num_frames, clip.num_audio_tokens
+        frames_used = max(n_frames, win_frames)
+        seconds = frames_used / self.fps
+        total_tokens = max(audio.num_tokens(seconds), win_tokens)
+        samples = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).to(self.device)
+        samples = torch.nn.functional.pad(samples, (0, max(0, audio.num_samples(seconds) - samples.shape[0])))
+        mel = fit_frames(MelSpectrogram(audio).to(self.device)(samples[None]),
+                         total_tokens * audio.latent_downsample)  # (1, n_mels, F)
+        cond_latent = self.vae.scale_latent(self.vae.encode(mel).mean)  # (1, Ta, Da)
+        windows = plan_windows(frames_used, win_frames, total_tokens, win_tokens, self.fps, audio.eta)
+        text_a, text_v = self._text("a2v", prompt, "audio"), self._text("a2v", prompt, "video")
+        video = torch.zeros(1, v.channels, frames_used, v.height, v.width, device=self.device)
+        done = torch.zeros(frames_used, dtype=torch.bool, device=self.device)
+        for i, w in enumerate(self._progress(windows, progress, "a2v windows")):
+            span = slice(w.frame, w.frame + win_frames)
+            known = Known(video[:, :, span], done[span][None, None, :, None, None]) if done[span].any() else None
+            x_cond = cond_latent[:, w.token:w.token + win_tokens]
+            if fusion:
+                x = sample_link(self.model, "a2v", x_cond, text_gen=text_v, text_cond=text_a, steps=steps,
+                                method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
+            else:
+                shape = (1, v.channels, win_frames, v.height, v.width)
+                x = sample_backbone(self.model.video, shape, text=text_v, steps=steps, method=method,
+                                    cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
+            video[:, :, span] = x[:, :, :win_frames]
+            done[span] = True
+        pixels = ((video[0, :, :n_frames].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, T, H, W)
+        return pixels.permute(1, 2, 3, 0).cpu().numpy()
+
+    @staticmethod
+    def _progress(windows: list[Window], enabled: bool, desc: str):
+        if not enabled or len(windows) == 1:
+            return windows
+        from tqdm.auto import tqdm
+
+        return tqdm(windows, desc=desc, unit="window")
+
+
+def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of (T, H, W, 3) frames for viewing; sizes rounded up to even for H.264."""
+    assert factor >= 1, f"upscale factor must be >= 1, got {factor}"
+    big = frames.repeat(factor, axis=1).repeat(factor, axis=2)
+    pad_h, pad_w = big.shape[1] % 2, big.shape[2] % 2
+    if pad_h or pad_w:
+        big = np.pad(big, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return big
+
+
+def windows_for(seconds: float, pipeline: Pipeline) -> int:
+    """How many model windows a clip of `seconds` takes (for progress and cost estimates)."""
+    clip = pipeline.clip
+    frames = max(clip.num_frames, math.ceil(seconds * pipeline.fps))
+    return len(plan_windows(frames, clip.num_frames, clip.audio.num_tokens(frames / pipeline.fps),
+                            clip.num_audio_tokens, pipeline.fps, clip.audio.eta))
+

@@ -1,0 +1,288 @@
+"""`avlink ablate --task v2a`: the paper's Table 2 (V2A ablations) rerun on a checkpoint's frozen generators.
+
+    avlink ablate --task v2a [--ckpt checkpoints/tiny] [--data runs/recipe/shards/latent]
+                  [--syncbench runs/recipe/syncbench] [--steps 1600] [--eval-clips 100] [--out runs/ablate/v2a]
+                  [--variants fusion no_reinjection ...]
+
+Each variant is a set of `model.fusion` overrides (config.py FusionConfig). For every variant, fresh Fusion
+Blocks are trained between the checkpoint's frozen generators by `avlink train fusion --resume` into
+OUT/runs/<variant>/ (so a killed ablation continues where it stopped), then they generate the other modality of
+the first --eval-clips clips of the SyncBench test split through the evaluation sweep's path (`sample_link`,
+the checkpoint's VAE, --vocoder), and `avlink eval` scores them in OUT/runs/<variant>/eval/. OUT/table2.md and
+OUT/table2.json put the variants side by side with the ground-truth ceiling and the shuffled floor.
+
+Training follows the recipe's fusion budget (steps, learning rate, batch size: train/recipe.py `Budget`), so
+the "fusion" row is the shipped model's recipe retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from avlink.cli import UserError, main
+from avlink.config import PRESETS, ModelConfig, Task
+from avlink.train.recipe import Budget
+
+# name -> (row title, model.fusion overrides): the rows of the paper's Table 2 that this model can run.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fusion": ("Fusion blocks (ours)", {}),
+    "no_reinjection": ("w/o symm. reinjection", {"fusion.injection": "static"}),
+    "cross_attention": ("Symm. cross attention", {"fusion.injection": "cross_attention"}),
+    "direct": ("Direct alignment", {"fusion.injection": "direct"}),
+    "text_concat": ("Concat. to text", {"fusion.injection": "text_concat"}),
+    "uniform_t_cond": ("Conditioning t: uniform samp.", {"fusion.t_cond_mode": "uniform"}),
+    # Fusion block arrangement: all blocks stacked after the first video block (not run by default).
+    "after_block_1": ("After Block-1", {"fusion.placement": "after", "fusion.after_block": 1}),
+}
+DEFAULT_VARIANTS = ("fusion", "no_reinjection", "cross_attention", "direct", "text_concat", "uniform_t_cond")
+COLUMNS = ("onset_acc", "onset_ap", "event_f1", "av_align", "class_acc")
+METRIC_GROUPS = ("onset", "events", "av_align", "class_acc")  # the evaluation groups behind COLUMNS
+BASE_PARTS = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "vae.safetensors")
+VOCODER_ALIASES = {"hifigan": "hifigan-universal", "griffinlim": "griffin-lim"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    budget = Budget()
+    parser.add_argument("--task", default="v2a", choices=("v2a", "a2v"), help="direction (Table 2 is V2A)")
+    parser.add_argument("--ckpt", type=Path, default=Path("checkpoints/tiny"),
+                        help="checkpoint folder whose generators (and VAE) stay frozen (default checkpoints/tiny)")
+    parser.add_argument("--data", type=Path, default=Path("runs/recipe/shards/latent"),
+                        help="training shards written by `avlink prepare` (default: the recipe's)")
+    parser.add_argument("--syncbench", type=Path, default=Path("runs/recipe/syncbench"),
+                        help="SyncBench folder whose --split clips are generated and scored")
+    parser.add_argument("--split", default="test", help="SyncBench split to score (default test; 'all')")
+    parser.add_argument("--out", type=Path, help="runs and tables (default runs/ablate/TASK)")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=sorted(VARIANTS),
+                        metavar="NAME", help=f"rows to run (default: {' '.join(DEFAULT_VARIANTS)}; also "
+                                             f"{' '.join(v for v in VARIANTS if v not in DEFAULT_VARIANTS)})")
+    parser.add_argument("--steps", type=int, default=budget.fusion_steps, help="training steps per variant")
+    parser.add_argument("--lr", type=float, default=budget.fusion_lr, help="fusion learning rate")
+    parser.add_argument("--batch-size", type=int, default=budget.batch_size)
+    parser.add_argument("--eval-clips", type=int, default=budget.test_clips, help="clips scored per variant")
+    parser.add_argument("--sample-steps", type=int, default=64, help="Euler steps of the generation")
+    parser.add_argument("--sample-seed", type=int, default=0, help="noise seed of clip i is this + i")
+    parser.add_argument("--vocoder", default="hifigan", help="V2A: hifigan, griffinlim or a checkpoint path")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-progress", action="store_true")
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def model_overrides(base: ModelConfig, variant: str) -> tuple[str, dict[str, Any]]:
+    """(preset, dotted overrides) under which `avlink train` builds the checkpoint's model with the variant's
+    fusion settings: the nearest named preset, and every value where the checkpoint differs from it."""
+    preset = base.name if base.name in PRESETS else "tiny"
+    ours, theirs = flatten(base.to_dict()), flatten(PRESETS[preset].to_dict())
+    overrides = {k: v for k, v in ours.items() if theirs.get(k) != v}
+    return preset, {**overrides, **VARIANTS[variant][1]}
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    missing = [name for name in BASE_PARTS if not (args.ckpt / name).is_file()]
+    if missing:
+        raise UserError(f"{args.ckpt}: not a checkpoint folder with frozen generators, missing {', '.join(missing)}")
+    if not (args.syncbench / "metadata.jsonl").is_file():
+        raise UserError(f"{args.syncbench}: not a SyncBench folder (no metadata.jsonl); make one with "
+                        f"`avlink synth --split test`")
+    manifest = args.data / "manifest.json"
+    if not manifest.is_file():
+        raise UserError(f"{args.data}: not a shard folder (no manifest.json); make one with `avlink prepare "
+                        f"--data syncbench:DIR:train --out SHARDS --vae {args.ckpt / 'vae.safetensors'}`")
+    written = json.loads(manifest.read_text()).get("counts", {}).get("written", 0)
+    if written < args.batch_size:
+        raise UserError(f"{args.data}: {written} clips, fewer than one batch of {args.batch_size} (--batch-size)")
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--eval-clips", args.eval_clips), ("--sample-steps", args.sample_steps)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+
+
+def train_variant(args: argparse.Namespace, base: ModelConfig, variant: str) -> Path:
+    """`avlink train fusion` for one variant, resumed if it ran before; returns its run folder."""
+    run_dir = args.out / "runs" / variant
+    preset, overrides = model_overrides(base, variant)
+    config = run_dir / "ablation.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump({"train": {"lr": args.lr}, "model": overrides}, sort_keys=False))
+    argv = ["train", "fusion", "--task", args.task, "--preset", preset, "--data", str(args.data),
+            "--out", str(run_dir), "--config", str(config), "--vae", str(args.ckpt / "vae.safetensors"),
+            "--audio-dit", str(args.ckpt / "audio_dit.safetensors"),
+            "--video-dit", str(args.ckpt / "video_dit.safetensors"), "--max-steps", str(args.steps),
+            "--batch-size", str(args.batch_size), "--device", args.device, "--resume",
+            *(["--no-progress"] if args.no_progress else [])]
+    print(f"avlink ablate: {variant}: avlink {' '.join(argv)}", flush=True)
+    code = main(argv)
+    if code != 0:
+        raise UserError(f"variant {variant}: training failed (exit {code}); rerun to resume")
+    return run_dir
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------
+
+
+def load_variant(ckpt: Path, run_dir: Path, task: Task, device: torch.device) -> torch.nn.Module:
+    """The checkpoint's frozen generators linked by the variant's trained fusion blocks (its export)."""
+    from avlink.backbones.audio_dit import AudioDiT
+    from avlink.backbones.video_dit import VideoDiT
+    from avlink.checkpoint import load_config, load_weights
+    from avlink.fusion.linked import AVLink
+
+    export = run_dir / "export"
+    try:
+        cfg = load_config(export / "config.json")
+        audio, video = AudioDiT(cfg.audio, cfg.clip.audio), VideoDiT(cfg.video, cfg.clip.video)
+        load_weights(ckpt / "audio_dit.safetensors", audio)
+        load_weights(ckpt / "video_dit.safetensors", video)
+        model = AVLink(cfg, audio, video, tasks=(task,))
+        load_weights(export / "fusion.safetensors", model.fusion)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    return model.to(device).eval()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def generate_variant(args: argparse.Namespace, model: Any, conds: list, folder: Path, vae: Any, vocoder: Any,
+                     source: dict[str, Any]) -> None:
+    """Write the variant's generated clips into folder/generated. Clips already there from the same weights
+    and sampling settings (folder/source.json) are kept, so a killed ablation does not redo them."""
+    from avlink.checkpoint import atomic_write
+    from avlink.eval.sweep import sample_one, write_output
+
+    generated, marker = folder / "generated", folder / "source.json"
+    if not marker.is_file() or json.loads(marker.read_text()) != source:
+        shutil.rmtree(generated, ignore_errors=True)
+    generated.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(source, indent=2)
+    atomic_write(marker, lambda tmp: tmp.write_text(text))
+    suffix = ".wav" if args.task == "v2a" else ".mp4"
+    for index, cond in enumerate(conds):
+        if (generated / f"{cond.id}{suffix}").is_file():
+            continue
+        x = sample_one(model, args.task, cond.x_cond.to(model_device(model)), args.sample_steps, "euler", None,
+                       args.sample_seed + index)
+        write_output(args.task, x.cpu(), cond, generated, model.cfg.clip, vae, vocoder)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --- the table ----------------------------------------------------------------------------------------------
+
+
+def _value(value: float | None) -> float | None:
+    return None if value is None or value != value else float(value)  # NaN -> None
+
+
+def summarize(args: argparse.Namespace, reports: dict[str, Any]) -> dict[str, Any]:
+    """Rows: the variants, then ceiling and floor; columns: COLUMNS that any row measured."""
+    first = next(iter(reports.values()))
+    rows = {v: {c: _value(r.value(c)) for c in COLUMNS} for v, r in reports.items()}
+    for row in ("ceiling", "floor"):
+        rows[row] = {c: _value(first.value(c, row)) for c in COLUMNS}
+    columns = [c for c in COLUMNS if any(values[c] is not None for values in rows.values())]
+    notes = sorted({note for r in reports.values() for note in r.notes})
+    return {
+        "task": args.task, "ckpt": str(args.ckpt), "data": str(args.data), "syncbench": str(args.syncbench),
+        "split": args.split, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+        "sample_steps": args.sample_steps, "vocoder": args.vocoder, "clips": first.clips,
+        "columns": columns, "titles": {v: VARIANTS[v][0] for v in reports},
+        "rows": {name: {c: values[c] for c in columns} for name, values in rows.items()}, "notes": notes,
+    }
+
+
+def table_markdown(summary: dict[str, Any]) -> str:
+    from avlink.eval.report import ROW_TITLES
+
+    columns = summary["columns"]
+    lines = [f"# Table 2 ablation ({summary['task'].upper()}, {summary['steps']} training steps per variant, "
+             f"{summary['clips']} SyncBench {summary['split']} clips)", "",
+             "| variant | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, values in summary["rows"].items():
+        title = summary["titles"].get(name) or ROW_TITLES[name]
+        cells = " | ".join("n/a" if values[c] is None else f"{values[c]:.4f}" for c in columns)
+        lines.append(f"| {title} | {cells} |")
+    lines += ["", "Higher is better in every column.", *[f"- {note}" for note in summary["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out: Path, summary: dict[str, Any]) -> str:
+    from avlink.checkpoint import atomic_write
+
+    text = table_markdown(summary)
+    blob = json.dumps(summary, indent=2) + "\n"
+    atomic_write(out / "table2.json", lambda tmp: tmp.write_text(blob))
+    atomic_write(out / "table2.md", lambda tmp: tmp.write_text(text))
+    return text
+
+
+# --- the command --------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    from avlink.checkpoint import load_config
+    from avlink.codecs.vocoder import load_vocoder
+    from avlink.eval import report as rep
+    from avlink.eval.runner import EvalSettings, classifier_name, evaluate
+    from avlink.eval.sweep import load_checkpoint_vae, load_conditions
+
+    args.out = args.out or Path("runs/ablate") / args.task
+    check_inputs(args)
+    base = load_config(args.ckpt / "config.json")
+    runs = {variant: train_variant(args, base, variant) for variant in dict.fromkeys(args.variants)}
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    clip = base.clip
+    vae = load_checkpoint_vae(args.ckpt, clip)
+    vocoder = load_vocoder(VOCODER_ALIASES.get(args.vocoder, args.vocoder), clip.audio) if args.task == "v2a" else None
+    split = None if args.split == "all" else args.split
+    conds = load_conditions(args.syncbench, args.eval_clips, args.task, clip, vae, split=split)
+    classifiers = args.ckpt / "classifiers.safetensors"  # class_acc's classifier, when the checkpoint ships one
+    weights = {classifier_name(args.task): classifiers} if classifiers.is_file() else {}
+    settings = EvalSettings(task=args.task, metrics=METRIC_GROUPS, weights=weights, fps=clip.video.fps,
+                            duration=clip.duration, progress=not args.no_progress)
+    cache: dict = {}  # the reference clips' features, the same for every variant
+    reports = {}
+    for variant, run_dir in runs.items():
+        export = run_dir / "export" / "fusion.safetensors"
+        model = load_variant(args.ckpt, run_dir, args.task, device)
+        source = {"fusion": file_digest(export), "sample_steps": args.sample_steps, "seed": args.sample_seed,
+                  "vocoder": args.vocoder, "clips": [c.id for c in conds]}
+        folder = run_dir / "eval"
+        generate_variant(args, model, conds, folder, vae, vocoder, source)
+        report = evaluate(folder / "generated", args.syncbench, settings, cache=cache, only={c.id for c in conds})
+        rep.write_report(report, folder)
+        reports[variant] = report
+        print(f"avlink ablate: {variant}: {report.clips} clips scored", flush=True)
+    summary = summarize(args, reports)
+    print(write_table(args.out, summary))
+    print(f"avlink ablate: wrote {args.out / 'table2.md'} and {args.out / 'table2.json'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,167 @@
+"""`avlink v2a` / `avlink a2v` end to end on a random tiny checkpoint (Griffin-Lim, 2 steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile
+
+from avlink.cli import main
+from avlink.data.media import probe, read_audio, write_audio, write_video
+from avlink.pipeline import Pipeline
+
+from helpers import random_checkpoint
+
+FAST = ["--steps", "2", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def geometry(ckpt) -> Pipeline:
+    return Pipeline.load(ckpt, vocoder="griffinlim")
+
+
+def v2a(ckpt: Path, *args: str) -> int:
+    return main(["v2a", *args, "--ckpt", str(ckpt), "--vocoder", "griffinlim", *FAST])
+
+
+def a2v(ckpt: Path, *args: str) -> int:
+    return main(["a2v", *args, "--ckpt", str(ckpt), *FAST])
+
+
+def make_video(path: Path, frames: int, fps: float = 10.0, size: tuple[int, int] = (20, 24), seed: int = 0) -> Path:
+    """A video at a rate and size that are not the model's: (frames, H, W, 3) of noise."""
+    rng = np.random.default_rng(seed)
+    write_video(path, rng.integers(0, 256, (frames, *size, 3), dtype=np.uint8), fps)
+    return path
+
+
+def make_sound(path: Path, seconds: float, rate: int = 44100) -> Path:
+    t = np.arange(round(seconds * rate)) / rate
+    write_audio(path, (0.3 * np.sin(2 * np.pi * 440 * t) * (t % 0.25 < 0.05)).astype(np.float32), rate)
+    return path
+
+
+def video_packets(path: Path) -> list[tuple[float, float, bytes]]:
+    """(pts, dts) in seconds to a millisecond and the payload of every video packet."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [(round(float(p.pts * p.time_base), 3), round(float(p.dts * p.time_base), 3), bytes(p))
+                for p in container.demux(stream) if p.size]
+
+
+def decoded_seconds(path: Path) -> tuple[float, float]:
+    """(video, audio) seconds of a file, from its decoded frames."""
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        frames = [f for f in container.decode(video)]
+        last = frames[-1]
+        video_end = float((last.pts + last.duration) * last.time_base) if last.duration else float(last.time)
+    with av.open(str(path)) as container:
+        audio = sum(f.samples for f in container.decode(audio=0)) / container.streams.audio[0].sample_rate
+    return video_end, audio
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*"))
+
+
+def test_v2a_single_file(ckpt, geometry, tmp_path: Path, capsys):
+    source = make_video(tmp_path / "in.mp4", frames=13)  # 1.3 s at 10 fps, 20x24: neither the model's
+    (tmp_path / "out").mkdir()
+    assert v2a(ckpt, str(source), "-o", str(tmp_path / "out" / "x.wav")) == 0
+    wav, mp4 = tmp_path / "out" / "x.wav", tmp_path / "out" / "x.mp4"
+    info = soundfile.info(str(wav))
+    assert info.samplerate == geometry.sample_rate and info.frames == round(1.3 * geometry.sample_rate)
+    assert video_packets(mp4) == video_packets(source), "the user's video stream is copied packet for packet"
+    video_s, audio_s = decoded_seconds(mp4)
+    assert abs(video_s - 1.3) < 1e-3 and abs(audio_s - 1.3) <= 1024 / geometry.sample_rate
+    muxed = read_audio(mp4, geometry.sample_rate).samples
+    assert np.abs(muxed).max() > 0, "the muxed sound is the generated one, not silence"
+    assert "x.wav" in capsys.readouterr().out and leftovers(tmp_path) == []
+
+
+def test_v2a_default_names_and_baseline(ckpt, tmp_path: Path):
+    source = make_video(tmp_path / "clip.mp4", frames=7, fps=7.0)
+    assert v2a(ckpt, str(source), "--no-fusion") == 0
+    assert (tmp_path / "clip.v2a.wav").is_file() and (tmp_path / "clip.v2a.mp4").is_file()
+
+
+def test_a2v_single_file_upscaled(ckpt, geometry, tmp_path: Path):
+    source = make_sound(tmp_path / "drums.wav", 1.05)  # ends inside the model's 7th frame (6 fps)
+    out = tmp_path / "drums.mp4"
+    assert a2v(ckpt, str(source), "-o", str(out), "--upscale", "3") == 0
+    info = probe(out)
+    height, width = geometry.size
+    assert (info.height, info.width) == (3 * height, 3 * width) and info.has_audio
+    assert info.sample_rate == 44100, "the user's sound keeps its own rate"
+    video_s, audio_s = decoded_seconds(out)
+    assert abs(video_s - 7 / geometry.fps) < 1e-3, "frames cover the whole sound"
+    assert audio_s >= 1.05 - 1e-3
+    kept = read_audio(out, 44100).samples[: round(1.0 * 44100)]
+    original = read_audio(source, 44100).samples[: round(1.0 * 44100)]
+    assert np.corrcoef(kept, original)[0, 1] > 0.9, "the user's sound is in the mp4"
+    assert leftovers(tmp_path) == []
+
+
+def test_folder_with_a_bad_file_skips_it_and_resumes(ckpt, tmp_path: Path, capsys):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("a", "b"):
+        make_video(folder / f"{name}.mp4", frames=5, seed=ord(name))
+    (folder / "broken.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    (folder / "notes.txt").write_text("not a video")
+    assert v2a(ckpt, str(folder)) == 3
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if line.strip()] == [line for line in err.splitlines()
+                                                                  if "broken.mp4" in line]
+    assert err.count("broken.mp4") == 1 and "2 written" in out
+    made = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if ".v2a." in p.name}
+    assert sorted(made) == ["a.v2a.mp4", "a.v2a.wav", "b.v2a.mp4", "b.v2a.wav"]
+    assert leftovers(tmp_path) == []
+
+    assert v2a(ckpt, str(folder)) == 3, "the bad file is still bad"
+    out, err = capsys.readouterr()
+    assert "0 written, 2 already done" in out and err.count("broken.mp4") == 1
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if ".v2a." in p.name} == made
+
+
+def test_list_file_with_comments_and_a_missing_file(ckpt, geometry, tmp_path: Path, capsys):
+    make_sound(tmp_path / "one.flac", 0.5)
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("# sounds to animate\n\none.flac\n  missing.wav\n")
+    assert a2v(ckpt, str(listing), "-o", str(tmp_path / "made"), "--upscale", "1") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.wav" in err[0] and "no such file" in err[0]
+    assert probe(tmp_path / "made" / "one.a2v.mp4").width == geometry.size[1]
+
+
+def test_long_video_gets_sound_for_its_whole_length(ckpt, geometry, tmp_path: Path):
+    seconds = 2.5 * geometry.clip_seconds
+    source = make_video(tmp_path / "long.mp4", frames=round(seconds * 10))
+    assert v2a(ckpt, str(source)) == 0
+    wave, rate = soundfile.read(str(tmp_path / "long.v2a.wav"))
+    assert rate == geometry.sample_rate and wave.shape == (round(seconds * rate),)
+    tail = wave[-round(0.3 * rate):]
+    assert np.abs(tail).max() > 0, "the last window is generated, not padding"
+    _, audio_s = decoded_seconds(tmp_path / "long.v2a.mp4")
+    assert abs(audio_s - seconds) <= 1024 / rate
+
+
+def test_refusals_are_one_line(ckpt, tmp_path: Path, capsys):
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 100)
+    assert v2a(ckpt, str(tmp_path / "bad.mp4")) == 2
+    assert v2a(ckpt, str(make_video(tmp_path / "ok.mp4", frames=3)), "-o", str(tmp_path / "x.ogg")) == 2
+    assert a2v(ckpt, str(tmp_path / "nothing.wav")) == 2
+    assert a2v(ckpt, str(tmp_path / "ok.mp4"), "-o", str(tmp_path / "ok.mp4")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and "bad.mp4" in err[0] and "x.ogg" in err[1] and "nothing.wav" in err[2]
+    assert "overwrite the input" in err[3]
+    assert not (tmp_path / "bad.v2a.wav").exists() and leftovers(tmp_path) == []

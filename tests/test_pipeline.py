@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from avlink.cli import UserError
+from avlink.pipeline import Pipeline, plan_windows, upscale
+from avlink.sample import Known, sample_backbone
+
+from helpers import random_checkpoint, tiny_link
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    folder = random_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    return Pipeline.load(folder, vocoder="griffinlim")
+
+
+def test_windows_cover_the_input_with_overlap():
+    windows = plan_windows(40, 16, 144, 58, 6.0, 22050 / 256 / 4)
+    assert windows[0].frame == 0 and windows[-1].frame + 16 == 40
+    assert windows[-1].token + 58 == 144
+    for a, b in zip(windows, windows[1:], strict=False):
+        assert 0 < b.frame - a.frame <= 12  # at least a quarter overlap
+    assert plan_windows(10, 16, 50, 58, 6.0, 21.5) == plan_windows(16, 16, 58, 58, 6.0, 21.5)[:1]
+
+
+def test_known_part_is_reproduced_exactly():
+    model = tiny_link()
+    shape = (1, *model.cfg.clip.latent_shape)
+    values = torch.randn(shape)
+    mask = torch.zeros(1, shape[1], 1, dtype=torch.bool)
+    mask[:, :5] = True
+    for method in ("euler", "heun"):
+        x = sample_backbone(model.audio, shape, steps=4, method=method, known=Known(values, mask))
+        assert torch.allclose(x[:, :5], values[:, :5], atol=1e-5)
+        assert not torch.allclose(x[:, 5:], values[:, 5:])
+
+
+def test_video_to_audio_any_length(pipe):
+    for frames in (4, pipe.clip.num_frames, 2 * pipe.clip.num_frames + 3):
+        video = np.random.default_rng(0).integers(0, 255, (frames, *pipe.size, 3), dtype=np.uint8)
+        wave = pipe.video_to_audio(video, steps=2)
+        assert wave.shape == (round(frames / pipe.fps * pipe.sample_rate),) and wave.dtype == np.float32
+        assert np.isfinite(wave).all() and np.abs(wave).max() <= 1.0
+
+
+def test_baseline_ignores_the_video(pipe):
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(0, 255, (pipe.clip.num_frames, *pipe.size, 3), dtype=np.uint8) for _ in range(2))
+    assert np.array_equal(pipe.video_to_audio(a, steps=2, fusion=False), pipe.video_to_audio(b, steps=2, fusion=False))
+    assert not np.array_equal(pipe.video_to_audio(a, steps=2), pipe.video_to_audio(b, steps=2))
+
+
+def test_long_audio_windows_continue_each_other(pipe):
+    seconds = 2.5 * pipe.clip_seconds
+    wave = np.random.default_rng(2).standard_normal(round(seconds * pipe.sample_rate)).astype(np.float32) * 0.1
+    frames = pipe.audio_to_video(wave, steps=2, prompt="a drum is hit")
+    assert frames.shape == (round(seconds * pipe.fps), *pipe.size, 3) and frames.dtype == np.uint8
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="missing config.json"):
+        Pipeline.load(tmp_path)
+
+
+def test_upscale_even_sizes():
+    frames = np.zeros((2, 5, 7, 3), dtype=np.uint8)
+    assert upscale(frames, 3).shape == (2, 16, 22, 3)

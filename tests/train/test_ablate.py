@@ -1,0 +1,87 @@
+"""`avlink ablate`: every Table 2 variant trained on a random checkpoint's frozen generators, scored, tabled."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from avlink import cli
+from avlink.checkpoint import load_config
+from avlink.train import ablate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import random_checkpoint, tiny_config  # noqa: E402
+
+TINY_CLIP = {"clip.duration": 16 / 6}  # the tiny preset's clip, which `avlink prepare --preset tiny` writes
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from avlink.data.prepare import prepare
+    from avlink.data.syncbench import synth
+
+    root = tmp_path_factory.mktemp("ablate")
+    ckpt = random_checkpoint(root / "ckpt", **TINY_CLIP)
+    syncbench = root / "syncbench"
+    synth(syncbench, n=4, split="train", preset="tiny")
+    synth(syncbench, n=2, split="test", preset="tiny")
+    shards = root / "shards"
+    prepare(f"syncbench:{syncbench}:train", shards, shard_size=2, vae=str(ckpt / "vae.safetensors"), progress=False)
+    return {"ckpt": ckpt, "syncbench": syncbench, "shards": shards, "root": root}
+
+
+def ablate_argv(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["ablate", "--ckpt", str(inputs["ckpt"]), "--data", str(inputs["shards"]), "--syncbench",
+            str(inputs["syncbench"]), "--out", str(out), "--steps", "2", "--batch-size", "2", "--eval-clips", "2",
+            "--sample-steps", "2", "--vocoder", "griffinlim", "--no-progress", *extra]
+
+
+def test_ablate_writes_one_row_per_variant_and_resumes(inputs: dict[str, Path], capsys) -> None:
+    out = inputs["root"] / "out"
+    assert cli.main(ablate_argv(inputs, out)) == 0
+    table = (out / "table2.md").read_text()
+    summary = json.loads((out / "table2.json").read_text())
+    assert list(summary["rows"]) == [*ablate.DEFAULT_VARIANTS, "ceiling", "floor"]
+    assert summary["clips"] == 2 and {"onset_acc", "event_f1", "av_align"} <= set(summary["columns"])
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert len(rows) == len(ablate.DEFAULT_VARIANTS) + 2
+    for variant in ablate.DEFAULT_VARIANTS:
+        assert f"| {ablate.VARIANTS[variant][0]} |" in table
+        run = out / "runs" / variant
+        assert (run / "export" / "fusion.safetensors").is_file()
+        assert sorted(p.name for p in (run / "eval" / "generated").iterdir()) == sorted(
+            f"{name}.wav" for name in json.loads((run / "eval" / "source.json").read_text())["clips"])
+        # The variant's fusion settings on the checkpoint's own generators.
+        cfg = load_config(run / "export" / "config.json")
+        expected = tiny_config(**{"audio.text_dim": 384, "video.text_dim": 384, **TINY_CLIP,
+                                  **ablate.VARIANTS[variant][1]})
+        assert cfg == expected, variant
+    # Rerun: every variant is trained already and its clips are kept.
+    generated = out / "runs" / "fusion" / "eval" / "generated"
+    before = {p.name: p.stat().st_mtime_ns for p in generated.iterdir()}
+    capsys.readouterr()
+    assert cli.main(ablate_argv(inputs, out, "--variants", "fusion")) == 0
+    assert "already trained to step 2" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in generated.iterdir()} == before
+    assert list(json.loads((out / "table2.json").read_text())["rows"]) == ["fusion", "ceiling", "floor"]
+
+
+def test_ablate_refuses_missing_inputs_in_one_line(inputs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    assert cli.main(ablate_argv(inputs, tmp_path / "o", "--ckpt", str(tmp_path))) == 2
+    assert "missing config.json" in capsys.readouterr().err
+    assert cli.main(ablate_argv(inputs, tmp_path / "o", "--batch-size", "64")) == 2
+    assert "fewer than one batch of 64" in capsys.readouterr().err
+    assert cli.main(ablate_argv(inputs, tmp_path / "o", "--data", str(tmp_path))) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_overrides_rebuild_the_checkpoint_config_with_the_variant() -> None:
+    from avlink.config import get_preset
+
+    base = tiny_config(**{"fusion.injection": "direct"})
+    preset, overrides = ablate.model_overrides(base, "no_reinjection")
+    assert preset == "tiny" and overrides["fusion.injection"] == "static"
+    assert get_preset(preset).override(**overrides) == base.override(**{"fusion.injection": "static"})
