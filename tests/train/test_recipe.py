@@ -69,3 +69,5 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     again = run_recipe(tmp_path / "out", tmp_path / "work", scale=0.005, progress=False)
     assert (tmp_path / "out" / "fusion.safetensors").read_bytes() == before
     assert again["steps"][-2]["wall_s"] < 5
+    assert again["earlier_runs"][0]["wall_s"] == summary["wall_s"]
+    assert again["total_wall_s"] >= summary["wall_s"]

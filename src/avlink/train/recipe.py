@@ -110,6 +110,11 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
     print(markdown(results))
     summary = {"preset": preset, "scale": scale, "seed": seed, "budget": b.__dict__, "steps": log,
                "wall_s": round(time.perf_counter() - started, 1)}
+    previous = out / "recipe.json"
+    if previous.is_file():  # a resumed recipe: keep what the earlier invocations took
+        earlier = json.loads(previous.read_text())
+        summary["earlier_runs"] = [*earlier.pop("earlier_runs", []), earlier]
+        summary["total_wall_s"] = round(summary["wall_s"] + sum(r["wall_s"] for r in summary["earlier_runs"]), 1)
     text = json.dumps(summary, indent=2)
     atomic_write(out / "recipe.json", lambda tmp: tmp.write_text(text))
     return summary
