@@ -22,14 +22,12 @@ import torch
 from avlink.backbones.protocol import TextCond
 from avlink.cli import UserError
 from avlink.codecs.vae import AudioVAE
-from avlink.config import Task
 from avlink.fusion.linked import AVLink
 from avlink.sample import Known, sample_backbone, sample_link
 from avlink.seq import ClipGeometry
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
 PARTS = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "fusion.safetensors", "vae.safetensors")
-VOCODER_ALIASES = {"hifigan": "hifigan-universal", "griffinlim": "griffin-lim"}
 MIN_OVERLAP = 0.25  # of a window
 
 
@@ -88,7 +86,7 @@ class Pipeline:
         clip = load_config(folder / "config.json").clip
         model = load_link(folder, device)
         vae = load_vae(str(folder / "vae.safetensors"), clip).to(device)
-        voc = load_vocoder(VOCODER_ALIASES.get(vocoder, vocoder), clip.audio, device)
+        voc = load_vocoder(vocoder, clip.audio, device)
         return cls(model, vae, voc, device)
 
     # -- geometry -------------------------------------------------------------------------------------------
@@ -133,7 +131,7 @@ class Pipeline:
         return clip.samples.astype(np.float32)
 
     # -- text -----------------------------------------------------------------------------------------------
-    def _text(self, task: Task, prompt: str | None, modality: str) -> TextCond:
+    def _text(self, prompt: str | None, modality: str) -> TextCond:
         backbone = self.model.audio if modality == "audio" else self.model.video
         if not prompt:
             return backbone.null_text_cond(1)
@@ -165,7 +163,7 @@ class Pipeline:
         win_tokens = clip.num_audio_tokens
         total_tokens = max(audio.num_tokens(frames_used / self.fps), win_tokens)
         windows = plan_windows(frames_used, win_frames, total_tokens, win_tokens, self.fps, audio.eta)
-        text_a, text_v = self._text("v2a", prompt, "audio"), self._text("v2a", prompt, "video")
+        text_a, text_v = self._text(prompt, "audio"), self._text(prompt, "video")
         latent = torch.zeros(1, total_tokens, audio.latent_dim, device=self.device)
         done = torch.zeros(total_tokens, dtype=torch.bool, device=self.device)
         for i, w in enumerate(self._progress(windows, progress, "v2a windows")):
@@ -208,7 +206,7 @@ class Pipeline:
                          total_tokens * audio.latent_downsample)  # (1, n_mels, F)
         cond_latent = self.vae.scale_latent(self.vae.encode(mel).mean)  # (1, Ta, Da)
         windows = plan_windows(frames_used, win_frames, total_tokens, win_tokens, self.fps, audio.eta)
-        text_a, text_v = self._text("a2v", prompt, "audio"), self._text("a2v", prompt, "video")
+        text_a, text_v = self._text(prompt, "audio"), self._text(prompt, "video")
         video = torch.zeros(1, v.channels, frames_used, v.height, v.width, device=self.device)
         done = torch.zeros(frames_used, dtype=torch.bool, device=self.device)
         for i, w in enumerate(self._progress(windows, progress, "a2v windows")):

@@ -188,3 +188,12 @@ def test_load_vocoder_universal_name(universal: HiFiGAN) -> None:
     assert isinstance(vocoder, HiFiGAN)
     mel = torch.randn(1, 80, 4) - 5
     torch.testing.assert_close(vocoder(mel), universal(mel))
+
+
+def test_short_names_load_the_same_vocoders():
+    from avlink.codecs.vocoder import GriffinLim, load_vocoder
+    from avlink.config import get_preset
+
+    audio = get_preset("tiny").clip.audio
+    assert isinstance(load_vocoder("griffinlim", audio), GriffinLim)
+    assert type(load_vocoder("hifigan", audio)) is type(load_vocoder("hifigan-universal", audio))

@@ -50,6 +50,7 @@ from avlink.seq import AudioGeometry
 LRELU_SLOPE = 0.1
 UNIVERSAL = "hifigan-universal"
 GRIFFIN_LIM = "griffin-lim"
+SHORT_NAMES = {"hifigan": UNIVERSAL, "griffinlim": GRIFFIN_LIM}  # what the generation commands' --vocoder takes
 
 
 @runtime_checkable
@@ -325,7 +326,9 @@ class GriffinLim(nn.Module):
 
 def load_vocoder(name_or_path: str | Path, geometry: AudioGeometry, device: torch.device | str = "cpu"
                  ) -> Vocoder:
-    """"hifigan-universal", "griffin-lim" or a HiFi-GAN checkpoint path; refused unless it fits the geometry."""
+    """"hifigan-universal", "griffin-lim" (or their short names "hifigan", "griffinlim") or a HiFi-GAN checkpoint
+    path; refused unless it fits the geometry."""
+    name_or_path = SHORT_NAMES.get(str(name_or_path), name_or_path)
     if str(name_or_path) == GRIFFIN_LIM:
         return GriffinLim(geometry).to(device)
     if str(name_or_path) == UNIVERSAL:

@@ -631,15 +631,21 @@ def _stream_span(container, stream) -> tuple[int, int]:
     return min(pts)[0], last_pts + last_duration
 
 
+def _video_span(name: str, container) -> tuple[av.video.stream.VideoStream, int, int]:
+    """The video stream and its (first pts, end pts); refused without one or when it lasts nothing."""
+    video = _video_stream(container)
+    if video is None:
+        raise MediaError(f"{name}: no video stream")
+    first, end = _stream_span(container, video)
+    if end <= first:
+        raise MediaError(f"{name}: zero duration")
+    return video, first, end
+
+
 def video_duration(path: str | os.PathLike) -> float:
     """Seconds the video stream of `path` lasts, from its packets: the length `mux_audio` fits audio to."""
     with _opened(path) as (name, container):
-        video = _video_stream(container)
-        if video is None:
-            raise MediaError(f"{name}: no video stream")
-        first, end = _stream_span(container, video)
-        if end <= first:
-            raise MediaError(f"{name}: zero duration")
+        video, first, end = _video_span(name, container)
         return float((end - first) * video.time_base)
 
 
@@ -655,12 +661,7 @@ def mux_audio(
     container_format = _output_format(out_name)
     audio = _mono(out_name, audio)
     with _opened(video_path) as (name, source):
-        video = _video_stream(source)
-        if video is None:
-            raise MediaError(f"{name}: no video stream")
-        first, end = _stream_span(source, video)
-        if end <= first:
-            raise MediaError(f"{name}: zero duration")
+        video, first, end = _video_span(name, source)
         start_seconds = float(first * video.time_base)  # absolute: the copied packets keep their timestamps
         seconds = float((end - first) * video.time_base)
         audio, _ = _fit(audio, np.ones(len(audio), bool), round(seconds * sample_rate))

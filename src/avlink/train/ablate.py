@@ -47,7 +47,6 @@ DEFAULT_VARIANTS = ("fusion", "no_reinjection", "cross_attention", "direct", "te
 COLUMNS = ("onset_acc", "onset_ap", "event_f1", "av_align", "class_acc")
 METRIC_GROUPS = ("onset", "events", "av_align", "class_acc")  # the evaluation groups behind COLUMNS
 BASE_PARTS = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "vae.safetensors")
-VOCODER_ALIASES = {"hifigan": "hifigan-universal", "griffinlim": "griffin-lim"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -262,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
                           else "cpu")
     clip = base.clip
     vae = load_checkpoint_vae(args.ckpt, clip)
-    vocoder = load_vocoder(VOCODER_ALIASES.get(args.vocoder, args.vocoder), clip.audio) if args.task == "v2a" else None
+    vocoder = load_vocoder(args.vocoder, clip.audio) if args.task == "v2a" else None
     split = None if args.split == "all" else args.split
     conds = load_conditions(args.syncbench, args.eval_clips, args.task, clip, vae, split=split)
     classifiers = args.ckpt / "classifiers.safetensors"  # class_acc's classifier, when the checkpoint ships one

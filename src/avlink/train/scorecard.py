@@ -25,7 +25,7 @@ from avlink.config import Task
 from avlink.eval import report as rep
 from avlink.eval.runner import EvalSettings, evaluate
 from avlink.eval.sweep import load_checkpoint_vae, load_conditions, write_output
-from avlink.sample import sample_backbone, sample_link
+from avlink.sample import generated_shape, sample_backbone, sample_link
 
 METRICS = ("onset", "events", "av_align", "class_acc")
 SYSTEMS = {"v2a": ("avlink", "t2a_alone"), "a2v": ("avlink", "t2v_alone")}
@@ -54,8 +54,6 @@ def generate(model: Any, task: Task, system: str, conds: list, texts: Any, steps
         if system == "avlink":
             x = sample_link(model, task, x_cond, text_gen=text, text_cond=text, steps=steps, seed=seed + start)
         else:
-            from avlink.sample import generated_shape
-
             backbone = model.backbones(task)[0]
             x = sample_backbone(backbone, generated_shape(model, task, x_cond), text=text, steps=steps,
                                 seed=seed + start)
