@@ -1,5 +1,7 @@
 import argparse
 import json
+import statistics
+import tempfile
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from avlink import bench
-from avlink.bench import Flops, dit_block, dit_embed, link_flops, random_inputs
+from avlink.bench import Flops, dit_block, dit_embed, dit_text, link_flops, random_inputs
 from avlink.cli import main
 from avlink.config import DiTConfig, get_preset
 from avlink.fusion.linked import fusion_points
@@ -28,6 +30,8 @@ def test_dit_block_matches_a_hand_count():
     )
     assert forward == 23616
     assert dit_block(cfg, n, text) == Flops(forward, 0)
+    assert dit_block(cfg, n, text, text_kv=False) == Flops(forward - 2 * 3 * 8 * 16, 0)  # keys/values prepared
+    assert dit_text(cfg, text, blocks=2) == Flops(2 * 3 * 6 * 8 + 2 * 3 * 8 * 8 + 2 * (2 * 3 * 8 * 16))
     # After a fusion point: activation gradients of every projection on the tokens (1x), both operands of the
     # self-attention core (2x), the queries' side of the text attention (1x); none for adaLN or text keys.
     backward = 3840 + 2 * 3200 + 1280 + 1280 + 960 + 1280 + 10240
@@ -41,15 +45,18 @@ def _counted(fn) -> int:
 
 
 @pytest.mark.parametrize("task", ["v2a", "a2v"])
-@pytest.mark.parametrize("which", ["tiny", "tiny_after", "paper"])
+@pytest.mark.parametrize("which", ["tiny", "tiny_after", "tiny_static", "paper"])
 def test_analytic_flops_equal_torch_counter(which, task):
-    """The analytic count equals what PyTorch counts op by op, for prepare, one step, and a training step's
-    forward + backward (the paper preset on the meta device: shapes only, no memory, no arithmetic)."""
+    """The analytic count equals what PyTorch counts op by op, for prepare, one step, the plain path's step, and
+    a training step's forward + backward (the paper preset on the meta device: shapes only, no memory, no
+    arithmetic)."""
     if which == "paper":
         cfg, device = get_preset("paper"), torch.device("meta")
     elif which == "tiny_after":
         cfg = tiny_config(**{"fusion.placement": "after", "fusion.after_block": 2})
         device = torch.device("cpu")
+    elif which == "tiny_static":  # no reinjection: the whole conditioning stream in prepare
+        cfg, device = tiny_config(**{"fusion.injection": "static"}), torch.device("cpu")
     else:
         cfg, device = tiny_config(), torch.device("cpu")
     text_tokens = 5
@@ -63,25 +70,39 @@ def test_analytic_flops_equal_torch_counter(which, task):
         assert _counted(lambda: model.prepare(task, x_cond, text_gen, text_cond)) == expected.prepare
         cond = model.prepare(task, x_cond, text_gen, text_cond)
         x = torch.randn(generated_shape(model, task, x_cond), device=device)
-        assert _counted(lambda: model(x, torch.full((1,), 0.5, device=device), cond)) == expected.step
+        t = torch.full((1,), 0.5, device=device)
+        assert _counted(lambda: model(x, t, cond)) == expected.step
+        if which != "paper":  # (the same walk at every size; counting it at paper size costs seconds)
+            plain = model.prepare(task, x_cond, text_gen, text_cond, cache=False)
+            assert _counted(lambda: model(x, t, plain)) == expected.step_uncached
     model.train()
     loss = lambda: model.loss(task, inputs.audio, inputs.video, inputs.text_a, inputs.text_v)  # noqa: E731
     assert _counted(lambda: loss().backward()) == expected.train.total
     assert expected.train.forward == expected.prepare + expected.step  # a training step's forward
 
 
-def test_cached_step_saves_exactly_the_prefix():
-    cfg = get_preset("tiny")
+@pytest.mark.parametrize("injection", ["fusion", "static"])
+def test_cached_step_saves_exactly_the_prefix_and_the_text(injection):
+    cfg = get_preset("tiny").override(**{"fusion.injection": injection})
     text_tokens = 16
     flops = link_flops(cfg, "v2a", text_tokens)
-    first_video_block = fusion_points(cfg.fusion, cfg.audio.depth, cfg.video.depth)[0][1]
-    assert first_video_block > 0
+    points = fusion_points(cfg.fusion, cfg.audio.depth, cfg.video.depth)
+    first_video_block, last_video_block = points[0][1], points[-1][1]
+    assert 0 < first_video_block < last_video_block
+    cached_blocks = first_video_block if injection == "fusion" else last_video_block
     n_v = cfg.clip.num_video_tokens
-    prefix = (dit_embed(cfg.video, cfg.clip.video.patch_dim, n_v, text_tokens).forward
-              + first_video_block * dit_block(cfg.video, n_v, text_tokens).forward)
-    assert flops.step_uncached - flops.step == prefix
-    assert flops.step < flops.step_uncached
-    assert flops.clip(64) == prefix + 64 * flops.step
+    saved = (dit_embed(cfg.video, cfg.clip.video.patch_dim, n_v).forward
+             + cached_blocks * dit_block(cfg.video, n_v, text_tokens, text_kv=False).forward
+             + dit_text(cfg.video, text_tokens, last_video_block).forward  # the video blocks that ever run
+             + dit_text(cfg.audio, text_tokens, cfg.audio.depth).forward)
+    assert flops.step_uncached - flops.step == flops.prepare == saved
+    assert flops.predicted_speedup == flops.step_uncached / flops.step > 1
+    assert flops.clip(64) == saved + 64 * flops.step
+    if injection == "static":  # the conditioning stream's later blocks moved out of every step
+        reinjected = link_flops(get_preset("tiny"), "v2a", text_tokens)
+        middle = dit_block(cfg.video, n_v, text_tokens, text_kv=False) * (last_video_block - first_video_block)
+        assert reinjected.step - flops.step == middle.forward
+        assert flops.step_uncached == reinjected.step_uncached
 
 
 def _bench(tmp_path, *extra: str) -> tuple[int, dict]:
@@ -91,26 +112,46 @@ def _bench(tmp_path, *extra: str) -> tuple[int, dict]:
     return code, json.loads(out.read_text())
 
 
+SAMPLING_ROWS = ("prepare", "step", "step (plain)", "clip", "prepare (static)", "step (static)",
+                 "step (static, plain)", "train")
+FLOPS_OF = {"prepare": ("flops", "prepare"), "step": ("flops", "step"), "step (plain)": ("flops", "step_uncached"),
+            "clip": ("flops", "clip"), "prepare (static)": ("flops_static", "prepare"),
+            "step (static)": ("flops_static", "step"), "step (static, plain)": ("flops_static", "step_uncached")}
+
+
 def test_bench_runs_and_its_numbers_agree(tmp_path, capsys):
     steps = 2
-    code, result = _bench(tmp_path, "--steps", str(steps), "--repeats", "3", "--batch", "2")
+    code, result = _bench(tmp_path, "--steps", str(steps), "--repeats", "3", "--batch", "2", "--windows")
     assert code == 0
     printed = capsys.readouterr().out
     assert "| tiny" in printed and "matmul peak fp32" in printed
+    assert printed.count("cache speed-up") == 4  # the plain step of each task, with and without reinjection
 
     assert result["machine"]["torch"] == torch.__version__
     peak = result["peak"]["fp32"]["flops_per_s"]
     assert peak > 0 and result["peak"]["bf16"]["flops_per_s"] > 0
     rows = {(r["task"], r["what"]): r for r in result["rows"]}
-    assert set(rows) == {(t, w) for t in ("v2a", "a2v") for w in ("prepare", "step", "clip", "train")}
-    counted = result["presets"]["tiny"]["flops"]
+    assert set(rows) == {(t, w) for t in ("v2a", "a2v") for w in SAMPLING_ROWS}
+    preset = result["presets"]["tiny"]
+    counted = preset["flops"]
     for (task, what), r in rows.items():
         assert r["flops"] > 0 and r["seconds"] > 0 and r["peak_bytes"] > 0
         assert r["flops_per_s"] == pytest.approx(r["flops"] / r["seconds"])
         assert r["utilisation"] == pytest.approx(r["flops_per_s"] / peak)
         if what != "train":
-            assert r["flops"] == counted[task][what]
+            table, key = FLOPS_OF[what]
+            assert r["flops"] == preset[table][task][key]
     for task in ("v2a", "a2v"):
+        for variant, table in (("", "flops"), ("static, ", "flops_static")):
+            plain = rows[task, f"step ({variant}plain)"]
+            f = preset[table][task]
+            assert plain["speedup_predicted"] == f["predicted_speedup"] == f["step_uncached"] / f["step"] > 1
+            pairs = [p / c for p, c in zip(plain["times"], plain["cached_times"], strict=True)]  # in alternation
+            assert plain["speedup_measured"] == pytest.approx(statistics.median(pairs))
+            assert plain["speedup_ratio"] == pytest.approx(plain["speedup_measured"] / plain["speedup_predicted"])
+        # No reinjection: the conditioning stream's later blocks move from every step into prepare.
+        assert preset["flops_static"][task]["step"] < counted[task]["step"]
+        assert preset["flops_static"][task]["step_uncached"] == counted[task]["step_uncached"]
         clip, prep, step = rows[task, "clip"], rows[task, "prepare"], rows[task, "step"]
         assert step["finite"] is True
         assert clip["flops"] == prep["flops"] + steps * step["flops"]
@@ -159,7 +200,7 @@ def test_batch_search_stops_at_out_of_memory(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["clips_per_s"] == pytest.approx(2 / 0.02)
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--max-batch-search"], ["--batch", "0"]])
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--max-batch-search"], ["--batch", "0"], ["--windows", "0"]])
 def test_bad_arguments_are_one_line(tmp_path, capsys, argv):
     assert main(["bench", "--out", str(tmp_path / "b.json"), *argv]) == 2
     err = capsys.readouterr().err
@@ -175,3 +216,39 @@ def test_bench_on_cuda(tmp_path):
     assert code == 0
     assert result["presets"]["tiny"]["batch_search"]["v2a"]["largest_batch"] == 4
     assert all(r["peak_bytes"] > 0 for r in result["rows"] if "seconds" in r)
+
+
+def test_windowed_generation_rows(tmp_path, monkeypatch):
+    """Windowed V2A through the pipeline on 1x and 2x a (smaller still) clip: the rows agree with the plan."""
+    from avlink.pipeline import plan_windows
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "b.json"), "--steps", "1", "--repeats", "1", "--warmup", "0",
+                              "--windows", "2"])
+    args.matmul_size = 64
+    runner = bench.Bench(args, torch.device("cpu"))
+    runner.result["presets"]["tiny"] = {}
+    cfg = tiny_config()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the random checkpoint folder goes
+    runner.windowed("tiny", cfg, bench.plan_for("tiny", torch.device("cpu"), args))
+    rows = runner.result["rows"]
+    assert [r["what"] for r in rows] == ["windows 1x", "windows 2x"]  # 1x always runs, as the base
+    clip = cfg.clip
+    for r, multiple in zip(rows, (1, 2), strict=True):
+        frames = multiple * clip.num_frames
+        planned = plan_windows(frames, clip.num_frames, clip.audio.num_tokens(frames / clip.video.fps),
+                               clip.num_audio_tokens, clip.video.fps, clip.audio.eta)
+        assert r["windows"] == len(planned) and r["multiple"] == multiple and r["steps"] == 1
+        assert r["video_seconds"] == pytest.approx(frames / clip.video.fps)
+        assert r["seconds_per_window"] == pytest.approx(r["seconds"] / r["windows"])
+        assert r["seconds_per_video_second"] == pytest.approx(r["seconds"] / r["video_seconds"])
+        assert r["ratio_to_1x"] == pytest.approx(r["seconds"] / rows[0]["seconds"])
+        assert r["windows_ratio_to_1x"] == pytest.approx(r["windows"] / rows[0]["windows"])
+        assert r["flops"] is None and r["utilisation"] is None
+    assert rows[1]["windows"] > rows[0]["windows"] == 1
+    assert "windows, " in bench.format_table(runner.result)
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["windows"] == rows[1]["windows"]
+    assert not any(scratch.iterdir())  # the random checkpoint folder is gone

@@ -8,10 +8,11 @@ import av
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from avlink.cli import main
 from avlink.data.media import probe, read_audio, write_audio, write_video
-from avlink.pipeline import Pipeline
+from avlink.pipeline import Pipeline, bf16_matmul
 
 from helpers import random_checkpoint
 
@@ -165,3 +166,28 @@ def test_refusals_are_one_line(ckpt, tmp_path: Path, capsys):
     assert len(err) == 4 and "bad.mp4" in err[0] and "x.ogg" in err[1] and "nothing.wav" in err[2]
     assert "overwrite the input" in err[3]
     assert not (tmp_path / "bad.v2a.wav").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not bf16_matmul("cpu"), reason="this CPU has no bf16 matrix instructions")
+def test_bf16_writes_the_same_files(ckpt, geometry, tmp_path: Path):
+    source = make_sound(tmp_path / "beat.wav", 1.0)
+    outs = {p: tmp_path / f"{p}.mp4" for p in ("fp32", "bf16")}
+    for precision, out in outs.items():
+        assert a2v(ckpt, str(source), "-o", str(out), "--upscale", "1", "--precision", precision) == 0
+    fp32, bf16 = (read_frames(out) for out in outs.values())
+    assert fp32.shape == bf16.shape == (6, *geometry.size, 3)
+    assert np.abs(fp32.astype(int) - bf16.astype(int)).mean() < 4.0  # H.264 of near-identical frames
+
+
+def read_frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_bf16_refused_in_one_line_on_a_cpu_without_it(ckpt, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", "avx2": True})
+    source = make_video(tmp_path / "in.mp4", frames=3)
+    assert v2a(ckpt, str(source), "--precision", "bf16") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--precision bf16: this CPU has no bf16 matrix instructions" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]

@@ -1,10 +1,12 @@
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from avlink.cli import UserError
-from avlink.pipeline import Pipeline, plan_windows, upscale
-from avlink.sample import Known, sample_backbone
+from avlink.pipeline import Pipeline, bf16_matmul, check_precision, plan_windows, sampling_precision, upscale
+from avlink.sample import Known, sample_backbone, sample_link
 
 from helpers import random_checkpoint, tiny_link
 
@@ -66,3 +68,53 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 def test_upscale_even_sizes():
     frames = np.zeros((2, 5, 7, 3), dtype=np.uint8)
     assert upscale(frames, 3).shape == (2, 16, 22, 3)
+
+
+# --- precision ----------------------------------------------------------------------------------------------
+
+needs_bf16 = pytest.mark.skipif(not bf16_matmul("cpu"), reason="this CPU has no bf16 matrix instructions")
+
+
+def test_default_precision_is_fp32(pipe):
+    assert pipe.precision == "fp32"
+    assert isinstance(sampling_precision("fp32", "cpu"), contextlib.nullcontext)
+
+
+@needs_bf16
+def test_bf16_sampling_is_close_to_fp32_and_returns_fp32():
+    """The network runs in bf16 (its products are bf16 under autocast) while the sample stays fp32."""
+    model = tiny_link()
+    video = torch.rand(1, *model.cfg.clip.video_shape) * 2 - 1
+    out = {}
+    for precision in ("fp32", "bf16"):
+        with sampling_precision(precision, "cpu"):
+            out[precision] = sample_link(model, "v2a", video, steps=4, seed=5)
+            product = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
+        assert product.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert out["bf16"].dtype == torch.float32 and out["bf16"].shape == out["fp32"].shape
+    diff = (out["bf16"] - out["fp32"]).abs().max().item()
+    assert 0 < diff < 0.05 * out["fp32"].abs().max().item(), f"bf16 vs fp32 max difference {diff}"
+
+
+@needs_bf16
+def test_pipeline_in_bf16_matches_fp32_loosely(pipe, tmp_path):
+    bf16 = Pipeline(pipe.model, pipe.vae, pipe.vocoder, precision="bf16")
+    wave = np.random.default_rng(3).standard_normal(round(pipe.clip_seconds * pipe.sample_rate))
+    wave = (0.1 * wave).astype(np.float32)
+    a, b = pipe.audio_to_video(wave, steps=3), bf16.audio_to_video(wave, steps=3)
+    assert a.shape == b.shape and b.dtype == np.uint8
+    gap = np.abs(a.astype(int) - b.astype(int))
+    assert gap.max() > 0 and gap.mean() < 2.0, f"bf16 frames differ by {gap.mean():.2f} levels on average"
+    frames = np.random.default_rng(4).integers(0, 255, (pipe.clip.num_frames, *pipe.size, 3), dtype=np.uint8)
+    sound = bf16.video_to_audio(frames, steps=3)
+    assert sound.dtype == np.float32 and sound.shape == pipe.video_to_audio(frames, steps=3).shape
+
+
+def test_bf16_refused_in_one_line_without_bf16_matmul(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", "avx2": True})
+    assert not bf16_matmul("cpu")
+    with pytest.raises(UserError, match="--precision bf16: this CPU has no bf16 matrix instructions"):
+        Pipeline.load(tmp_path, precision="bf16")  # refused before the (missing) checkpoint is looked at
+    with pytest.raises(UserError, match="choose fp32 or bf16"):
+        check_precision("fp16", "cpu")
+    check_precision("fp32", "cpu")

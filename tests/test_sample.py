@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from avlink.backbones.protocol import TextCond
-from avlink.sample import generated_shape, sample_backbone, sample_link
+from avlink.sample import Known, generated_shape, sample_backbone, sample_link
 
 from helpers import tiny_batch, tiny_link
 
@@ -39,3 +40,107 @@ def test_sampling_is_reproducible_by_seed_and_varies_with_it():
     assert torch.equal(a, b) and not torch.allclose(a, c)
     audio, _ = tiny_batch(model.cfg, b=1)
     assert sample_link(model, "a2v", audio, steps=2, method="heun").shape == video.shape
+
+
+# --- the cache against the plain path --------------------------------------------------------------------------
+
+
+def trained_link(**overrides):
+    """A tiny link whose fusion gates are open, so that the conditioning stream reaches the output."""
+    model = tiny_link(**overrides)
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+    return model
+
+
+def some_known(x_shape, seed=0):
+    """The first third of the generated sample's time axis fixed (V2A: latent tokens; A2V: frames)."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(x_shape, generator=g)
+    mask = torch.zeros(x_shape, dtype=torch.bool)
+    if len(x_shape) == 3:
+        mask[:, : x_shape[1] // 3] = True
+    else:
+        mask[:, :, : x_shape[2] // 3] = True
+    return Known(values, mask)
+
+
+def condition_and_generated(model, task):
+    audio, video = tiny_batch(model.cfg, b=2)
+    return (video, audio) if task == "v2a" else (audio, video)
+
+
+@pytest.mark.parametrize("known", [False, True])
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@pytest.mark.parametrize("injection", ["fusion", "static"])
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_cached_sampling_equals_the_plain_path(task, injection, cfg_scale, known):
+    model = trained_link(**{"fusion.injection": injection})
+    x_cond, x_gen = condition_and_generated(model, task)
+    # Prompts of different lengths: guidance pads the shorter one (the null text is one token).
+    kwargs = {"text_gen": text(2, seed=1), "text_cond": text(2, seed=2), "steps": 3, "cfg_scale": cfg_scale,
+              "seed": 5, "known": some_known(tuple(x_gen.shape)) if known else None}
+    fast = sample_link(model, task, x_cond, **kwargs)
+    plain = sample_link(model, task, x_cond, cache=False, **kwargs)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    # The conditioning stream and the prompt each change the result, so the comparison covers both.
+    assert not torch.allclose(fast, sample_link(model, task, x_cond * 0, **kwargs), atol=1e-3)
+    assert not torch.allclose(fast, sample_link(model, task, x_cond, **{**kwargs, "text_gen": text(2, 3)}),
+                              atol=1e-3)
+
+
+@pytest.mark.parametrize("known", [False, True])
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_cached_backbone_sampling_equals_the_plain_path(cfg_scale, known):
+    model = tiny_link()
+    audio, _ = tiny_batch(model.cfg, b=2)
+    shape = tuple(audio.shape)
+    kwargs = {"text": text(2), "steps": 3, "cfg_scale": cfg_scale, "seed": 2,
+              "known": some_known(shape) if known else None}
+    fast = sample_backbone(model.audio, shape, **kwargs)
+    torch.testing.assert_close(fast, sample_backbone(model.audio, shape, cache=False, **kwargs),
+                               atol=1e-5, rtol=1e-5)
+    # No prompt: the null text is prepared once instead.
+    torch.testing.assert_close(sample_backbone(model.audio, shape, steps=2),
+                               sample_backbone(model.audio, shape, steps=2, cache=False), atol=1e-5, rtol=1e-5)
+
+
+class Calls:
+    """Counts forward calls of modules."""
+
+    def __init__(self, modules):
+        self.count = 0
+        self.handles = [m.register_forward_hook(self.hook) for m in modules]
+
+    def hook(self, *_):
+        self.count += 1
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@pytest.mark.parametrize("injection", ["fusion", "static"])
+def test_the_cache_skips_the_prefix_and_the_text_keys_and_values(injection, cfg_scale):
+    """Over a V2A sample of 4 Euler steps: the video stream's first block and every text key/value projection
+    run once per sample with the cache, once per step without it."""
+    model = trained_link(**{"fusion.injection": injection})
+    _, video = tiny_batch(model.cfg, b=1)
+    steps, last_video_point = 4, model.points[-1][1]
+    kv_layers = [b.cross.kv for b in model.audio.blocks] + [b.cross.kv for b in model.video.blocks]
+    counts = {}
+    for cache in (True, False):
+        first_video, evals, kv = Calls([model.video.blocks[0]]), Calls([model.audio.blocks[0]]), Calls(kv_layers)
+        sample_link(model, "v2a", video, text_gen=text(1), steps=steps, cfg_scale=cfg_scale, cache=cache)
+        counts[cache] = (first_video.count, evals.count, kv.count)
+        for c in (first_video, evals, kv):
+            c.remove()
+    assert counts[False][1] == counts[True][1] == steps  # one batched network evaluation per Euler step
+    assert counts[True][0] == 1 and counts[False][0] == steps
+    # Keys and values: every audio block's, and the video blocks' up to the last fusion point.
+    per_prompt = model.audio.num_blocks + last_video_point
+    prompts = 2 if cfg_scale != 1.0 else 1  # the prompt and the null text, prepared one after the other
+    assert counts[True][2] == prompts * model.audio.num_blocks + last_video_point
+    assert counts[False][2] == steps * per_prompt  # guidance batches both prompts into one projection

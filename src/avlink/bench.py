@@ -3,18 +3,32 @@ measured in the same run.
 
     avlink bench [--presets tiny small paper] [--tasks v2a a2v] [--device cpu|cuda] [--precision fp32|bf16]
                  [--batch N] [--steps 64] [--repeats 3] [--out bench.json] [--max-batch-search]
-                 [--time-budget SECONDS]
+                 [--time-budget SECONDS] [--windows 1 2 4] [--windows-presets tiny]
 
 What is measured, per preset and task (models of random weights; text states are random tokens of the
 preset's text width, `--text-tokens` of them, so no text encoder runs; guidance scale 1, one network
 evaluation per step):
-- prepare: `AVLink.prepare`, once per clip (the conditioning stream up to the first fusion point);
+- prepare: `AVLink.prepare`, once per clip (the conditioning stream up to the first fusion point, both
+  prompts' projections and text keys and values);
 - step: one velocity evaluation, `AVLink.forward` with the prepared condition (batch 1);
+- step (plain): the same velocity from `AVLink.prepare(..., cache=False)`, which recomputes at every step what
+  prepare caches. It is timed in alternation with the cached step (pairs back to back, `measure_pair`), and
+  its row holds the measured speed-up of the cache (the median over the pairs of plain / cached) beside the one
+  the skipped FLOPs predict (`LinkFlops.step_uncached / step`) and their ratio (measured / predicted);
+- prepare, step and step (plain) again "(static)": the same weights with no reinjection (fusion.injection
+  static), where the whole conditioning stream runs once per clip;
 - clip: a whole clip of `--steps` Euler steps through `sample.sample_link`, the path every command uses
   (batch 1), timed once after the step timings warmed everything up; it should take prepare + steps x step;
 - train: one fusion training step as the training loop takes it: loss, backward, gradient clipping, AdamW
   update of the task's fusion set, at `--batch` clips; with `--max-batch-search` (CUDA) at batch 1, 2, 4, ...
   until the device runs out of memory, `--max-batch` or `--time-budget`.
+- windows (presets in `--windows-presets`, V2A): `Pipeline.video_to_audio` (no prompt, guidance scale 1) on
+  random frames of 1x and each `--windows` multiple of the clip length, `--steps` steps per window, from a
+  random checkpoint folder written to a temporary directory (Griffin-Lim vocoder, the pipeline's default
+  precision), timed like the rest (the warm-up calls at 1x only): seconds, windows (`pipeline.plan_windows`),
+  seconds per window and per second of video, and the ratios to 1x. VAE decoding and the vocoder are
+  included. Windows overlap, so a long video costs one window per hop: linear in its length, at a slope a
+  little above 1x's cost per second.
 On a CPU the paper preset gets prepare, one step and one training step at batch 1, each timed once: a whole
 clip at that size is not a CPU job.
 
@@ -30,27 +44,34 @@ Analytic FLOPs (`link_flops`), counted from the model's shapes for one clip (all
 - Only matrix products count, 2 FLOPs per multiply-add. A linear layer on R rows: 2 R d_in d_out. Attention
   of Nq queries over Nk keys at width D (all heads): 2 Nq Nk D for the scores and as much for the weighted
   sum. Norms, RoPE, activations, softmax, modulation and the optimiser's update are elementwise: left out.
-- A DiT block over N tokens, L text tokens, width D, MLP width H = mlp_ratio D: adaLN 2 D 6D (once per clip,
-  not per token); self-attention 2 N D 3D + 4 N^2 D + 2 N D D; text cross-attention 2 N D D + 2 L D 2D +
-  4 N L D + 2 N D D; MLP 2 N D H + 2 N H D. Embedding: token projection, timestep MLP (256 -> D -> D), text
-  projection (Dt -> D -> D on L tokens). Head: adaLN 2 D 2D and the output projection.
+- A DiT block over N tokens, L text tokens, width D, MLP width H = mlp_ratio D: adaLN 2 D 6D (once per
+  forward, not per token); self-attention 2 N D 3D + 4 N^2 D + 2 N D D; text cross-attention 2 N D D +
+  4 N L D + 2 N D D, and its text keys and values 2 L D 2D; MLP 2 N D H + 2 N H D. Embedding: token
+  projection, timestep MLP (256 -> D -> D). Text: projection (Dt -> D -> D on L tokens). Head: adaLN 2 D 2D
+  and the output projection.
 - A Fusion Block over Na audio and Nv video tokens at width Df (MLP width Hf): per stream the projection in
   (d -> Df), adaLN (Df -> 5 Df + d) and the MLP (Df -> Hf -> d); one joint self-attention over Na + Nv
   tokens. A fusion set's two flow-time embedders (256 -> Df -> Df) run once per forward.
 - One sampling step (`AVLink.forward`) runs the generated stream's embedding, all its blocks and its head, the
-  conditioning stream's blocks from the first to the last fusion point, and every fusion block. The
-  conditioning stream's embedding and its blocks before the first fusion point run once per clip, in
-  `prepare`, so a clip of S steps is prepare + S step; without that cache every step would pay prepare too
-  (`LinkFlops.step_uncached`).
+  conditioning stream's blocks from the first to the last fusion point, and every fusion block. Once per
+  clip, in `prepare`: the conditioning stream's embedding and its blocks before the first fusion point, and
+  both prompts: each one's projection and the text keys and values of every block that runs (the generated
+  stream's blocks, the conditioning stream's up to the last fusion point); the blocks then take those keys and
+  values. With no reinjection ("static", `LinkFlops` of a config with that injection) the conditioning
+  stream's blocks up to the last fusion point all run in `prepare`. A clip of S steps is prepare + S step;
+  without the cache every step would pay prepare too (`LinkFlops.step_uncached`, the plain path's step).
 - A training step is prepare + one forward + its backward. Backward counts the products autograd needs, no
   more: for Y = X W, dX = dY W^T (as much as the forward) when X depends on a trainable weight, and
   dW = X^T dY (as much again) when W is trainable; attention likewise per operand (scores: dQ, dK; weighted
   sum: dP, dV). So a trainable fusion block costs 2x its forward in backward, except the first block's input
   projections (1x: their inputs come from frozen blocks that need no gradient) and the last block's
-  conditioning-stream MLP (nothing: its output reaches no loss). A frozen block on a path to the loss (the
-  generated stream after the first fusion point, the conditioning stream between fusion points) costs 1x for
-  its projections (activation gradients only), 2x for its self-attention core, 1x for its text cross-attention
-  core, nothing for its adaLN and text keys and values. Nothing before the first fusion point has a backward.
+  conditioning-stream MLP (nothing: its output reaches no loss); with no reinjection every block's
+  conditioning-stream input projection is 1x and its MLP has no backward. A frozen block on a path to the
+  loss (the generated stream after the first fusion point, the conditioning stream between fusion points,
+  which with no reinjection is none) costs 1x for its projections (activation gradients only), 2x for its
+  self-attention core, 1x for its text cross-attention core, nothing for its adaLN and text keys and values.
+  Nothing before the first fusion point has a backward. (Training prepares no prompts: their projections and
+  keys and values run inside its forward, with no backward, so the total is the same.)
   Recomputation (activation checkpointing, fused attention kernels that recompute the scores) is not counted:
   these are model FLOPs, the usual basis of utilisation. Under PyTorch's math attention backend,
   `torch.utils.flop_counter.FlopCounterMode` counts the same numbers (the tests check that).
@@ -66,12 +87,14 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from avlink.backbones.protocol import TextCond
@@ -121,21 +144,30 @@ def attention(n_q: int, n_k: int, dim: int, *, q_grad: bool, kv_grad: bool) -> F
     return Flops(2 * half, scores + weighted)
 
 
-def dit_embed(cfg: DiTConfig, token_dim: int, n: int, text_tokens: int) -> Flops:
-    """Token projection, timestep MLP, text projection: frozen, on inputs that never need a gradient."""
+def dit_embed(cfg: DiTConfig, token_dim: int, n: int) -> Flops:
+    """Token projection and timestep MLP: frozen, on inputs that never need a gradient."""
     d = cfg.dim
-    return (linear(n, token_dim, d) + linear(1, TIMESTEP_FEATURES, d) + linear(1, d, d)
-            + linear(text_tokens, cfg.text_dim, d) + linear(text_tokens, d, d))
+    return linear(n, token_dim, d) + linear(1, TIMESTEP_FEATURES, d) + linear(1, d, d)
 
 
-def dit_block(cfg: DiTConfig, n: int, text_tokens: int, grad: bool = False) -> Flops:
-    """One frozen DiT block; grad: its input depends on trainable weights (it sits after a fusion point)."""
+def dit_text(cfg: DiTConfig, text_tokens: int, blocks: int) -> Flops:
+    """A prompt for `blocks` blocks: its projection (Dt -> D -> D) and each block's text keys and values. Frozen
+    weights on a frozen encoder's states: never a gradient."""
+    d = cfg.dim
+    projection = linear(text_tokens, cfg.text_dim, d) + linear(text_tokens, d, d)
+    return projection + linear(text_tokens, d, 2 * d) * blocks
+
+
+def dit_block(cfg: DiTConfig, n: int, text_tokens: int, grad: bool = False, text_kv: bool = True) -> Flops:
+    """One frozen DiT block; grad: its input depends on trainable weights (it sits after a fusion point);
+    text_kv: it projects its own text keys and values (False: they were prepared once per clip, `dit_text`)."""
     d, h = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
+    keys_values = linear(text_tokens, d, 2 * d) if text_kv else Flops(0)  # no gradient either way
     return (
         linear(1, d, 6 * d)  # adaLN from the backbone's own timestep embedding: no gradient needed
         + linear(n, d, 3 * d, input_grad=grad) + attention(n, n, d, q_grad=grad, kv_grad=grad)
         + linear(n, d, d, input_grad=grad)
-        + linear(n, d, d, input_grad=grad) + linear(text_tokens, d, 2 * d)  # text keys/values: no gradient
+        + linear(n, d, d, input_grad=grad) + keys_values
         + attention(n, text_tokens, d, q_grad=grad, kv_grad=False) + linear(n, d, d, input_grad=grad)
         + linear(n, d, h, input_grad=grad) + linear(n, h, d, input_grad=grad)
     )
@@ -153,18 +185,20 @@ def fusion_conditioning(cfg: FusionConfig) -> Flops:
 
 
 def fusion_block(
-    cfg: FusionConfig, n_a: int, n_v: int, dim_a: int, dim_v: int, *, inputs_grad: bool,
+    cfg: FusionConfig, n_a: int, n_v: int, dim_a: int, dim_v: int, *, inputs_grad: tuple[bool, bool],
     used: tuple[bool, bool] = (True, True),
 ) -> Flops:
-    """One trainable Fusion Block. inputs_grad: its inputs depend on trainable weights (not so for the first);
-    used: whether the (audio, video) output reaches the loss (its MLP gets a backward only then)."""
+    """One trainable Fusion Block. inputs_grad: whether its (audio, video) input depends on trainable weights
+    (neither for the first block; never the conditioning stream's without reinjection); used: whether the
+    (audio, video) output reaches the loss (its MLP gets a backward only then)."""
     d, h = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
     n = n_a + n_v
     both = {"weight_grad": True, "input_grad": True}
     total = linear(n, d, 3 * d, **both) + attention(n, n, d, q_grad=True, kv_grad=True)
     total += linear(n, d, d, **both)
-    for tokens, width, reaches_loss in ((n_a, dim_a, used[0]), (n_v, dim_v, used[1])):
-        total += linear(tokens, width, d, weight_grad=True, input_grad=inputs_grad)
+    streams = ((n_a, dim_a, inputs_grad[0], used[0]), (n_v, dim_v, inputs_grad[1], used[1]))
+    for tokens, width, input_grad, reaches_loss in streams:
+        total += linear(tokens, width, d, weight_grad=True, input_grad=input_grad)
         total += linear(1, d, 5 * d + width, **both)
         mlp = linear(tokens, d, h, **both) + linear(tokens, h, width, **both)
         total += mlp if reaches_loss else mlp.no_backward()
@@ -175,7 +209,8 @@ def fusion_block(
 class LinkFlops:
     """Analytic FLOPs of one task for one clip (batch 1)."""
 
-    prepare: int  # once per clip: the conditioning embedding and its blocks before the first fusion point
+    prepare: int  # once per clip: the conditioning stream's embedding and blocks before the first fusion point
+    #                (no reinjection: before the last), both prompts' projections and text keys and values
     step: int  # one velocity evaluation with the prepared condition
     train: Flops  # prepare + forward, and backward, of one training clip
 
@@ -184,14 +219,21 @@ class LinkFlops:
 
     @property
     def step_uncached(self) -> int:
-        """A step that recomputed the conditioning stream from its embedding (no `prepare` cache)."""
+        """A step of the plain path, which recomputes what `prepare` caches: every step pays prepare too."""
         return self.prepare + self.step
+
+    @property
+    def predicted_speedup(self) -> float:
+        """What the cache saves per step, as the ratio the skipped FLOPs predict."""
+        return self.step_uncached / self.step
 
 
 def link_flops(cfg: ModelConfig, task: Task, text_tokens: int) -> LinkFlops:
-    """Walk the fusion points as `AVLink.prepare` and `AVLink.forward` do, counting (module docstring)."""
-    if cfg.fusion.injection != "fusion":
-        raise ValueError(f"FLOPs are counted for injection 'fusion' only, not {cfg.fusion.injection!r}")
+    """Walk the fusion points as `AVLink.prepare` and `AVLink.forward` do, counting (module docstring).
+    Injection "fusion" (symmetric reinjection) or "static" (none)."""
+    if cfg.fusion.injection not in ("fusion", "static"):
+        raise ValueError(f"FLOPs are counted for injection 'fusion' and 'static' only, not {cfg.fusion.injection!r}")
+    reinject = cfg.fusion.injection == "fusion"
     clip, fcfg, L = cfg.clip, cfg.fusion, text_tokens
     n_a, n_v = clip.num_audio_tokens, clip.num_video_tokens
     streams = {"a": (cfg.audio, clip.audio.latent_dim, n_a), "v": (cfg.video, clip.video.patch_dim, n_v)}
@@ -199,19 +241,26 @@ def link_flops(cfg: ModelConfig, task: Task, text_tokens: int) -> LinkFlops:
     (g_cfg, g_tok, g_n), (c_cfg, c_tok, c_n) = streams[gen], streams["v" if gen == "a" else "a"]
     points = fusion_points(fcfg, cfg.audio.depth, cfg.video.depth)  # (audio block, video block)
     points = points if task == "v2a" else [(v, a) for a, v in points]  # (generated, conditioning)
+    first, last = points[0][1], points[-1][1]
 
-    prepare = dit_embed(c_cfg, c_tok, c_n, L) + dit_block(c_cfg, c_n, L) * points[0][1]
-    fwd = dit_embed(g_cfg, g_tok, g_n, L) + fusion_conditioning(fcfg)
-    g_at, c_at = 0, points[0][1]
+    cached_blocks = first if reinject else last  # conditioning blocks that run once per clip
+    prepare = (dit_embed(c_cfg, c_tok, c_n) + dit_text(c_cfg, L, last) + dit_text(g_cfg, L, g_cfg.depth)
+               + dit_block(c_cfg, c_n, L, text_kv=False) * cached_blocks)
+    fwd = dit_embed(g_cfg, g_tok, g_n) + fusion_conditioning(fcfg)
+    g_at, c_at = 0, first
     for i, (g_point, c_point) in enumerate(points):
         grad = i > 0  # before the first fusion block nothing depends on a trainable weight
-        fwd += dit_block(g_cfg, g_n, L, grad) * (g_point - g_at)
-        fwd += dit_block(c_cfg, c_n, L, grad) * (c_point - c_at)
-        cond_used = i < len(points) - 1  # the conditioning stream's last fused output runs no further
+        fwd += dit_block(g_cfg, g_n, L, grad, text_kv=False) * (g_point - g_at)
+        if reinject:
+            fwd += dit_block(c_cfg, c_n, L, grad, text_kv=False) * (c_point - c_at)
+        # The conditioning stream's fused output runs no further after the last point, nor ever without
+        # reinjection; its next input then comes from the cached, frozen stream.
+        cond_used = reinject and i < len(points) - 1
         used = (True, cond_used) if gen == "a" else (cond_used, True)
-        fwd += fusion_block(fcfg, n_a, n_v, cfg.audio.dim, cfg.video.dim, inputs_grad=grad, used=used)
+        inputs_grad = (grad, grad and reinject) if gen == "a" else (grad and reinject, grad)
+        fwd += fusion_block(fcfg, n_a, n_v, cfg.audio.dim, cfg.video.dim, inputs_grad=inputs_grad, used=used)
         g_at, c_at = g_point, c_point
-    fwd += dit_block(g_cfg, g_n, L, True) * (g_cfg.depth - g_at) + dit_head(g_cfg, g_tok, g_n, True)
+    fwd += dit_block(g_cfg, g_n, L, True, text_kv=False) * (g_cfg.depth - g_at) + dit_head(g_cfg, g_tok, g_n, True)
     return LinkFlops(prepare=prepare.forward, step=fwd.forward, train=prepare.no_backward() + fwd)
 
 
@@ -286,6 +335,29 @@ def measure(fn: Callable[[], Any], device: torch.device, memory: Memory, warmup:
     return Timing(times, memory.peak_bytes())
 
 
+def measure_pair(
+    first: Callable[[], Any], second: Callable[[], Any], device: torch.device, memory: Memory, warmup: int,
+    repeats: int,
+) -> tuple[Timing, Timing, float]:
+    """Two calls timed in alternation, `repeats` pairs after `warmup` pairs: (first, second, median of the
+    per-pair ratios second / first). A ratio of neighbours in time does not drift with the machine's speed
+    (other load, clocks) the way two medians taken minutes apart can."""
+    for _ in range(warmup):
+        first(), second()
+    synchronize(device)
+    memory.reset()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            out.append(time.perf_counter() - start)
+    peak = memory.peak_bytes()
+    ratio = statistics.median(b / a for a, b in zip(*times, strict=True))
+    return Timing(times[0], peak), Timing(times[1], peak), ratio
+
+
 def matmul_peak(
     size: int, dtype: torch.dtype, device: torch.device, memory: Memory, repeats: int,
 ) -> dict[str, Any]:
@@ -353,6 +425,50 @@ def build_random(cfg: ModelConfig, device: torch.device) -> AVLink:
     return model
 
 
+def with_injection(model: AVLink, injection: str) -> AVLink:
+    """The same weights linked with another injection ("fusion" and "static" share every parameter)."""
+    tasks = tuple(k for k in model.fusion if k != "joint") or TASKS
+    with torch.device("meta"):  # its own fusion parameters are replaced at once: never allocate them
+        other = AVLink(model.cfg.override(**{"fusion.injection": injection}), model.audio, model.video, tasks)
+    other.fusion = model.fusion
+    return other.eval()
+
+
+def speedups(measured: float, flops: LinkFlops) -> dict[str, float]:
+    """The cache's speed-up per step, measured (plain / cached time) and predicted by the skipped FLOPs."""
+    return {"speedup_measured": measured, "speedup_predicted": flops.predicted_speedup,
+            "speedup_ratio": measured / flops.predicted_speedup}
+
+
+# The VAE of a random checkpoint: the width and depth of the shipped tiny one, so decoding costs what it does.
+RANDOM_VAE = {"hidden": 128, "depth": 2}
+
+
+def write_random_checkpoint(cfg: ModelConfig, folder: Path) -> Path:
+    """A complete checkpoint folder of random weights (linked model and audio VAE), for timing generation."""
+    from safetensors.torch import save_file
+
+    from avlink.checkpoint import save_link
+    from avlink.codecs.vae import AudioVAE
+
+    save_link(folder, build_random(cfg, torch.device("cpu")))
+    torch.manual_seed(0)
+    vae = AudioVAE(cfg.clip.audio, **RANDOM_VAE)
+    save_file(vae.state_dict(), str(folder / "vae.safetensors"),
+              metadata={k: str(v) for k, v in RANDOM_VAE.items()})
+    return folder
+
+
+def v2a_windows(pipe: Any, total_frames: int) -> list[Any]:
+    """The windows `Pipeline.video_to_audio` samples for a video of total_frames frames."""
+    from avlink.pipeline import plan_windows
+
+    clip = pipe.clip
+    frames = max(total_frames, clip.num_frames)  # a short video is held on its last frame to one window
+    tokens = max(clip.audio.num_tokens(frames / pipe.fps), clip.num_audio_tokens)
+    return plan_windows(frames, clip.num_frames, tokens, clip.num_audio_tokens, pipe.fps, clip.audio.eta)
+
+
 @dataclass
 class Inputs:
     audio: torch.Tensor  # (B, Ta, Da) latent
@@ -403,7 +519,7 @@ class Bench:
             "machine": machine(device),
             "settings": {k: getattr(args, k) for k in (
                 "presets", "tasks", "precision", "batch", "steps", "repeats", "warmup", "text_tokens",
-                "matmul_size", "max_batch_search", "max_batch", "time_budget")},
+                "matmul_size", "max_batch_search", "max_batch", "time_budget", "windows", "windows_presets")},
             "memory_method": self.memory.method,
             "peak": {},
             "presets": {},
@@ -422,13 +538,15 @@ class Bench:
         peak = self.result["peak"].get(self.args.precision)
         return peak["flops_per_s"] if peak else None
 
-    def row(self, preset: str, task: str, what: str, batch: int, timing: Timing, flops: int,
+    def row(self, preset: str, task: str, what: str, batch: int, timing: Timing, flops: int | None,
             **extra: Any) -> dict[str, Any]:
-        achieved = flops / timing.seconds
+        """flops None: a measurement that is more than the model (windowed generation decodes and vocodes)."""
+        achieved = None if flops is None else flops / timing.seconds
         peak = self.peak_flops
         row = {"preset": preset, "task": task, "what": what, "batch": batch, "seconds": timing.seconds,
                "times": timing.times, "flops": flops, "flops_per_s": achieved,
-               "utilisation": achieved / peak if peak else None, "peak_bytes": timing.peak_bytes, **extra}
+               "utilisation": achieved / peak if peak and achieved is not None else None,
+               "peak_bytes": timing.peak_bytes, **extra}
         self.result["rows"].append(row)
         self.save()
         return row
@@ -456,13 +574,17 @@ class Bench:
         cfg = get_preset(name)
         plan = plan_for(name, self.device, self.args)
         flops = {task: link_flops(cfg, task, self.args.text_tokens) for task in self.args.tasks}
+        static_cfg = cfg.override(**{"fusion.injection": "static"})
+        static = {task: link_flops(static_cfg, task, self.args.text_tokens) for task in self.args.tasks}
         self.result["presets"][name] = {
             "tokens": {"audio": cfg.clip.num_audio_tokens, "video": cfg.clip.num_video_tokens,
                        "text": self.args.text_tokens},
             "plan": asdict(plan) | {"steps": self.args.steps},
-            "flops": {task: {"prepare": f.prepare, "step": f.step, "step_uncached": f.step_uncached,
-                             "clip": f.clip(self.args.steps), "train_forward": f.train.forward,
-                             "train_backward": f.train.backward} for task, f in flops.items()},
+            "flops": {task: self._flops_entry(f) | {"train_forward": f.train.forward,
+                                                    "train_backward": f.train.backward}
+                      for task, f in flops.items()},
+            # No reinjection (fusion.injection static): the whole conditioning stream once per clip.
+            "flops_static": {task: self._flops_entry(f) for task, f in static.items()},
         }
         model = self.guarded(name, "-", "build", 0, 0.0, lambda: build_random(cfg, self.device))
         if model is None:
@@ -472,6 +594,7 @@ class Bench:
         try:
             for task in self.args.tasks:
                 self.sampling(name, model, task, flops[task], plan)
+                self.static_sampling(name, model, task, static[task], plan)
                 if self.args.max_batch_search:
                     self.batch_search(name, model, task, flops[task], plan)
                 else:
@@ -479,6 +602,12 @@ class Bench:
         finally:
             del model
             release(self.device)
+        if name in self.args.windows_presets and self.args.windows:
+            self.windowed(name, cfg, plan)
+
+    def _flops_entry(self, f: LinkFlops) -> dict[str, Any]:
+        return {"prepare": f.prepare, "step": f.step, "step_uncached": f.step_uncached,
+                "predicted_speedup": f.predicted_speedup, "clip": f.clip(self.args.steps)}
 
     def guarded(self, preset: str, task: str, what: str, batch: int, predicted_s: float,
                 fn: Callable[[], Any]) -> Any:
@@ -525,6 +654,7 @@ class Bench:
             return
         # Random weights could overflow in a deep stack, and non-finite arithmetic can run at another speed.
         self.row(name, task, "step", 1, step_t, flops.step, finite=bool(torch.isfinite(step()).all()))
+        self.plain_step(name, model, task, "step (plain)", step, step_t, flops, plan)
         if not plan.clip:
             return
         steps = self.args.steps
@@ -538,6 +668,94 @@ class Bench:
         if clip_t is not None:
             self.row(name, task, "clip", 1, clip_t, flops.clip(steps), steps=steps, expected_seconds=expected,
                      ratio_to_expected=clip_t.seconds / expected)
+
+    def plain_step(self, name: str, model: AVLink, task: Task, what: str, cached_step: Callable[[], Any],
+                   cached: Timing, flops: LinkFlops, plan: Plan) -> None:
+        """The plain path's step (`prepare(..., cache=False)`: everything recomputed) on the same inputs as the
+        cached step, timed in alternation with it (`measure_pair`), and the speed-up measured beside the one the
+        skipped FLOPs predict."""
+        inputs = random_inputs(model.cfg, 1, self.args.text_tokens, self.device)
+        x_cond, text_gen, text_cond = inputs.for_task(task)
+        with torch.no_grad():
+            cond = model.prepare(task, x_cond, text_gen, text_cond, cache=False)
+        x = initial_noise(generated_shape(model, task, x_cond), 0, self.device)
+        t = torch.full((1,), 0.5, device=self.device)
+
+        def step() -> Any:
+            with torch.no_grad(), self.autocast():
+                return model(x, t, cond)
+
+        predicted = cached.seconds * (1 + flops.predicted_speedup) * (plan.warmup + plan.repeats)
+        pair = self.guarded(name, task, what, 1, predicted, lambda: measure_pair(
+            cached_step, step, self.device, self.memory, plan.warmup, plan.repeats))
+        if pair is not None:
+            cached_again, plain, measured = pair
+            self.row(name, task, what, 1, plain, flops.step_uncached, cached_times=cached_again.times,
+                     **speedups(measured, flops))
+
+    def static_sampling(self, name: str, model: AVLink, task: Task, flops: LinkFlops, plan: Plan) -> None:
+        """prepare, step and the plain step with no reinjection, on the same weights."""
+        static = with_injection(model, "static")
+        inputs = random_inputs(model.cfg, 1, self.args.text_tokens, self.device)
+        x_cond, text_gen, text_cond = inputs.for_task(task)
+
+        def prepare() -> Any:
+            with torch.no_grad(), self.autocast():
+                return static.prepare(task, x_cond, text_gen, text_cond)
+
+        prep = self.guarded(name, task, "prepare (static)", 1, 0.0,
+                            lambda: self.timed(prepare, plan.warmup, plan.repeats))
+        if prep is None:
+            return
+        self.row(name, task, "prepare (static)", 1, prep, flops.prepare)
+        cond = prepare()
+        x = initial_noise(generated_shape(static, task, x_cond), 0, self.device)
+        t = torch.full((1,), 0.5, device=self.device)
+
+        def step() -> Any:
+            with torch.no_grad(), self.autocast():
+                return static(x, t, cond)
+
+        step_t = self.guarded(name, task, "step (static)", 1, 0.0,
+                              lambda: self.timed(step, plan.warmup, plan.repeats))
+        if step_t is None:
+            return
+        self.row(name, task, "step (static)", 1, step_t, flops.step, finite=bool(torch.isfinite(step()).all()))
+        self.plain_step(name, static, task, "step (static, plain)", step, step_t, flops, plan)
+
+    def windowed(self, name: str, cfg: ModelConfig, plan: Plan) -> None:
+        """V2A through the user-facing pipeline on 1x, 2x, 4x ... the clip length (module docstring)."""
+        from avlink.pipeline import Pipeline
+
+        steps, multiples = self.args.steps, sorted(set(self.args.windows) | {1})
+        with tempfile.TemporaryDirectory() as tmp:
+            def load() -> Pipeline:
+                folder = write_random_checkpoint(cfg, Path(tmp) / name)
+                return Pipeline.load(folder, device=self.device.type, vocoder="griffinlim")
+
+            pipe = self.guarded(name, "v2a", "windows", 1, 0.0, load)
+            if pipe is None:
+                return
+            rng = np.random.default_rng(0)
+            base: dict[str, Any] | None = None
+            for multiple in multiples:
+                frames = rng.integers(0, 256, (multiple * cfg.clip.num_frames, *pipe.size, 3), dtype=np.uint8)
+                n_windows = len(v2a_windows(pipe, frames.shape[0]))
+                what = f"windows {multiple}x"
+                expected = 0.0 if base is None else base["seconds_per_window"] * n_windows * plan.repeats
+                warmup = plan.warmup if base is None else 0  # one-off costs are paid by the first length
+                timing = self.guarded(name, "v2a", what, 1, expected, lambda f=frames, w=warmup: self.timed(
+                    lambda: pipe.video_to_audio(f, steps=steps), w, plan.repeats))
+                if timing is None:
+                    continue
+                row = {"multiple": multiple, "windows": n_windows, "video_seconds": frames.shape[0] / pipe.fps,
+                       "steps": steps, "seconds_per_window": timing.seconds / n_windows,
+                       "seconds_per_video_second": timing.seconds / (frames.shape[0] / pipe.fps)}
+                base = base or {**row, "seconds": timing.seconds}
+                row |= {"ratio_to_1x": timing.seconds / base["seconds"],
+                        "windows_ratio_to_1x": n_windows / base["windows"],
+                        "seconds_per_window_ratio_to_1x": row["seconds_per_window"] / base["seconds_per_window"]}
+                self.row(name, "v2a", what, 1, timing, None, **row)
 
     def train_timing(self, model: AVLink, task: Task, batch: int, plan: Plan) -> Timing:
         """Training steps as the training loop takes them (less its EMA and learning-rate schedule)."""
@@ -631,6 +849,22 @@ def _bytes(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.0f} MiB"
 
 
+def _note(r: dict[str, Any]) -> str:
+    if "clips_per_s" in r:
+        return f"{r['clips_per_s']:.2f} clips/s"
+    if "ratio_to_expected" in r:
+        return f"{r['ratio_to_expected']:.2f} x (prepare + steps x step)"
+    if "speedup_measured" in r:
+        return (f"cache speed-up {r['speedup_measured']:.2f}x measured, {r['speedup_predicted']:.2f}x by FLOPs:"
+                f" {r['speedup_ratio']:.2f}")
+    if "windows" in r:
+        windows = f"{r['windows']} window" + ("s" if r["windows"] != 1 else "")
+        return (f"{windows}, {_seconds(r['seconds_per_window'])}/window, "
+                f"{_seconds(r['seconds_per_video_second'])}/s of video; vs 1x: {r['ratio_to_1x']:.2f}x time, "
+                f"{r['windows_ratio_to_1x']:.2f}x windows")
+    return ""
+
+
 def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
     device = m["device"] + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else "")
@@ -649,14 +883,10 @@ def format_table(result: dict[str, Any]) -> str:
             table.append([r["preset"], r["task"], what, str(r["batch"]), "-", "-", "-", "-", "-", note])
             continue
         util = "-" if r["utilisation"] is None else f"{100 * r['utilisation']:.1f}%"
-        note = ""
-        if "clips_per_s" in r:
-            note = f"{r['clips_per_s']:.2f} clips/s"
-        if "ratio_to_expected" in r:
-            note = f"{r['ratio_to_expected']:.2f} x (prepare + steps x step)"
-        table.append([r["preset"], r["task"], what, str(r["batch"]), _seconds(r["seconds"]),
-                      f"{r['flops'] / 1e9:.2f}", f"{r['flops_per_s'] / 1e9:.1f}", util,
-                      _bytes(r["peak_bytes"]), note])
+        gflop = "-" if r["flops"] is None else f"{r['flops'] / 1e9:.2f}"
+        gflops = "-" if r["flops_per_s"] is None else f"{r['flops_per_s'] / 1e9:.1f}"
+        table.append([r["preset"], r["task"], what, str(r["batch"]), _seconds(r["seconds"]), gflop, gflops, util,
+                      _bytes(r["peak_bytes"]), _note(r)])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines.append("")
     for j, row in enumerate(table):
@@ -690,6 +920,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=1024, help="upper end of --max-batch-search")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: skip measurements that would end later (the batch search stops)")
+    parser.add_argument("--windows", nargs="*", type=int, default=[1, 2, 4], metavar="K",
+                        help="windowed V2A on K x the clip length (1x always runs; default: 1 2 4; none: off)")
+    parser.add_argument("--windows-presets", nargs="*", default=["tiny"], choices=sorted(PRESETS), metavar="NAME",
+                        help="presets whose windowed generation is timed, if also in --presets (default: tiny)")
     parser.add_argument("--out", default="bench.json", help="JSON with every number (default: bench.json)")
 
 
@@ -699,6 +933,9 @@ def check_args(args: argparse.Namespace) -> torch.device:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: need at least 1")
     if args.warmup < 0:
         raise UserError(f"--warmup {args.warmup}: need 0 or more")
+    for multiple in args.windows:
+        if multiple < 1:
+            raise UserError(f"--windows {multiple}: need whole multiples of the clip length, at least 1")
     if args.batch is not None and args.batch < 1:
         raise UserError(f"--batch {args.batch}: need at least 1")
     if args.time_budget is not None and args.time_budget <= 0:

@@ -1,7 +1,8 @@
 """`avlink v2a` / `avlink a2v`: sound for a user's video, a video for a user's sound.
 
     avlink v2a VIDEO|FOLDER|LIST [-p PROMPT] [-o OUT] [--steps 64] [--seed N] [--cfg S] [--ckpt DIR]
-               [--device cpu|cuda] [--method euler] [--vocoder hifigan] [--no-fusion] [--overwrite]
+               [--device cpu|cuda] [--precision fp32|bf16] [--method euler] [--vocoder hifigan] [--no-fusion]
+               [--overwrite]
     avlink a2v AUDIO|FOLDER|LIST [-p PROMPT] [-o OUT.mp4] [--upscale 8] [...the same options]
 
 Both commands load the checkpoint once (`Pipeline`, the one inference path) and run it on every input, with the
@@ -38,7 +39,9 @@ leaves no half-written output for the next run to take as done.
 Options passed through to the pipeline: --method, the ODE solver (euler, midpoint, heun); --vocoder (V2A),
 hifigan (the universal HiFi-GAN shipped in a package), griffinlim (no weights, fast, rough) or the path of a
 HiFi-GAN checkpoint for the model's mel analysis; --no-fusion, the frozen text-to-audio / text-to-video
-generator alone with the same prompt, seed and length (the baseline: it ignores the input's content).
+generator alone with the same prompt, seed and length (the baseline: it ignores the input's content);
+--precision, fp32 (default) or bf16: the network evaluations under bf16 autocast, allowed on CUDA and on CPUs
+with bf16 matrix instructions and refused in one line elsewhere (see pipeline.py).
 """
 
 from __future__ import annotations
@@ -231,7 +234,8 @@ class LazyPipeline:
 
             # A2V never turns a mel into sound: the weight-free vocoder saves loading HiFi-GAN.
             vocoder = self.args.vocoder if self.args.task == "v2a" else "griffinlim"
-            self.pipe = Pipeline.load(self.args.ckpt, device=self.args.device, vocoder=vocoder)
+            self.pipe = Pipeline.load(self.args.ckpt, device=self.args.device, vocoder=vocoder,
+                                      precision=self.args.precision)
         return self.pipe
 
 
@@ -296,6 +300,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", type=Path, help="checkpoint folder (default: the shipped checkpoints/tiny)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     parser.add_argument("--method", choices=tuple(SOLVERS), default="euler", help="ODE solver (default euler)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 (default) or bf16 autocast of the network (CUDA, or a CPU with bf16 matmul)")
     if task == "v2a":
         parser.add_argument("--vocoder", default="hifigan",
                             help="hifigan (universal, shipped), griffinlim, or a HiFi-GAN checkpoint path")
@@ -321,7 +327,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from avlink.pipeline import check_precision
+
     settings = settings_from_args(args)
+    check_precision(args.precision, args.device)  # before any input is read
     if not args.input.exists():
         raise UserError(f"{args.input}: no such file or folder")
     if is_batch(args.input):

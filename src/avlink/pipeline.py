@@ -8,11 +8,19 @@ what the window before generated (`sample.Known`: those tokens follow the straig
 so the model continues them instead of starting afresh). The windows are written into one latent (V2A) or one
 frame sequence (A2V), and V2A decodes that latent once through the VAE and the vocoder, so there is no seam to
 cross-fade. Cost grows linearly with length: one window's sampling per hop.
+
+Precision: "fp32" (the default) or "bf16", where the linked model's network evaluations run under
+torch.autocast(bfloat16) with the fp32 weights. Only the sampling runs so; the solver's state stays fp32 (an
+fp32 x plus a bf16 velocity step is fp32) and the VAE, the vocoder and the text encoder, which run once per
+clip, stay fp32, so outputs are fp32 whatever the precision. bf16 is allowed on CUDA devices that support it
+and on CPUs with native bf16 matrix products (`bf16_matmul`); elsewhere it is refused, not replaced by fp32:
+a result labelled bf16 must have been made in bf16. fp16 is never used (DESIGN.md).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +37,43 @@ from avlink.seq import ClipGeometry
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
 PARTS = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "fusion.safetensors", "vae.safetensors")
 MIN_OVERLAP = 0.25  # of a window
+PRECISIONS = ("fp32", "bf16")
+# cpuinfo's names (torch.cpu.get_capabilities) of native bf16 products: x86 AVX512-BF16 and AMX-BF16, Arm BF16.
+CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def bf16_matmul(device: torch.device | str) -> bool:
+    """Whether the device multiplies bf16 matrices natively.
+
+    A CPU without such instructions still runs bf16 through oneDNN by converting every operand to fp32 (or a
+    reference kernel): slower than fp32 and no more accurate, so it does not count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    capabilities = torch.cpu.get_capabilities()
+    return any(bool(capabilities.get(name, False)) for name in CPU_BF16_FEATURES)
+
+
+def check_precision(precision: str, device: torch.device | str) -> None:
+    """Refuse, in one line, a precision this device cannot sample in (module docstring says why not fall back)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision}: choose {' or '.join(PRECISIONS)}")
+    if precision == "bf16" and not bf16_matmul(device):
+        kind = torch.device(device).type
+        what = {"cpu": "this CPU has no bf16 matrix instructions (AVX512-BF16, AMX-BF16 or Arm BF16)",
+                "cuda": "this CUDA device does not support bf16" if torch.cuda.is_available() else "no CUDA device"
+                }.get(kind, f"not supported on {kind}")
+        raise UserError(f"--precision bf16: {what}; use --precision fp32")
+
+
+def sampling_precision(precision: str, device: torch.device | str) -> AbstractContextManager:
+    """The context the network evaluations run in: autocast to bf16 (fp32 weights), or nothing for fp32."""
+    check_precision(precision, device)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -65,17 +110,22 @@ class Pipeline:
     (loaded on the first prompt). Tests build a small random checkpoint with tests/helpers.py random_checkpoint.
     """
 
-    def __init__(self, model: AVLink, vae: AudioVAE, vocoder: torch.nn.Module, device: str = "cpu"):
+    def __init__(self, model: AVLink, vae: AudioVAE, vocoder: torch.nn.Module, device: str = "cpu",
+                 precision: str = "fp32"):
+        check_precision(precision, device)
         self.model, self.vae, self.vocoder = model.eval(), vae.eval(), vocoder.eval()
         self.device = torch.device(device)
+        self.precision = precision
         self._text_encoder = None
 
     @classmethod
-    def load(cls, ckpt: str | Path | None = None, device: str = "cpu", vocoder: str = "hifigan") -> Pipeline:
+    def load(cls, ckpt: str | Path | None = None, device: str = "cpu", vocoder: str = "hifigan",
+             precision: str = "fp32") -> Pipeline:
         from avlink.checkpoint import load_config, load_link
         from avlink.codecs.vae import load_vae
         from avlink.codecs.vocoder import load_vocoder
 
+        check_precision(precision, device)  # before anything is read
         folder = Path(ckpt) if ckpt is not None else DEFAULT_CHECKPOINT
         missing = [name for name in PARTS if not (folder / name).is_file()]
         if missing:
@@ -87,7 +137,7 @@ class Pipeline:
         model = load_link(folder, device)
         vae = load_vae(str(folder / "vae.safetensors"), clip).to(device)
         voc = load_vocoder(vocoder, clip.audio, device)
-        return cls(model, vae, voc, device)
+        return cls(model, vae, voc, device, precision)
 
     # -- geometry -------------------------------------------------------------------------------------------
     @property
@@ -170,14 +220,15 @@ class Pipeline:
             span = slice(w.token, w.token + win_tokens)
             known = Known(latent[:, span], done[span][None, :, None]) if done[span].any() else None
             x_cond = video[None, :, w.frame:w.frame + win_frames]
-            if fusion:
-                z = sample_link(self.model, "v2a", x_cond, text_gen=text_a, text_cond=text_v, steps=steps,
-                                method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
-            else:
-                z = sample_backbone(self.model.audio, (1, win_tokens, audio.latent_dim), text=text_a,
-                                    steps=steps, method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i,
-                                    known=known)
-            latent[:, span] = z
+            with sampling_precision(self.precision, self.device):
+                if fusion:
+                    z = sample_link(self.model, "v2a", x_cond, text_gen=text_a, text_cond=text_v, steps=steps,
+                                    method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
+                else:
+                    z = sample_backbone(self.model.audio, (1, win_tokens, audio.latent_dim), text=text_a,
+                                        steps=steps, method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i,
+                                        known=known)
+            latent[:, span] = z.float()
             done[span] = True
         mel = self.vae.decode(self.vae.unscale_latent(latent))  # (1, n_mels, F)
         wave = self.vocoder(mel)[0].float().cpu().numpy()
@@ -213,14 +264,15 @@ class Pipeline:
             span = slice(w.frame, w.frame + win_frames)
             known = Known(video[:, :, span], done[span][None, None, :, None, None]) if done[span].any() else None
             x_cond = cond_latent[:, w.token:w.token + win_tokens]
-            if fusion:
-                x = sample_link(self.model, "a2v", x_cond, text_gen=text_v, text_cond=text_a, steps=steps,
-                                method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
-            else:
-                shape = (1, v.channels, win_frames, v.height, v.width)
-                x = sample_backbone(self.model.video, shape, text=text_v, steps=steps, method=method,
-                                    cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
-            video[:, :, span] = x[:, :, :win_frames]
+            with sampling_precision(self.precision, self.device):
+                if fusion:
+                    x = sample_link(self.model, "a2v", x_cond, text_gen=text_v, text_cond=text_a, steps=steps,
+                                    method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
+                else:
+                    shape = (1, v.channels, win_frames, v.height, v.width)
+                    x = sample_backbone(self.model.video, shape, text=text_v, steps=steps, method=method,
+                                        cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
+            video[:, :, span] = x[:, :, :win_frames].float()
             done[span] = True
         pixels = ((video[0, :, :n_frames].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, T, H, W)
         return pixels.permute(1, 2, 3, 0).cpu().numpy()

@@ -1,6 +1,8 @@
 """Sampling: the one inference path that the commands, the evaluator and the app call.
 
-Conditions are prepared once (`AVLink.prepare`); the solver then asks for the velocity at every step.
+Conditions are prepared once (`AVLink.prepare`, and the prompts' keys and values: `prepare_text`); the solver
+then asks for the velocity at every step. cache=False is the plain reference that recomputes all of it at every
+step: the same numbers within fp32 rounding (the tests hold the two together), for measuring what the cache saves.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 from torch import Tensor
 
 from avlink.backbones.dit import DiT
-from avlink.backbones.protocol import TextCond
+from avlink.backbones.protocol import PreparedText, TextCond, prepare_text
 from avlink.config import Task
 from avlink.flow.guidance import classifier_free_guidance
 from avlink.flow.solvers import Velocity, solve
@@ -66,18 +68,20 @@ def sample_link(
     model: AVLink, task: Task, x_cond: Tensor, *, text_gen: TextCond | None = None,
     text_cond: TextCond | None = None, steps: int = 64, method: str = "euler", cfg_scale: float = 1.0,
     t_cond: float | None = None, seed: int = 0, progress: bool = False, known: Known | None = None,
+    cache: bool = True,
 ) -> Tensor:
     """Generate the other modality for x_cond (V2A: video (B, C, T, H, W) in [-1, 1]; A2V: latent (B, Ta, Da)).
 
     Guidance applies to the generated stream's prompt: it needs text_gen, and compares it with the null text.
+    cache=False: the plain path (module docstring).
     """
     device = x_cond.device
     cond_noise = initial_noise(tuple(x_cond.shape), seed + 1, device)
-    cond = model.prepare(task, x_cond, text_gen, text_cond, t_cond=t_cond, noise=cond_noise)
+    cond = model.prepare(task, x_cond, text_gen, text_cond, t_cond=t_cond, noise=cond_noise, cache=cache)
     x0 = initial_noise(generated_shape(model, task, x_cond), seed, device)
     if cfg_scale != 1.0 and text_gen is not None:
         gen_bb, _ = model.backbones(task)
-        uncond = cond.with_text(gen_bb.null_text_cond(x_cond.shape[0]))
+        uncond = model.with_gen_text(cond, gen_bb.null_text_cond(x_cond.shape[0]))
         velocity = classifier_free_guidance(model, cfg_scale, {"cond": cond}, {"cond": uncond})
     else:
         def velocity(x: Tensor, t: Tensor) -> Tensor:
@@ -89,14 +93,21 @@ def sample_link(
 def sample_backbone(
     backbone: DiT, shape: tuple[int, ...], *, text: TextCond | None = None, steps: int = 64,
     method: str = "euler", cfg_scale: float = 1.0, seed: int = 0, progress: bool = False,
-    known: Known | None = None,
+    known: Known | None = None, cache: bool = True,
 ) -> Tensor:
-    """A generator alone (T2A / T2V): noise of `shape` to data."""
+    """A generator alone (T2A / T2V): noise of `shape` to data. cache=False: the plain path (module docstring)."""
+    b = shape[0]
     x0 = initial_noise(shape, seed, next(backbone.parameters()).device)
+
+    def once(prompt: TextCond | None) -> TextCond | PreparedText | None:
+        return prepare_text(backbone, prompt, b) if cache else prompt
+
     if cfg_scale != 1.0 and text is not None:
         velocity = classifier_free_guidance(
-            backbone, cfg_scale, {"text": text}, {"text": backbone.null_text_cond(shape[0])})
+            backbone, cfg_scale, {"text": once(text)}, {"text": once(backbone.null_text_cond(b))})
     else:
+        prepared = once(text)
+
         def velocity(x: Tensor, t: Tensor) -> Tensor:
-            return backbone(x, t, text)
+            return backbone(x, t, prepared)
     return solve(constrain(velocity, x0, known), x0, steps=steps, method=method, progress=progress)

@@ -3,7 +3,7 @@ import torch
 
 from avlink.backbones.audio_dit import AudioDiT
 from avlink.backbones.dit import drop_text
-from avlink.backbones.protocol import Backbone, TextCond
+from avlink.backbones.protocol import Backbone, PreparedText, TextCond, prepare_text
 from avlink.backbones.video_dit import VideoDiT
 
 from helpers import randomize_backbone, tiny_config
@@ -88,3 +88,71 @@ def test_text_width_is_checked(cfg):
     audio = AudioDiT(cfg.audio, cfg.clip.audio)
     with pytest.raises(AssertionError, match="16-d"):
         audio(torch.randn(1, *cfg.clip.latent_shape), torch.rand(1), text(1, dim=8))
+
+
+@pytest.mark.parametrize("kind", ["audio", "video"])
+def test_prepared_text_gives_the_plain_velocity(cfg, kind):
+    bb = AudioDiT(cfg.audio, cfg.clip.audio) if kind == "audio" else VideoDiT(cfg.video, cfg.clip.video)
+    randomize_backbone(bb)
+    shape = cfg.clip.latent_shape if kind == "audio" else cfg.clip.video_shape
+    x, t, txt = torch.randn(2, *shape), torch.rand(2), text(2)
+    with torch.no_grad():
+        prepared = bb.prepare_text(txt, 2)
+        assert len(prepared.kv) == bb.num_blocks and all(kv is not None for kv in prepared.kv)
+        assert prepared.kv[0].k.shape == (2, cfg.audio.heads if kind == "audio" else cfg.video.heads, 5,
+                                          bb.hidden_dim // bb.cfg.heads)
+        torch.testing.assert_close(bb(x, t, prepared), bb(x, t, txt), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(bb(x, t, bb.prepare_text(None, 2)), bb(x, t, None), atol=1e-6, rtol=1e-6)
+        # Blocks [0, stop) only: a state that runs no further needs no more.
+        part = bb.prepare_text(txt, 2, stop=1)
+        assert part.kv[0] is not None and all(kv is None for kv in part.kv[1:])
+        state = bb.run_blocks(bb.embed(x, t, part), 0, 1)
+        torch.testing.assert_close(state.x, bb.run_blocks(bb.embed(x, t, txt), 0, 1).x, atol=1e-6, rtol=1e-6)
+
+
+def test_prepared_text_is_read_instead_of_the_text(cfg):
+    """The blocks take the prepared keys and values: changing them changes the velocity."""
+    audio = AudioDiT(cfg.audio, cfg.clip.audio)
+    randomize_backbone(audio)
+    x, t = torch.randn(1, *cfg.clip.latent_shape), torch.rand(1)
+    with torch.no_grad():
+        prepared = audio.prepare_text(text(1), 1)
+        v = audio(x, t, prepared)
+        prepared.kv[-1].v.mul_(2.0)
+        assert not torch.allclose(audio(x, t, prepared), v, atol=1e-4)
+        state = audio.embed(x, t, prepared)
+        assert state.text_kv is prepared.kv
+        assert state.with_text(state.text, state.text_mask).text_kv is None  # other text: blocks project it
+
+
+def test_prepared_texts_of_different_lengths_batch_like_token_states(cfg):
+    """Guidance joins a prompt and the one-token null text: padded keys are masked, as padded tokens are."""
+    audio = AudioDiT(cfg.audio, cfg.clip.audio)
+    randomize_backbone(audio)
+    x, t = torch.randn(2, *cfg.clip.latent_shape), torch.rand(2)
+    long, null = text(1, length=5), audio.null_text_cond(1)
+    with torch.no_grad():
+        joined = audio.prepare_text(long, 1).cat_batch(audio.prepare_text(null, 1))
+        assert joined.tokens.shape[:2] == (2, 5) and joined.mask[1].tolist() == [True] + [False] * 4
+        assert joined.kv[0].k.shape[2] == 5
+        torch.testing.assert_close(audio(x, t, joined), audio(x, t, long.cat_batch(null)), atol=1e-5, rtol=1e-5)
+
+
+def test_a_backbone_without_a_text_cache_gets_the_text_as_given(cfg):
+    class Plain:  # the protocol's three calls, no prepare_text
+        pass
+
+    txt = text(2)
+    assert prepare_text(Plain(), txt, 2) is txt
+    audio = AudioDiT(cfg.audio, cfg.clip.audio)
+    assert isinstance(prepare_text(audio, txt, 2), PreparedText)
+
+
+def test_prepared_text_is_refused_where_the_text_projection_trains(cfg):
+    audio = AudioDiT(cfg.audio, cfg.clip.audio)  # a fresh backbone trains: its text projection needs gradients
+    prepared = audio.prepare_text(text(1), 1)
+    x, t = torch.randn(1, *cfg.clip.latent_shape), torch.rand(1)
+    with pytest.raises(AssertionError, match="train with the TextCond"):
+        audio(x, t, prepared)
+    with torch.no_grad():
+        assert audio(x, t, prepared).shape == x.shape

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from avlink.flow.solvers import EVALS_PER_STEP, SOLVERS, solve
+from avlink.flow.solvers import EVALS_PER_STEP, SOLVERS, solve, steps_for_evals
 
 
 def test_euler_is_exact_on_the_rectified_path():
@@ -61,3 +61,19 @@ def test_bad_arguments():
         solve(lambda x, t: x, torch.zeros(1), method="rk45")
     with pytest.raises(ValueError, match="steps"):
         solve(lambda x, t: x, torch.zeros(1), steps=0)
+
+
+@pytest.mark.parametrize(("method", "evals", "steps"),
+                         [("euler", 16, 16), ("midpoint", 16, 8), ("heun", 32, 16), ("heun", 33, None),
+                          ("midpoint", 1, None), ("euler", 0, None)])
+def test_steps_for_evals(method, evals, steps):
+    assert steps_for_evals(method, evals) == steps
+    if steps is not None:  # the count the solver really makes
+        calls = []
+        solve(lambda x, t: calls.append(1) or x, torch.zeros(1), steps=steps, method=method)
+        assert len(calls) == evals
+
+
+def test_steps_for_evals_unknown_solver():
+    with pytest.raises(ValueError, match="unknown solver 'rk4'"):
+        steps_for_evals("rk4", 8)

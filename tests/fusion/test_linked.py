@@ -2,11 +2,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
 
-from avlink.backbones.protocol import TextCond
+from avlink.backbones.protocol import PreparedText, TextCond
 from avlink.flow.guidance import classifier_free_guidance
 from avlink.fusion.block import Alignment
-from avlink.fusion.linked import fusion_points
+from avlink.fusion.linked import AVLink, fusion_points
 
 from helpers import tiny_batch, tiny_link
 
@@ -173,34 +174,85 @@ def test_conditioning_is_noised_once_to_the_fixed_time():
     assert torch.allclose(model.prepare("a2v", audio).t_cond, torch.full((2,), 0.8))
 
 
-def test_batched_guidance_equals_two_forwards_through_the_link():
+@pytest.mark.parametrize("cache", [True, False])
+def test_batched_guidance_equals_two_forwards_through_the_link(cache):
     model = tiny_link()
     with torch.no_grad():
         for p in model.fusion.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     audio, video = tiny_batch(model.cfg)
-    cond = model.prepare("v2a", video, text_gen=text(2))
-    uncond = cond.with_text(model.audio.null_text_cond(2))
     t = torch.rand(2)
     with torch.no_grad():
+        cond = model.prepare("v2a", video, text_gen=text(2), text_cond=text(2, seed=1), cache=cache)
+        uncond = model.with_gen_text(cond, model.audio.null_text_cond(2))
+        assert isinstance(uncond.text_gen, PreparedText) == cache
         batched = classifier_free_guidance(model, 3.0, {"cond": cond}, {"cond": uncond})(audio, t)
         twice = classifier_free_guidance(model, 3.0, {"cond": cond}, {"cond": uncond}, batched=False)(audio, t)
     torch.testing.assert_close(batched, twice, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("injection", ["fusion", "direct"])
-def test_activation_checkpointing_gives_the_same_gradients(injection):
-    grads = []
-    for recompute in (False, True):
-        model = tiny_link(**{"fusion.injection": injection})
-        with torch.no_grad():
-            for p in model.fusion.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-        model.set_activation_checkpointing(recompute)
-        audio, video = tiny_batch(model.cfg)
-        loss = model.loss("v2a", audio, video, generator=torch.Generator().manual_seed(0))
-        loss.backward()
-        grads.append([p.grad.clone() for p in model.fusion_set("v2a").parameters() if p.grad is not None])
-    assert grads[0]
-    for plain, recomputed in zip(*grads, strict=True):
-        torch.testing.assert_close(plain, recomputed, atol=1e-6, rtol=1e-5)
+@pytest.mark.parametrize("injection", ["fusion", "static", "text_concat"])
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_prepared_condition_equals_the_uncached_condition(task, injection):
+    """One velocity from a cached condition (prefix, text keys and values) and from the plain one."""
+    model = tiny_link(**{"fusion.injection": injection})
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x_gen, x_cond = generated_and_condition(model, task)
+    t, noise = torch.rand(2), torch.randn_like(x_cond)
+    with torch.no_grad():
+        cached = model.prepare(task, x_cond, text(2), text(2, seed=1, length=6), noise=noise)
+        plain = model.prepare(task, x_cond, text(2), text(2, seed=1, length=6), noise=noise, cache=False)
+        assert cached.cached and not plain.cached and plain.cond_state is None
+        assert isinstance(cached.text_gen, PreparedText) and cached.cond_state.text_kv is not None
+        torch.testing.assert_close(model(x_gen, t, cached), model(x_gen, t, plain), atol=1e-5, rtol=1e-5)
+
+
+def test_training_keeps_the_text_path_in_its_forward():
+    """With gradients recorded, prepare caches the frozen prefix as before but no text keys and values."""
+    model = tiny_link()
+    audio, video = tiny_batch(model.cfg)
+    txt = text(2)
+    cond = model.prepare("v2a", video, text_gen=txt, text_cond=text(2, seed=1))
+    assert cond.text_gen is txt and cond.cond_state.text_kv is None
+    projections = []
+    handle = model.audio.text_proj.register_forward_hook(lambda *_: projections.append(torch.is_grad_enabled()))
+    model.loss("v2a", audio, video, txt).backward()
+    handle.remove()
+    assert projections == [True]  # the generated stream's prompt, projected inside the training forward
+
+
+class ProtocolOnly(nn.Module):
+    """An adapter offering just the Backbone protocol (no text cache), as another generator's would."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.hidden_dim, self.num_blocks, self.eta = inner.hidden_dim, inner.num_blocks, inner.eta
+
+    def embed(self, x_t, t, text=None):
+        assert not isinstance(text, PreparedText), "this backbone prepares no text"
+        return self.inner.embed(x_t, t, text)
+
+    def run_blocks(self, state, start, stop):
+        return self.inner.run_blocks(state, start, stop)
+
+    def head(self, state):
+        return self.inner.head(state)
+
+
+def test_a_backbone_without_a_text_cache_still_links():
+    reference = tiny_link()
+    with torch.no_grad():
+        for p in reference.fusion.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = AVLink(reference.cfg, ProtocolOnly(reference.audio), ProtocolOnly(reference.video))
+    model.fusion.load_state_dict(reference.fusion.state_dict())
+    audio, video = tiny_batch(model.cfg)
+    t, noise = torch.rand(2), torch.randn_like(video)
+    with torch.no_grad():
+        cond = model.prepare("v2a", video, text(2), text(2, seed=1), noise=noise)
+        assert isinstance(cond.text_gen, TextCond) and cond.cached
+        expected = reference(audio, t, reference.prepare("v2a", video, text(2), text(2, seed=1), noise=noise))
+        torch.testing.assert_close(model(audio, t, cond), expected, atol=1e-5, rtol=1e-5)

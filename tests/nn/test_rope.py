@@ -1,10 +1,12 @@
+import gc
+
 import pytest
 import torch
 
 from avlink.config import get_preset
 from avlink.fusion.block import Alignment
 from avlink.nn.attention import attention
-from avlink.nn.rope import apply_rope, rope_angles, rope_angles_nd
+from avlink.nn.rope import RotationCache, apply_rope, rope_angles, rope_angles_nd
 
 
 def test_rotation_preserves_norm_and_zero_position_is_identity():
@@ -100,3 +102,91 @@ def test_attention_matches_reference_with_mask():
     logits = logits.masked_fill(~mask[:, None, None], float("-inf"))
     ref = (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# --- the complex-product form against the plain formula -----------------------------------------------------
+
+
+def reference_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """The textbook rotation of consecutive channel pairs, in float32."""
+    if angles.ndim == 3:
+        angles = angles[:, None]
+    cos, sin = angles.float().cos(), angles.float().sin()
+    x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
+    out = torch.empty(x.shape, dtype=torch.float32)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out.to(x.dtype)
+
+
+def packed_qkv(b: int, n: int, h: int, dh: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """q, k, v as the strided views a packed projection gives, (B, H, N, Dh) each."""
+    qkv = torch.randn(b, n, 3 * h * dh, generator=torch.Generator().manual_seed(seed))
+    return tuple(qkv.unflatten(-1, (3, h, dh)).permute(2, 0, 3, 1, 4))
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_apply_rope_matches_reference(per_batch):
+    g = torch.Generator().manual_seed(1)
+    q, _, _ = packed_qkv(2, 7, 3, 8)
+    assert not q.is_contiguous()
+    pos = torch.rand(2, 7, generator=g) * 50 if per_batch else torch.rand(7, generator=g) * 50
+    angles = rope_angles(pos, 8)
+    out = apply_rope(q, angles)
+    torch.testing.assert_close(out, reference_rope(q, angles), atol=2e-6, rtol=1e-5)
+    assert out.shape == q.shape
+
+
+def test_apply_rope_odd_offsets_and_bf16():
+    """A view whose pairs cannot be seen as complex numbers in place (odd offset) is copied first; bf16 in
+    gives bf16 out, rotated in float32."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(1, 2, 5, 9, generator=g)
+    x = base[..., 1:]  # storage offset 1, row stride 9
+    angles = rope_angles(torch.arange(5.0) * 3, 8)
+    torch.testing.assert_close(apply_rope(x, angles), reference_rope(x, angles), atol=2e-6, rtol=1e-5)
+    xb = torch.randn(1, 2, 5, 8, generator=g).bfloat16()
+    out = apply_rope(xb, angles)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference_rope(xb, angles), atol=1e-2, rtol=1e-2)
+
+
+def test_apply_rope_gradients_match_reference():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 6, 8, generator=g, requires_grad=True)
+    angles = rope_angles(torch.rand(6, generator=g) * 20, 8).requires_grad_()
+    weight = torch.randn(2, 2, 6, 8, generator=g)
+    (apply_rope(x, angles) * weight).sum().backward()
+    got = x.grad.clone(), angles.grad.clone()
+    x.grad, angles.grad = None, None
+    (reference_rope(x, angles) * weight).sum().backward()
+    torch.testing.assert_close(got[0], x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], angles.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_rotation_cache_keys_on_the_tensor_and_its_version():
+    cache = RotationCache(capacity=3)
+    angles = rope_angles(torch.arange(4.0), 6)
+    first = cache.rotation(angles)
+    assert cache.rotation(angles) is first  # the same tensor: no new rotation
+    torch.testing.assert_close(torch.view_as_real(first)[..., 0], angles.cos())
+    twin = angles.clone()  # equal values, another tensor: its own entry
+    assert cache.rotation(twin) is not first and len(cache) == 2
+    angles.add_(0.5)  # modified in place: the old rotation no longer holds
+    again = cache.rotation(angles)
+    assert again is not first
+    torch.testing.assert_close(torch.view_as_real(again)[..., 1], angles.sin())
+
+
+def test_rotation_cache_is_bounded_and_forgets_freed_tensors():
+    cache = RotationCache(capacity=3)
+    alive = [rope_angles(torch.arange(4.0) + i, 6) for i in range(5)]
+    for angles in alive:
+        cache.rotation(angles)
+    del angles
+    assert len(cache) == 3  # least recently used went first
+    del alive[3:]
+    gc.collect()
+    assert len(cache) == 1  # entries of freed tensors go at the next look-up
+    needs_grad = rope_angles(torch.arange(4.0), 6).requires_grad_()
+    assert cache.rotation(needs_grad).requires_grad and len(cache) == 1  # never cached

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from avlink.backbones.protocol import StreamState, TextCond
+from avlink.backbones.protocol import PreparedText, StreamState, TextCond, TextKV
 from avlink.config import DiTConfig
 from avlink.nn.attention import CrossAttention, SelfAttention
 from avlink.nn.layers import MLP, AdaLN, TimestepEmbedder, layer_norm, modulate
@@ -41,10 +41,14 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(d, int(d * cfg.mlp_ratio))
         self.ada = AdaLN(d, (d,) * 6)
 
-    def forward(self, x: Tensor, c: Tensor, angles: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, c: Tensor, angles: Tensor, text: Tensor, text_mask: Tensor, text_kv: TextKV | None = None,
+    ) -> Tensor:
+        """text_kv: this block's text keys and values prepared once per sample; None: projected from text."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), angles)
-        x = x + self.cross(self.norm2(x), text, text_mask)
+        kv = None if text_kv is None else (text_kv.k, text_kv.v)
+        x = x + self.cross(self.norm2(x), text, text_mask, kv=kv)
         return x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
 
 
@@ -69,7 +73,7 @@ class DiT(nn.Module):
         d = cfg.dim
         self.x_embed = nn.Linear(token_dim, d)
         self.t_embed = TimestepEmbedder(d)
-        # Text states are projected to the model width once per forward, not in every block.
+        # Text states are projected to the model width once per forward (once per sample: prepare_text).
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))  # learned "no prompt" for CFG
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
@@ -128,39 +132,68 @@ class DiT(nn.Module):
         tokens = self.null_text.expand(batch_size, 1, -1)
         return TextCond(tokens, torch.ones(batch_size, 1, dtype=torch.bool, device=tokens.device))
 
-    def embed(self, x_t: Tensor, t: Tensor, text: TextCond | None = None) -> StreamState:
+    def _project_text(self, text: TextCond, dtype: torch.dtype) -> Tensor:
+        assert text.tokens.shape[-1] == self.cfg.text_dim, (
+            f"text states are {text.tokens.shape[-1]}-d, this backbone expects {self.cfg.text_dim}-d"
+        )
+        return self.text_proj(text.tokens.to(dtype))  # (B, L, D)
+
+    @torch.no_grad()
+    def prepare_text(self, text: TextCond | None, batch_size: int, stop: int | None = None) -> PreparedText:
+        """A prompt (None: the null text) projected once per sample, with the keys and values of blocks
+        [0, stop) (None: every block): sampling evaluates the same prompt at every step. For sampling only:
+        gradients never reach the text path through it (training takes the plain `TextCond` path)."""
+        stop = self.num_blocks if stop is None else stop
+        assert 0 <= stop <= self.num_blocks, f"stop {stop} out of 0..{self.num_blocks}"
+        text = text if text is not None else self.null_text_cond(batch_size)
+        tokens = self._project_text(text, self.x_embed.weight.dtype)  # (B, L, D)
+        kv: list[TextKV | None] = []
+        for block in self.blocks[:stop]:
+            k, v = block.cross.context_kv(tokens)  # views into one projection; attention reads them each step
+            kv.append(TextKV(k.contiguous(), v.contiguous()))
+        return PreparedText(tokens, text.mask, kv + [None] * (self.num_blocks - stop))
+
+    def embed(self, x_t: Tensor, t: Tensor, text: TextCond | PreparedText | None = None) -> StreamState:
         tokens, grid = self.tokenize(x_t)
         b = tokens.shape[0]
         t = t.expand(b) if t.ndim == 0 or t.shape[0] == 1 else t
         assert t.shape == (b,), f"t must be (B,) = ({b},), got {tuple(t.shape)}"
-        text = text if text is not None else self.null_text_cond(b)
-        assert text.tokens.shape[-1] == self.cfg.text_dim, (
-            f"text states are {text.tokens.shape[-1]}-d, this backbone expects {self.cfg.text_dim}-d"
-        )
+        if isinstance(text, PreparedText):
+            assert text.batch_size == b and len(text.kv) == self.num_blocks, (
+                f"prepared text for batch {text.batch_size} and {len(text.kv)} blocks, "
+                f"used at batch {b} with {self.num_blocks} blocks")
+            assert not (torch.is_grad_enabled() and self.text_proj[0].weight.requires_grad), (
+                "prepared text carries no gradient to the text projection; train with the TextCond")
+            text_tokens, text_mask, text_kv = text.tokens, text.mask, text.kv
+        else:
+            text = text if text is not None else self.null_text_cond(b)
+            text_tokens, text_mask, text_kv = self._project_text(text, tokens.dtype), text.mask, None
         return StreamState(
             x=self.x_embed(tokens),  # (B, N, D)
             t=t,
             c=self.t_embed(t),  # (B, D)
             times=self.token_times(grid, tokens.device),
             angles=self.rope(grid, tokens.device),
-            text=self.text_proj(text.tokens.to(tokens.dtype)),  # (B, L, D)
-            text_mask=text.mask,
+            text=text_tokens,  # (B, L, D)
+            text_mask=text_mask,
             grid=grid,
+            text_kv=text_kv,
         )
 
     def run_blocks(self, state: StreamState, start: int, stop: int) -> StreamState:
         assert 0 <= start <= stop <= self.num_blocks, f"blocks [{start}, {stop}) out of 0..{self.num_blocks}"
         x = state.x
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks[start:stop]:
-            args = (x, state.c, state.angles, state.text, state.text_mask)
-            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
+        for i in range(start, stop):
+            kv = None if state.text_kv is None else state.text_kv[i]
+            args = (x, state.c, state.angles, state.text, state.text_mask, kv)
+            x = checkpoint(self.blocks[i], *args, use_reentrant=False) if recompute else self.blocks[i](*args)
         return state.with_x(x)
 
     def head(self, state: StreamState) -> Tensor:
         return self.untokenize(self.final(state.x, state.c), state.grid)
 
-    def forward(self, x_t: Tensor, t: Tensor, text: TextCond | None = None) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, text: TextCond | PreparedText | None = None) -> Tensor:
         """The generator alone (T2A / T2V): velocity of the whole stack."""
         state = self.run_blocks(self.embed(x_t, t, text), 0, self.num_blocks)
         return self.head(state)

@@ -3,6 +3,11 @@
 A backbone turns (x_t, t, text) into a `StreamState`, runs any range of its blocks on it, and turns the final
 state into a velocity. The linked model walks the fusion points with these three calls, so another pretrained
 generator joins AV-Link by writing one adapter to this protocol.
+
+Optional: `prepare_text(text, batch_size, stop=None) -> PreparedText`. A prompt is the same at every sampling
+step, so a backbone that offers this projects it (and each block's cross-attention keys and values) once per
+sample and takes the result in `embed` instead of the text; `prepare_text` below falls back to the plain text
+for a backbone without it.
 """
 
 from __future__ import annotations
@@ -50,6 +55,56 @@ def _pad_text(text: TextCond, length: int) -> TextCond:
 
 
 @dataclass
+class TextKV:
+    """One block's text cross-attention keys (normalised) and values, each (B, H, L, Dh)."""
+
+    k: Tensor
+    v: Tensor
+
+
+@dataclass
+class PreparedText:
+    """A prompt prepared once per sample for one backbone (sampling only: no gradient reaches its text path).
+
+    tokens: (B, L, D) text at the backbone's width; mask (B, L) bool;
+    kv:     per block, that block's keys and values, or None for a block it was not prepared for.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    kv: list[TextKV | None]
+
+    def __post_init__(self) -> None:
+        assert self.tokens.ndim == 3, f"prepared text must be (B, L, D), got {tuple(self.tokens.shape)}"
+        assert self.mask.shape == self.tokens.shape[:2], (
+            f"text mask {tuple(self.mask.shape)} does not match tokens {tuple(self.tokens.shape)}"
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    def cat_batch(self, other: PreparedText) -> PreparedText:
+        """Join two batches along B (classifier-free guidance), padding the shorter prompt with masked keys, as
+        `TextCond.cat_batch` pads tokens: a masked key gets no attention weight, so its values never count."""
+        length = max(self.tokens.shape[1], other.tokens.shape[1])
+        a, b = _pad_prepared(self, length), _pad_prepared(other, length)
+        kv = [None if x is None or y is None else TextKV(torch.cat([x.k, y.k]), torch.cat([x.v, y.v]))
+              for x, y in zip(a.kv, b.kv, strict=True)]
+        return PreparedText(torch.cat([a.tokens, b.tokens]), torch.cat([a.mask, b.mask]), kv)
+
+
+def _pad_prepared(text: PreparedText, length: int) -> PreparedText:
+    missing = length - text.tokens.shape[1]
+    if missing == 0:
+        return text
+    pad = torch.nn.functional.pad
+    kv = [None if x is None else TextKV(pad(x.k, (0, 0, 0, missing)), pad(x.v, (0, 0, 0, missing)))
+          for x in text.kv]  # (B, H, L, Dh): pad along L
+    return PreparedText(pad(text.tokens, (0, 0, 0, missing)), pad(text.mask, (0, missing), value=False), kv)
+
+
+@dataclass
 class StreamState:
     """One stream between blocks.
 
@@ -60,6 +115,8 @@ class StreamState:
     angles: RoPE angles of the backbone's own self-attention, (N, head_dim / 2)
     text:   (B, L, D) text tokens projected to the backbone's width; text_mask (B, L)
     grid:   the token layout the head needs to rebuild the output, e.g. (T', H', W') or (Ta,)
+    text_kv: per block, its text keys and values prepared once per sample (`PreparedText.kv`); None: each block
+            projects `text` itself
     """
 
     x: Tensor
@@ -70,13 +127,15 @@ class StreamState:
     text: Tensor
     text_mask: Tensor
     grid: tuple[int, ...]
+    text_kv: list[TextKV | None] | None = None
 
     def with_x(self, x: Tensor) -> StreamState:
         assert x.shape == self.x.shape, f"stream shape changed: {tuple(self.x.shape)} -> {tuple(x.shape)}"
         return replace(self, x=x)
 
     def with_text(self, text: Tensor, text_mask: Tensor) -> StreamState:
-        return replace(self, text=text, text_mask=text_mask)
+        """Other text tokens; keys and values prepared for the old ones no longer hold, so blocks project these."""
+        return replace(self, text=text, text_mask=text_mask, text_kv=None)
 
 
 @runtime_checkable
@@ -85,8 +144,18 @@ class Backbone(Protocol):
     num_blocks: int
     eta: float  # token positions per second along time
 
-    def embed(self, x_t: Tensor, t: Tensor, text: TextCond | None) -> StreamState: ...
+    def embed(self, x_t: Tensor, t: Tensor, text: TextCond | PreparedText | None) -> StreamState:
+        """text: PreparedText only from the backbone's own `prepare_text` (optional, see the module docstring)."""
 
     def run_blocks(self, state: StreamState, start: int, stop: int) -> StreamState: ...
 
     def head(self, state: StreamState) -> Tensor: ...
+
+
+def prepare_text(
+    backbone: Backbone, text: TextCond | None, batch_size: int, stop: int | None = None,
+) -> TextCond | PreparedText | None:
+    """The backbone's once-per-sample form of a prompt (None: its null text) for blocks [0, stop) (None: all),
+    where it offers one; otherwise the text as given, which `embed` takes in the plain way."""
+    prepare = getattr(backbone, "prepare_text", None)
+    return text if prepare is None else prepare(text, batch_size, stop)

@@ -2,7 +2,7 @@
 
     avlink eval --task v2a|a2v --generated DIR --reference DIR --out DIR [--metrics ...]
                 [--weights NAME=PATH ...]
-    avlink eval --sweep t_cond|steps --ckpt DIR --data SYNCBENCH_DIR --task v2a|a2v --out DIR [--values ...]
+    avlink eval --sweep t_cond|steps|evals --ckpt DIR --data SYNCBENCH_DIR --task v2a|a2v --out DIR [--values ...]
 
 Files pair by name stem (.wav, .flac or .mp4 on either side, in any subfolder); a SyncBench reference folder
 (one with metadata.jsonl) names its clips by id and brings each clip's true event times and caption. V2A
@@ -697,7 +697,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, help="seconds scored per clip (default: the reference's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled-pairs floor (default 0)")
     sweep = parser.add_argument_group("sweep (the paper's Figure 3 study)")
-    sweep.add_argument("--sweep", choices=("t_cond", "steps"), help="generate at each value and score it")
+    sweep.add_argument("--sweep", choices=("t_cond", "steps", "evals"),
+                       help="generate at each value and score it (evals: network evaluations per sample)")
     sweep.add_argument("--ckpt", type=Path, help="checkpoint folder (config.json, parts, vae.safetensors)")
     sweep.add_argument("--data", type=Path, help="SyncBench folder whose clips condition the generation")
     sweep.add_argument("--values", nargs="+", type=float, help="values of the swept setting")
@@ -708,6 +709,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--vocoder", default="hifigan-universal",
                        help="V2A: hifigan-universal, griffin-lim or a checkpoint path")
     sweep.add_argument("--sample-seed", type=int, default=0, help="noise seed of the generation (default 0)")
+    sweep.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="fp32 (default) or bf16 autocast of the network (a CPU with bf16 matmul, or CUDA)")
+    sweep.add_argument("--prompts", choices=("none", "captions"), default="none",
+                       help="none (default) or each clip's SyncBench caption, as the scorecard")
+    sweep.add_argument("--batch", type=int, default=1, help="clips sampled together (default 1)")
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:

@@ -1,15 +1,30 @@
-"""`avlink eval --sweep t_cond|steps`: a metric against one sampling setting, the paper's Figure 3 study.
+"""`avlink eval --sweep t_cond|steps|evals`: a metric against one sampling setting, the paper's Figure 3 study,
+and the cost-quality curve of the ODE solvers.
 
     avlink eval --sweep t_cond --ckpt DIR --data SYNCBENCH_DIR --task v2a --out DIR [--values 0.5 0.8 0.96 1]
     avlink eval --sweep steps  --ckpt DIR --data SYNCBENCH_DIR --task a2v --out DIR [--values 4 16 64]
                 [--methods euler heun]
+    avlink eval --sweep evals  --ckpt DIR --data SYNCBENCH_DIR --task v2a --out DIR [--values 16 32 64]
+                [--methods euler midpoint heun]
+    common options: [--precision fp32|bf16] [--prompts none|captions] [--batch N] [--sample-seed S] [--n N]
 
 For every solver (--methods) and value, the linked model of --ckpt generates the other modality of each
 SyncBench clip through `sample_link` (the one inference path), the outputs are written to
 OUT/<method>/<sweep>=<value>/generated/, and `avlink eval` scores them there (metrics.json, metrics.md,
 per_clip.csv). OUT/sweep.json, sweep.md and sweep.png put the model's values side by side with the
-ground-truth ceiling and the shuffled floor. Text prompts are not used: AV-Link's text conditioning is
-optional.
+ground-truth ceiling and the shuffled floor.
+
+`evals` puts network evaluations on the axis instead of steps: a solver of k evaluations per step
+(`EVALS_PER_STEP`: Euler 1, midpoint and Heun 2) runs value / k steps, so solvers of different order are
+compared at the same cost. A value that k does not divide is skipped for that solver, with a note in the
+output. Guidance is not used here (scale 1), so one solver evaluation is one network evaluation.
+
+Prompts: none by default (AV-Link's text conditioning is optional); `--prompts captions` gives each clip its
+SyncBench caption for both streams, as the shipped checkpoint's scorecard does. Clips are sampled `--batch` at
+a time; a batch's noise is drawn from --sample-seed + the index of its first clip (with --batch 1, clip i has
+seed + i), the scorecard's scheme, so `--prompts captions --batch 25` at 64 Euler steps redoes its AV-Link
+row. `--precision bf16` runs the network evaluations under bf16 autocast (pipeline.sampling_precision); the
+decoders stay fp32.
 
 The audio side goes through the checkpoint's VAE (see `load_checkpoint_vae`): V2A decodes the generated latent
 to a mel and the vocoder (--vocoder) turns it into a wave; A2V encodes the conditioning audio to its latent.
@@ -18,9 +33,11 @@ to a mel and the vocoder (--vocoder) turns it into a wave; A2V encodes the condi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +45,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avlink.backbones.protocol import TextCond
 from avlink.checkpoint import atomic_write, load_link
 from avlink.cli import UserError
 from avlink.config import Task
 from avlink.eval import report as rep
 from avlink.eval.runner import METRIC_GROUPS, EvalSettings, evaluate, parse_weights
-from avlink.flow.solvers import SOLVERS
+from avlink.flow.solvers import EVALS_PER_STEP, SOLVERS, steps_for_evals
 
 DEFAULT_VALUES: dict[str, tuple[float, ...]] = {
     "t_cond": (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.96, 1.0),
     "steps": (1, 2, 4, 8, 16, 32, 64),
+    "evals": (4, 8, 16, 32, 64),
 }
+AXIS_LABELS = {"t_cond": "t_cond (conditioning flow time)", "steps": "sampling steps",
+               "evals": "network evaluations (steps x evaluations per step)"}
 VAE_FILE = "vae.safetensors"
 # Drawn first when present; the sweep's JSON and table hold every metric.
 PLOT_METRICS = ("onset_acc", "onset_ap", "av_align", "event_f1", "class_acc")
@@ -117,15 +138,93 @@ def write_output(task: Task, x: Tensor, cond: Conditioned, folder: Path, clip: A
     media.write_video(folder / f"{cond.id}.mp4", frames, clip.video.fps, cond.audio, clip.audio.sample_rate)
 
 
-def generate(model: Any, args: argparse.Namespace, method: str, value: float, conds: list[Conditioned],
-             folder: Path, vae: Any, vocoder: Any) -> None:
-    steps = int(value) if args.sweep == "steps" else args.steps
-    t_cond = float(value) if args.sweep == "t_cond" else None
-    clip = model.cfg.clip
+@dataclass(frozen=True)
+class Point:
+    """One setting of the sweep: what the solver runs for one (method, value)."""
+
+    method: str
+    value: float
+    steps: int
+    t_cond: float | None  # None: the model's own fixed conditioning time
+
+    @property
+    def evals(self) -> int:
+        return self.steps * EVALS_PER_STEP[self.method]
+
+
+def plan_point(sweep: str, method: str, value: float, steps: int) -> Point | None:
+    """The point of (method, value); None where an evals value is not a whole number of the method's steps."""
+    if sweep == "t_cond":
+        return Point(method, value, steps, float(value))
+    if sweep == "steps":
+        return Point(method, value, int(value), None)
+    steps = steps_for_evals(method, int(value))
+    return None if steps is None else Point(method, value, steps, None)
+
+
+def plan(sweep: str, methods: list[str], values: list[float], steps: int) -> tuple[dict[str, list], list[str]]:
+    """Every method's points, value by value (None: skipped), and one note per skipped point."""
+    points: dict[str, list[Point | None]] = {}
+    notes = []
+    for method in methods:
+        points[method] = [plan_point(sweep, method, value, steps) for value in values]
+        for value, point in zip(values, points[method], strict=True):
+            if point is None:
+                notes.append(f"{method} at {value:g} evaluations: skipped, {EVALS_PER_STEP[method]} evaluations "
+                             f"per step do not divide it")
+    return points, notes
+
+
+def captions(data: Path, ids: list[str]) -> list[str]:
+    """Each clip's SyncBench caption ('' for a clip without one)."""
+    from avlink.data import syncbench
+
+    by_id = {str(row["id"]): str(row.get("caption", "")) for row in syncbench.load_metadata(data)}
+    return [by_id.get(i, "") for i in ids]
+
+
+def caption_texts(model: Any, data: Path, conds: list[Conditioned]) -> TextCond:
+    """The captions of all clips, encoded once by the checkpoint's text encoder: tokens (N, L, Dt)."""
+    from avlink.codecs.text import load_text_encoder
+
+    encoder = load_text_encoder(model.cfg.text_encoder)
+    text = encoder.encode(captions(data, [c.id for c in conds]))
+    return TextCond(text.tokens, text.mask)
+
+
+@dataclass
+class SweepRun:
+    """What every point of a sweep shares, prepared once."""
+
+    args: argparse.Namespace
+    model: Any
+    conds: list[Conditioned]
+    texts: TextCond | None  # every clip's caption, tokens (N, L, Dt); None: no prompt
+    settings: EvalSettings
+    vae: Any
+    vocoder: Any
+    source: dict[str, Any]  # what decides a point's files besides the point itself (`point_source`)
+    cache: dict = field(default_factory=dict)  # reference features, the same for every point
+
+
+def generate(run: SweepRun, point: Point, folder: Path) -> None:
+    """Generate and write every clip at one point, --batch clips at a time (module docstring: seeds)."""
+    from avlink.pipeline import sampling_precision
+    from avlink.sample import sample_link
+
+    args, texts = run.args, run.texts
     folder.mkdir(parents=True, exist_ok=True)
-    for index, cond in enumerate(conds):
-        x = sample_one(model, args.task, cond.x_cond, steps, method, t_cond, args.sample_seed + index)
-        write_output(args.task, x, cond, folder, clip, vae, vocoder)
+    for start in range(0, len(run.conds), args.batch):
+        chunk = run.conds[start:start + args.batch]
+        x_cond = torch.cat([c.x_cond for c in chunk])  # (B, ...) of one clip's shape
+        text = None if texts is None else TextCond(texts.tokens[start:start + len(chunk)],
+                                                   texts.mask[start:start + len(chunk)])
+        with sampling_precision(args.precision, x_cond.device):
+            x = sample_link(run.model, args.task, x_cond, text_gen=text, text_cond=text, steps=point.steps,
+                            method=point.method, t_cond=point.t_cond, seed=args.sample_seed + start)
+        x = x.float()  # (B, ...) the generated modality, fp32 whatever the precision
+        for i, cond in enumerate(chunk):
+            write_output(args.task, x[i:i + 1], cond, folder, run.model.cfg.clip, run.vae, run.vocoder)
 
 
 def sample_one(model: Any, task: Task, x_cond: Tensor, steps: int, method: str, t_cond: float | None,
@@ -137,10 +236,10 @@ def sample_one(model: Any, task: Task, x_cond: Tensor, steps: int, method: str, 
 
 def check_values(sweep: str, values: list[float] | None) -> list[float]:
     values = list(values or DEFAULT_VALUES[sweep])
-    if sweep == "steps" and any(v < 1 or v != int(v) for v in values):
-        raise UserError(f"--values {values}: steps must be whole numbers >= 1")
+    if sweep in ("steps", "evals") and any(v < 1 or v != int(v) for v in values):
+        raise UserError(f"--values {' '.join(f'{v:g}' for v in values)}: {sweep} must be whole numbers >= 1")
     if sweep == "t_cond" and any(not 0.0 <= v <= 1.0 for v in values):
-        raise UserError(f"--values {values}: t_cond must lie in [0, 1]")
+        raise UserError(f"--values {' '.join(f'{v:g}' for v in values)}: t_cond must lie in [0, 1]")
     return values
 
 
@@ -148,15 +247,18 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
-def summarize(sweep: str, task: Task, values: list[float], reports: dict[str, list[rep.EvalReport]]
-              ) -> dict[str, Any]:
-    """The model's value of every metric per value and solver, beside ceiling and floor (JSON-ready)."""
-    first = next(iter(reports.values()))[0]
+def summarize(sweep: str, task: Task, values: list[float], points: dict[str, list[Point | None]],
+              reports: dict[str, list[rep.EvalReport | None]], **settings: Any) -> dict[str, Any]:
+    """The model's value of every metric per value and solver (None where skipped), beside ceiling and floor,
+    with each point's steps and network evaluations (JSON-ready). settings: how the samples were made."""
+    first = next(r for rs in reports.values() for r in rs if r is not None)
     return {
-        "sweep": sweep, "task": task, "values": values, "methods": list(reports),
+        "sweep": sweep, "task": task, "values": values, "methods": list(reports), **settings,
+        "steps": {m: [None if p is None else p.steps for p in ps] for m, ps in points.items()},
+        "evals": {m: [None if p is None else p.evals for p in ps] for m, ps in points.items()},
         "metrics": {m.name: {"better": m.better, "ceiling": _finite(first.value(m.name, "ceiling")),
                              "floor": _finite(first.value(m.name, "floor")),
-                             "model": {method: [_finite(r.value(m.name)) for r in rs]
+                             "model": {method: [None if r is None else _finite(r.value(m.name)) for r in rs]
                                        for method, rs in reports.items()}}
                     for m in first.metrics},
         "clips": first.clips,
@@ -169,17 +271,27 @@ def _num(value: float | None) -> str:
 
 def sweep_markdown(summary: dict[str, Any]) -> str:
     names = list(summary["metrics"])
-    lines = [f"# avlink eval sweep: {summary['sweep']} ({summary['task']}, {summary['clips']} clips)", "",
-             "| solver | " + summary["sweep"] + " | " + " | ".join(names) + " |",
-             "|---|---:|" + "---:|" * len(names)]
+    sweep = summary["sweep"]
+    keys = {"t_cond": ["t_cond"], "steps": ["steps", "evaluations"], "evals": ["evaluations", "steps"]}[sweep]
+    settings = ", ".join(f"{k} {summary[k]}" for k in ("precision", "prompts", "batch", "sample_seed")
+                         if k in summary)
+    lines = [f"# avlink eval sweep: {sweep} ({summary['task']}, {summary['clips']} clips"
+             + (f"; {settings}" if settings else "") + ")", "",
+             "| solver | " + " | ".join(keys) + " | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(keys) + "---:|" * len(names)]
     for method in summary["methods"]:
         for i, value in enumerate(summary["values"]):
+            steps = summary["steps"][method][i]
+            if steps is None:
+                continue
+            key = {"t_cond": f"{value:g}", "steps": str(steps), "evaluations": str(summary["evals"][method][i])}
             cells = " | ".join(_num(summary["metrics"][n]["model"][method][i]) for n in names)
-            lines.append(f"| {method} | {value:g} | {cells} |")
+            lines.append(f"| {method} | " + " | ".join(key[k] for k in keys) + f" | {cells} |")
     for row in ("ceiling", "floor"):
         cells = " | ".join(_num(summary["metrics"][n][row]) for n in names)
-        lines.append(f"| {rep.ROW_TITLES[row]} | | {cells} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {rep.ROW_TITLES[row]} |" + " |" * len(keys) + f" {cells} |")
+    lines += [""] + [f"- {note}" for note in summary.get("notes", [])]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -190,27 +302,35 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [n for n in PLOT_METRICS if n in summary["metrics"]] or list(summary["metrics"])[:4]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=False):
         entry = summary["metrics"][name]
         for method, ys in entry["model"].items():
-            ax.plot(summary["values"], [np.nan if y is None else y for y in ys], marker="o", label=method)
+            kept = [(x, y) for x, y, s in zip(summary["values"], ys, summary["steps"][method], strict=True)
+                    if s is not None and y is not None]  # skipped points leave no gap in the line
+            if kept:
+                ax.plot(*zip(*kept, strict=True), marker="o", label=method)
         for row, style in (("ceiling", "--"), ("floor", ":")):
             if entry[row] is not None:
                 ax.axhline(entry[row], linestyle=style, color="grey", label=rep.ROW_TITLES[row])
-        if summary["sweep"] == "steps":
+        if summary["sweep"] in ("steps", "evals"):
             ax.set_xscale("log", base=2)
-        ax.set_xlabel("t_cond (conditioning flow time)" if summary["sweep"] == "t_cond" else "sampling steps")
+            ax.set_xticks(summary["values"], [f"{v:g}" for v in summary["values"]])
+        ax.set_xlabel(AXIS_LABELS[summary["sweep"]])
         ax.set_title(f"{name} ({entry['better']} is better)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")
+    fig.suptitle(f"{summary['task'].upper()}: {summary['sweep']} sweep, {summary['clips']} clips, "
+                 f"{summary.get('precision', 'fp32')}, prompts: {summary.get('prompts', 'none')}",
+                 fontsize="medium")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
-def run_sweep(args: argparse.Namespace) -> int:
-    from avlink.codecs.vocoder import load_vocoder
+def check_args(args: argparse.Namespace) -> list[float]:
+    """Everything the sweep can refuse before it loads anything; the values to sweep."""
+    from avlink.pipeline import check_precision
 
     if args.ckpt is None or args.data is None:
         raise UserError("--sweep needs --ckpt (checkpoint folder) and --data (SyncBench folder)")
@@ -218,6 +338,40 @@ def run_sweep(args: argparse.Namespace) -> int:
     unknown = [m for m in args.methods if m not in SOLVERS]
     if unknown:
         raise UserError(f"--methods {' '.join(unknown)}: unknown solver; choose from {', '.join(SOLVERS)}")
+    if args.batch < 1:
+        raise UserError(f"--batch {args.batch}: need at least 1 clip per batch")
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: need at least 1")
+    check_precision(args.precision, "cpu")
+    return values
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    values = check_args(args)
+    points, notes = plan(args.sweep, args.methods, values, args.steps)
+    for note in notes:
+        print(note)
+    if all(p is None for ps in points.values() for p in ps):
+        raise UserError(f"--values {' '.join(f'{v:g}' for v in values)}: no solver of --methods can run any "
+                        f"of them")
+    run = prepare_run(args)
+    reports: dict[str, list[rep.EvalReport | None]] = {}
+    wall: dict[str, list[float | None]] = {}
+    for method, method_points in points.items():
+        for point in method_points:
+            report, seconds = (None, None) if point is None else score_point(run, point)
+            reports.setdefault(method, []).append(report)
+            wall.setdefault(method, []).append(seconds)
+    summary = summarize(args.sweep, args.task, values, points, reports, precision=args.precision,
+                        prompts=args.prompts, batch=args.batch, sample_seed=args.sample_seed,
+                        split=args.split, notes=notes, wall_s=wall)
+    write_summary(summary, Path(args.out))
+    return 0
+
+
+def prepare_run(args: argparse.Namespace) -> SweepRun:
+    from avlink.codecs.vocoder import load_vocoder
+
     try:
         model = load_link(args.ckpt)
     except FileNotFoundError as err:
@@ -227,26 +381,91 @@ def run_sweep(args: argparse.Namespace) -> int:
     vocoder = load_vocoder(args.vocoder, clip.audio) if args.task == "v2a" else None
     split = None if args.split == "all" else args.split
     conds = load_conditions(args.data, args.n, args.task, clip, vae, split)
+    texts = caption_texts(model, args.data, conds) if args.prompts == "captions" else None
     settings = EvalSettings(task=args.task, metrics=tuple(args.metrics or METRIC_GROUPS),
                             weights=parse_weights(args.weights), fps=clip.video.fps, duration=clip.duration,
                             seed=args.seed)
-    cache: dict = {}  # reference features, the same for every value
-    reports: dict[str, list[rep.EvalReport]] = {}
-    for method in args.methods:
-        for value in values:
-            folder = Path(args.out) / method / f"{args.sweep}={value:g}"
-            generate(model, args, method, value, conds, folder / "generated", vae, vocoder)
-            report = evaluate(folder / "generated", args.data, settings, cache=cache,
-                              only={c.id for c in conds})
-            rep.write_report(report, folder)
-            reports.setdefault(method, []).append(report)
-            print(f"{method} {args.sweep}={value:g}: {report.clips} clips scored")
-    summary = summarize(args.sweep, args.task, values, reports)
-    out = Path(args.out)
+    return SweepRun(args, model, conds, texts, settings, vae, vocoder, run_source(args, conds, settings))
+
+
+POINT_FILE = "point.json"  # how a point's files were made; written last, so only a finished point has it
+
+
+def digest(paths: list[Path]) -> str:
+    """sha256 over the names and bytes of files."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def run_source(args: argparse.Namespace, conds: list[Conditioned], settings: EvalSettings) -> dict[str, Any]:
+    """What decides the files of every point of this run: the weights (by content), the clips, the sampling
+    and scoring settings."""
+    from avlink.data.syncbench import METADATA
+
+    ckpt = Path(args.ckpt)
+    weights = sorted(ckpt.glob("*.safetensors")) + [ckpt / "config.json"]
+    return {"ckpt": digest(weights), "data": str(Path(args.data).resolve()),
+            "metadata": digest([Path(args.data) / METADATA]), "task": args.task, "clips": [c.id for c in conds],
+            "precision": args.precision, "prompts": args.prompts, "batch": args.batch,
+            "sample_seed": args.sample_seed, "vocoder": args.vocoder, "eval": settings.to_json()}
+
+
+def point_source(run: SweepRun, point: Point) -> dict[str, Any]:
+    return {**run.source, "method": point.method, "steps": point.steps, "t_cond": point.t_cond}
+
+
+def finished_point(folder: Path, source: dict[str, Any]) -> tuple[rep.EvalReport, float] | None:
+    """The report and wall seconds of a point this sweep (or a killed one before it) already scored."""
+    marker, metrics = folder / POINT_FILE, folder / rep.FILES["json"]
+    if not (marker.is_file() and metrics.is_file()):
+        return None
+    done = json.loads(marker.read_text())
+    if done.get("source") != source:
+        return None
+    return report_from_json(json.loads(metrics.read_text())), done["wall_s"]
+
+
+def report_from_json(data: dict[str, Any]) -> rep.EvalReport:
+    """The parts of a metrics.json the sweep's summary reads (values, better, clips)."""
+    metrics = data["metrics"]
+    return rep.EvalReport(
+        task=data["task"], generated=data["generated"], reference=data["reference"], clips=data["clips"],
+        metrics=[rep.MetricInfo(name, m["better"], m["description"]) for name, m in metrics.items()],
+        rows={row: {name: m[row] for name, m in metrics.items()} for row in rep.ROWS},
+        used={name: m["clips"] for name, m in metrics.items()}, notes=data.get("notes", []),
+        settings=data.get("settings", {}))
+
+
+def score_point(run: SweepRun, point: Point) -> tuple[rep.EvalReport, float]:
+    """Generate every clip at one point and score them; the report, and the wall seconds it all took. A point
+    already finished from the same source is read back instead, so a killed sweep goes on where it stopped."""
+    args = run.args
+    folder = Path(args.out) / point.method / f"{args.sweep}={point.value:g}"
+    source = point_source(run, point)
+    label = f"{point.method} {args.sweep}={point.value:g} ({point.steps} steps, {point.evals} evaluations)"
+    finished = finished_point(folder, source)
+    if finished is not None:
+        print(f"{label}: already scored in {folder}, reused")
+        return finished
+    (folder / POINT_FILE).unlink(missing_ok=True)
+    started = time.perf_counter()
+    generate(run, point, folder / "generated")
+    report = evaluate(folder / "generated", args.data, run.settings, cache=run.cache,
+                      only={c.id for c in run.conds})
+    rep.write_report(report, folder)
+    seconds = round(time.perf_counter() - started, 1)
+    text = json.dumps({"source": source, "wall_s": seconds}, indent=2)
+    atomic_write(folder / POINT_FILE, lambda tmp: tmp.write_text(text + "\n"))
+    print(f"{label}: {report.clips} clips scored in {seconds:.0f} s")
+    return report, seconds
+
+
+def write_summary(summary: dict[str, Any], out: Path) -> None:
     atomic_write(out / "sweep.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     text = sweep_markdown(summary)
     atomic_write(out / "sweep.md", lambda tmp: tmp.write_text(text))
     plot(summary, out / "sweep.png")
     print(text)
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
-    return 0

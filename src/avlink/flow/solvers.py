@@ -36,7 +36,15 @@ def heun_step(v: Velocity, x: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
 
 
 SOLVERS: dict[str, Step] = {"euler": euler_step, "midpoint": midpoint_step, "heun": heun_step}
-EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2}
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2}  # velocity evaluations per step
+
+
+def steps_for_evals(method: str, evals: int) -> int | None:
+    """The steps of `method` that cost exactly `evals` velocity evaluations; None when it cannot."""
+    if method not in EVALS_PER_STEP:
+        raise ValueError(f"unknown solver {method!r}; choose one of {', '.join(EVALS_PER_STEP)}")
+    steps, rest = divmod(evals, EVALS_PER_STEP[method])
+    return steps if rest == 0 and steps >= 1 else None
 
 
 def solve(

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from avlink.config import FusionConfig
 from avlink.nn.attention import CrossAttention, SelfAttention
-from avlink.nn.layers import MLP, AdaLN, layer_norm, modulate, timestep_embedding
+from avlink.nn.layers import MLP, AdaLN, layer_norm, modulated_norm, timestep_embedding
 from avlink.nn.rope import rope_angles, time_aligned_positions
 
 
@@ -26,18 +26,21 @@ class Alignment:
 
     times_a: Tensor  # (Na,) seconds
     times_v: Tensor  # (Nv,) seconds
-    angles_a: Tensor  # (Na, Dh/2) time-aligned RoPE angles for the fusion attention
-    angles_v: Tensor  # (Nv, Dh/2)
+    angles: Tensor  # (Na + Nv, Dh/2) time-aligned RoPE angles of the joint attention, audio tokens first
+    angles_a: Tensor  # (Na, Dh/2) a view of the audio rows
+    angles_v: Tensor  # (Nv, Dh/2) a view of the video rows
     eta_a: float
     eta_v: float
 
     @classmethod
     def build(cls, times_a: Tensor, times_v: Tensor, eta_a: float, eta_v: float, cfg: FusionConfig) -> Alignment:
-        # tau(n) of Eq. 4: both streams measured in "seconds x eta_v", one 1D rotation over time only.
-        angle_a, angle_v = (
-            rope_angles(time_aligned_positions(t, eta_v), cfg.head_dim, cfg.rope_theta) for t in (times_a, times_v)
-        )
-        return cls(times_a, times_v, angle_a, angle_v, eta_a=eta_a, eta_v=eta_v)
+        # tau(n) of Eq. 4: both streams measured in "seconds x eta_v", one 1D rotation over time only. One tensor
+        # for both streams, so every Fusion Block of a forward rotates by the same angles object (RoPE caches
+        # its rotation per angles tensor).
+        positions = time_aligned_positions(torch.cat([times_a, times_v]), eta_v)  # (Na + Nv,)
+        angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+        angles_a, angles_v = angles.split([times_a.shape[0], times_v.shape[0]])
+        return cls(times_a, times_v, angles, angles_a, angles_v, eta_a=eta_a, eta_v=eta_v)
 
 
 def pool_by_time(x: Tensor, times: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,9 +78,13 @@ class FusionStream(nn.Module):
     def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
         return self.ada(c)
 
+    def normed(self, h: Tensor, mod: tuple[Tensor, ...]) -> Tensor:
+        """The attention's input: h normalised and modulated."""
+        return modulated_norm(self.norm1, h, mod[0], mod[1])
+
     def output(self, x: Tensor, h: Tensor, mod: tuple[Tensor, ...]) -> Tensor:
         _, _, _, shift2, scale2, gate_out = mod
-        return x + gate_out * self.mlp(modulate(self.norm2(h), shift2, scale2))
+        return torch.addcmul(x, gate_out, self.mlp(modulated_norm(self.norm2, h, shift2, scale2)))
 
 
 class FusionBlock(nn.Module):
@@ -94,12 +101,13 @@ class FusionBlock(nn.Module):
     def forward(self, x_a: Tensor, x_v: Tensor, c: Tensor, align: Alignment) -> tuple[Tensor, Tensor]:
         h_a, h_v = self.a.proj_in(x_a), self.v.proj_in(x_v)  # (B, Na, D), (B, Nv, D)
         mod_a, mod_v = self.a.modulation(c), self.v.modulation(c)
-        joint = torch.cat([modulate(self.a.norm1(h_a), *mod_a[:2]), modulate(self.v.norm1(h_v), *mod_v[:2])], 1)
-        out_a, out_v = self.attn(joint, torch.cat([align.angles_a, align.angles_v])).split(
-            [h_a.shape[1], h_v.shape[1]], dim=1
+        joint = torch.cat([self.a.normed(h_a, mod_a), self.v.normed(h_v, mod_v)], 1)  # (B, Na + Nv, D)
+        assert joint.shape[1] == align.angles.shape[0], (
+            f"{joint.shape[1]} tokens in the joint attention, alignment for {align.angles.shape[0]}"
         )
-        h_a = h_a + mod_a[2] * out_a
-        h_v = h_v + mod_v[2] * out_v
+        out_a, out_v = self.attn(joint, align.angles).split([h_a.shape[1], h_v.shape[1]], dim=1)
+        h_a = torch.addcmul(h_a, mod_a[2], out_a)
+        h_v = torch.addcmul(h_v, mod_v[2], out_v)
         return self.a.output(x_a, h_a, mod_a), self.v.output(x_v, h_v, mod_v)
 
 
@@ -117,9 +125,9 @@ class CrossAttentionFusion(nn.Module):
     def forward(self, x_a: Tensor, x_v: Tensor, c: Tensor, align: Alignment) -> tuple[Tensor, Tensor]:
         h_a, h_v = self.a.proj_in(x_a), self.v.proj_in(x_v)
         mod_a, mod_v = self.a.modulation(c), self.v.modulation(c)
-        n_a, n_v = modulate(self.a.norm1(h_a), *mod_a[:2]), modulate(self.v.norm1(h_v), *mod_v[:2])
-        h_a = h_a + mod_a[2] * self.a_from_v(n_a, n_v, None, align.angles_a, align.angles_v)
-        h_v = h_v + mod_v[2] * self.v_from_a(n_v, n_a, None, align.angles_v, align.angles_a)
+        n_a, n_v = self.a.normed(h_a, mod_a), self.v.normed(h_v, mod_v)
+        h_a = torch.addcmul(h_a, mod_a[2], self.a_from_v(n_a, n_v, None, align.angles_a, align.angles_v))
+        h_v = torch.addcmul(h_v, mod_v[2], self.v_from_a(n_v, n_a, None, align.angles_v, align.angles_a))
         return self.a.output(x_a, h_a, mod_a), self.v.output(x_v, h_v, mod_v)
 
 

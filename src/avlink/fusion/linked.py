@@ -2,7 +2,8 @@
 
 The linked model knows backbones only through the Backbone protocol (embed / run_blocks / head). It walks the
 fusion points: run each stream's blocks up to the point, fuse, go on. Conditions are prepared once per sample
-(`prepare`); the velocity is evaluated per step (`forward`).
+(`prepare`); the velocity is evaluated per step (`forward`). `prepare(..., cache=False)` is the plain reference:
+every step then recomputes what the cache holds (the conditioning stream from its embedding, the text).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from avlink.backbones.protocol import Backbone, StreamState, TextCond
+from avlink.backbones.protocol import Backbone, PreparedText, StreamState, TextCond, prepare_text
 from avlink.config import FusionConfig, ModelConfig, Task
 from avlink.flow.path import flow_matching_errors, interpolate, logit_normal, uniform
 from avlink.fusion.block import Alignment, CrossAttentionFusion, DirectAlignment, FusionBlock, TextConcat
@@ -77,18 +78,26 @@ class Condition:
 
     x_cond is the clean conditioning modality noised once, to t_cond, with noise drawn once. The conditioning
     stream's blocks before the first fusion point see the same input at every sampling step, so their output
-    is computed here; with no reinjection ("static", "text_concat") the whole conditioning stream is.
+    is computed here; with no reinjection ("static", "text_concat") the whole conditioning stream is. When
+    sampling, both prompts are prepared here too (`PreparedText`: projected, with every block's keys and values).
+    cond_state None is the plain path: `forward` recomputes the conditioning stream at every call.
     """
 
     task: Task
     x_cond: Tensor
     t_cond: Tensor  # (B,)
-    text_gen: TextCond | None
-    cond_state: StreamState  # conditioning stream after the blocks before the first fusion point
-    cond_start: int  # the conditioning stream's next block to run
+    text_gen: TextCond | PreparedText | None
+    text_cond: TextCond | None  # the conditioning stream's prompt as given (the plain path embeds it)
+    cond_state: StreamState | None = None  # conditioning stream after the blocks before the first fusion point
+    cond_start: int = 0  # the conditioning stream's next block to run
     static_features: list[Tensor] | None = None  # per fusion point, when the stream is not reinjected
 
-    def with_text(self, text_gen: TextCond | None) -> Condition:
+    @property
+    def cached(self) -> bool:
+        return self.cond_state is not None
+
+    def with_text(self, text_gen: TextCond | PreparedText | None) -> Condition:
+        """The same condition with another prompt for the generated stream, as given (see AVLink.with_gen_text)."""
         return replace(self, text_gen=text_gen)
 
 
@@ -164,7 +173,12 @@ class AVLink(nn.Module):
     def prepare(
         self, task: Task, x_cond_clean: Tensor, text_gen: TextCond | None = None, text_cond: TextCond | None = None,
         t_cond: float | Tensor | None = None, noise: Tensor | None = None, generator: torch.Generator | None = None,
+        cache: bool = True,
     ) -> Condition:
+        """cache=False: the plain path, which only noises x_cond and leaves all the rest to every step.
+
+        The prompts are prepared (`PreparedText`) only where no gradient is recorded (sampling); training keeps
+        the text path inside its forward, exactly as the backbones' own training does."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose v2a or a2v")
         b = x_cond_clean.shape[0]
@@ -174,21 +188,44 @@ class AVLink(nn.Module):
             noise = torch.randn(x_cond_clean.shape, generator=generator, dtype=x_cond_clean.dtype,
                                 device=x_cond_clean.device)
         x_cond = interpolate(noise, x_cond_clean, t_cond)
+        if not cache:
+            return Condition(task, x_cond, t_cond, text_gen, text_cond)
+        gen_bb, cond_bb = self.backbones(task)
+        prepared_cond: TextCond | PreparedText | None = text_cond
+        if not torch.is_grad_enabled():
+            text_gen = prepare_text(gen_bb, text_gen, b)
+            # The conditioning stream never runs past the last fusion point: no keys and values beyond it.
+            prepared_cond = prepare_text(cond_bb, text_cond, b, stop=self._points(task)[-1][1])
+        with torch.no_grad():  # frozen, and nothing trainable has touched this part of the stream yet
+            state, start, static = self._conditioning_stream(task, x_cond, t_cond, prepared_cond)
+        return Condition(task, x_cond, t_cond, text_gen, text_cond, state, start, static)
+
+    def _conditioning_stream(
+        self, task: Task, x_cond: Tensor, t_cond: Tensor, text_cond: TextCond | PreparedText | None,
+    ) -> tuple[StreamState, int, list[Tensor] | None]:
+        """The conditioning stream up to the first fusion point (with no reinjection: to the last one, keeping
+        the features at every point): (state, its next block to run, static features or None)."""
         _, cond_bb = self.backbones(task)
         points = self._points(task)
-        with torch.no_grad():  # frozen, and nothing trainable has touched this part of the stream yet
-            state = cond_bb.embed(x_cond, t_cond, text_cond)
-            first = points[0][1]
-            state = cond_bb.run_blocks(state, 0, first)
-            static = None
-            if not self._reinject:
-                static, start = [], first
-                for _, stop in points:
-                    state = cond_bb.run_blocks(state, start, stop)
-                    static.append(state.x)
-                    start = stop
-                first = start
-        return Condition(task, x_cond, t_cond, text_gen, state, first, static)
+        state = cond_bb.embed(x_cond, t_cond, text_cond)
+        first = points[0][1]
+        state = cond_bb.run_blocks(state, 0, first)
+        if self._reinject:
+            return state, first, None
+        static, start = [], first
+        for _, stop in points:
+            state = cond_bb.run_blocks(state, start, stop)
+            static.append(state.x)
+            start = stop
+        return state, start, static
+
+    def with_gen_text(self, cond: Condition, text: TextCond | None) -> Condition:
+        """cond with another prompt for the generated stream (classifier-free guidance's null text: None),
+        prepared the way cond's own prompt was, so that both batch together."""
+        if isinstance(cond.text_gen, PreparedText):
+            gen_bb, _ = self.backbones(cond.task)
+            text = prepare_text(gen_bb, text, cond.x_cond.shape[0])
+        return cond.with_text(text)
 
     # -- velocity, once per step -------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, cond: Condition) -> Tensor:
@@ -197,22 +234,25 @@ class AVLink(nn.Module):
         gen_bb, cond_bb = self.backbones(task)
         fset = self.fusion_set(task)
         gen = gen_bb.embed(x, t, cond.text_gen)
-        c_state = cond.cond_state
+        c_state, cond_at, static = cond.cond_state, cond.cond_start, cond.static_features
+        if c_state is None:  # the plain path: what prepare would cache, recomputed at every call
+            c_state, cond_at, static = self._conditioning_stream(task, cond.x_cond, cond.t_cond, cond.text_cond)
         t_a, t_v = (gen.t, cond.t_cond) if task == "v2a" else (cond.t_cond, gen.t)
         a_times, v_times = (gen.times, c_state.times) if task == "v2a" else (c_state.times, gen.times)
         align = Alignment.build(a_times, v_times, self.audio.eta, self.video.eta, self.cfg.fusion)
         c = fset.conditioning(t_a, t_v)
         injection = self.cfg.fusion.injection
         if injection == "text_concat":
-            gen = self._concat_to_text(gen, cond, fset)
+            assert static is not None, "text_concat has no reinjection: its features are static"
+            gen = self._concat_to_text(gen, task, static, c_state.times, fset)
             return gen_bb.head(gen_bb.run_blocks(gen, 0, gen_bb.num_blocks))
 
-        gen_at, cond_at = 0, cond.cond_start
+        gen_at = 0
         for i, (block, (gen_point, cond_point)) in enumerate(zip(fset.blocks, self._points(task), strict=True)):
             gen = gen_bb.run_blocks(gen, gen_at, gen_point)
             gen_at = gen_point
-            if cond.static_features is not None:
-                c_x = cond.static_features[i]
+            if static is not None:
+                c_x = static[i]
             else:
                 c_state = cond_bb.run_blocks(c_state, cond_at, cond_point)
                 cond_at = cond_point
@@ -236,10 +276,13 @@ class AVLink(nn.Module):
             return block(x_a, x_v, c, align, gen=GENERATED[task])
         return block(x_a, x_v, c, align)
 
-    def _concat_to_text(self, gen: StreamState, cond: Condition, fset: FusionSet) -> StreamState:
-        g = GENERATED[cond.task]
-        features = zip(fset.blocks, cond.static_features, strict=True)
-        extra = [block[g](feat, cond.cond_state.times) for block, feat in features]
+    @staticmethod
+    def _concat_to_text(
+        gen: StreamState, task: Task, static: list[Tensor], times: Tensor, fset: FusionSet,
+    ) -> StreamState:
+        g = GENERATED[task]
+        features = zip(fset.blocks, static, strict=True)
+        extra = [block[g](feat, times) for block, feat in features]
         extra = torch.cat(extra, dim=1).to(gen.text.dtype)  # (B, n_points * T, D_gen)
         b = extra.shape[0]
         ones = torch.ones(b, extra.shape[1], dtype=torch.bool, device=extra.device)
