@@ -628,35 +628,11 @@ class Bench:
         return autocast(self.args.precision, self.device)
 
     def sampling(self, name: str, model: AVLink, task: Task, flops: LinkFlops, plan: Plan) -> None:
-        model.eval()
-        inputs = random_inputs(model.cfg, 1, self.args.text_tokens, self.device)
-        x_cond, text_gen, text_cond = inputs.for_task(task)
-
-        def prepare() -> Any:
-            with torch.no_grad(), self.autocast():
-                return model.prepare(task, x_cond, text_gen, text_cond)
-
-        prep = self.guarded(name, task, "prepare", 1, 0.0,
-                            lambda: self.timed(prepare, plan.warmup, plan.repeats))
-        if prep is None:
+        """prepare, step, the plain step and a whole clip."""
+        measured = self.prepare_and_step(name, model, task, flops, plan, variant=None)
+        if measured is None or not plan.clip:
             return
-        self.row(name, task, "prepare", 1, prep, flops.prepare)
-        cond = prepare()
-        x = initial_noise(generated_shape(model, task, x_cond), 0, self.device)
-        t = torch.full((1,), 0.5, device=self.device)
-
-        def step() -> Any:
-            with torch.no_grad(), self.autocast():
-                return model(x, t, cond)
-
-        step_t = self.guarded(name, task, "step", 1, 0.0, lambda: self.timed(step, plan.warmup, plan.repeats))
-        if step_t is None:
-            return
-        # Random weights could overflow in a deep stack, and non-finite arithmetic can run at another speed.
-        self.row(name, task, "step", 1, step_t, flops.step, finite=bool(torch.isfinite(step()).all()))
-        self.plain_step(name, model, task, "step (plain)", step, step_t, flops, plan)
-        if not plan.clip:
-            return
+        prep, step_t, (x_cond, text_gen, text_cond) = measured
         steps = self.args.steps
 
         def clip() -> Any:
@@ -668,6 +644,47 @@ class Bench:
         if clip_t is not None:
             self.row(name, task, "clip", 1, clip_t, flops.clip(steps), steps=steps, expected_seconds=expected,
                      ratio_to_expected=clip_t.seconds / expected)
+
+    def static_sampling(self, name: str, model: AVLink, task: Task, flops: LinkFlops, plan: Plan) -> None:
+        """prepare, step and the plain step with no reinjection, on the same weights."""
+        self.prepare_and_step(name, with_injection(model, "static"), task, flops, plan, variant="static")
+
+    def prepare_and_step(self, name: str, model: AVLink, task: Task, flops: LinkFlops, plan: Plan,
+                         variant: str | None) -> tuple[Timing, Timing, tuple] | None:
+        """Rows "prepare", "step" and "step (plain)" (with the variant in the brackets: "step (static, plain)").
+        Returns the prepare and step timings and the inputs, or None when a measurement gave no time."""
+        def what(row: str) -> str:
+            return row if variant is None else f"{row} ({variant})"
+
+        model.eval()
+        inputs = random_inputs(model.cfg, 1, self.args.text_tokens, self.device)
+        x_cond, text_gen, text_cond = inputs.for_task(task)
+
+        def prepare() -> Any:
+            with torch.no_grad(), self.autocast():
+                return model.prepare(task, x_cond, text_gen, text_cond)
+
+        prep = self.guarded(name, task, what("prepare"), 1, 0.0,
+                            lambda: self.timed(prepare, plan.warmup, plan.repeats))
+        if prep is None:
+            return None
+        self.row(name, task, what("prepare"), 1, prep, flops.prepare)
+        cond = prepare()
+        x = initial_noise(generated_shape(model, task, x_cond), 0, self.device)
+        t = torch.full((1,), 0.5, device=self.device)
+
+        def step() -> Any:
+            with torch.no_grad(), self.autocast():
+                return model(x, t, cond)
+
+        step_t = self.guarded(name, task, what("step"), 1, 0.0, lambda: self.timed(step, plan.warmup, plan.repeats))
+        if step_t is None:
+            return None
+        # Random weights could overflow in a deep stack, and non-finite arithmetic can run at another speed.
+        self.row(name, task, what("step"), 1, step_t, flops.step, finite=bool(torch.isfinite(step()).all()))
+        plain = "step (plain)" if variant is None else f"step ({variant}, plain)"
+        self.plain_step(name, model, task, plain, step, step_t, flops, plan)
+        return prep, step_t, (x_cond, text_gen, text_cond)
 
     def plain_step(self, name: str, model: AVLink, task: Task, what: str, cached_step: Callable[[], Any],
                    cached: Timing, flops: LinkFlops, plan: Plan) -> None:
@@ -692,36 +709,6 @@ class Bench:
             cached_again, plain, measured = pair
             self.row(name, task, what, 1, plain, flops.step_uncached, cached_times=cached_again.times,
                      **speedups(measured, flops))
-
-    def static_sampling(self, name: str, model: AVLink, task: Task, flops: LinkFlops, plan: Plan) -> None:
-        """prepare, step and the plain step with no reinjection, on the same weights."""
-        static = with_injection(model, "static")
-        inputs = random_inputs(model.cfg, 1, self.args.text_tokens, self.device)
-        x_cond, text_gen, text_cond = inputs.for_task(task)
-
-        def prepare() -> Any:
-            with torch.no_grad(), self.autocast():
-                return static.prepare(task, x_cond, text_gen, text_cond)
-
-        prep = self.guarded(name, task, "prepare (static)", 1, 0.0,
-                            lambda: self.timed(prepare, plan.warmup, plan.repeats))
-        if prep is None:
-            return
-        self.row(name, task, "prepare (static)", 1, prep, flops.prepare)
-        cond = prepare()
-        x = initial_noise(generated_shape(static, task, x_cond), 0, self.device)
-        t = torch.full((1,), 0.5, device=self.device)
-
-        def step() -> Any:
-            with torch.no_grad(), self.autocast():
-                return static(x, t, cond)
-
-        step_t = self.guarded(name, task, "step (static)", 1, 0.0,
-                              lambda: self.timed(step, plan.warmup, plan.repeats))
-        if step_t is None:
-            return
-        self.row(name, task, "step (static)", 1, step_t, flops.step, finite=bool(torch.isfinite(step()).all()))
-        self.plain_step(name, static, task, "step (static, plain)", step, step_t, flops, plan)
 
     def windowed(self, name: str, cfg: ModelConfig, plan: Plan) -> None:
         """V2A through the user-facing pipeline on 1x, 2x, 4x ... the clip length (module docstring)."""
