@@ -101,8 +101,13 @@ def test_cached_step_saves_exactly_the_prefix_and_the_text(injection):
     if injection == "static":  # the conditioning stream's later blocks moved out of every step
         reinjected = link_flops(get_preset("tiny"), "v2a", text_tokens)
         middle = dit_block(cfg.video, n_v, text_tokens, text_kv=False) * (last_video_block - first_video_block)
-        assert reinjected.step - flops.step == middle.forward
-        assert flops.step_uncached == reinjected.step_uncached
+        # ...and no fusion block builds the conditioning stream's output (its MLP), which nothing reads
+        # (its modulation keeps 2 of 6 chunks): in every block but the last, which reinjection leaves unread too
+        d, dim_v = cfg.fusion.dim, cfg.video.dim
+        h = int(d * cfg.fusion.mlp_ratio)
+        unread_output = 2 * (d * (3 * d + dim_v) + n_v * (d * h + h * dim_v)) * (cfg.fusion.num_blocks - 1)
+        assert reinjected.step - flops.step == middle.forward + unread_output
+        assert flops.step_uncached == reinjected.step_uncached - unread_output
 
 
 def _bench(tmp_path, *extra: str) -> tuple[int, dict]:
@@ -149,9 +154,10 @@ def test_bench_runs_and_its_numbers_agree(tmp_path, capsys):
             pairs = [p / c for p, c in zip(plain["times"], plain["cached_times"], strict=True)]  # in alternation
             assert plain["speedup_measured"] == pytest.approx(statistics.median(pairs))
             assert plain["speedup_ratio"] == pytest.approx(plain["speedup_measured"] / plain["speedup_predicted"])
-        # No reinjection: the conditioning stream's later blocks move from every step into prepare.
+        # No reinjection: the conditioning stream's later blocks move from every step into prepare (and its
+        # fused outputs, which nothing reads, are not built: test_cached_step_saves_exactly_the_prefix_and_the_text).
         assert preset["flops_static"][task]["step"] < counted[task]["step"]
-        assert preset["flops_static"][task]["step_uncached"] == counted[task]["step_uncached"]
+        assert preset["flops_static"][task]["step_uncached"] < counted[task]["step_uncached"]
         clip, prep, step = rows[task, "clip"], rows[task, "prepare"], rows[task, "step"]
         assert step["finite"] is True
         assert clip["flops"] == prep["flops"] + steps * step["flops"]

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from avlink.config import PRESETS, ModelConfig, get_preset
 from avlink.seq import AudioGeometry, VideoGeometry
@@ -51,3 +52,24 @@ def test_override_dotted_keys():
         get_preset("tiny").override(**{"fusion.nope": 1})
     with pytest.raises(KeyError, match="unknown preset"):
         get_preset("huge")
+
+
+def test_video_flow_runs_on_unit_variance_pixels():
+    assert all((p.clip.video.shift, p.clip.video.scale) == (0.0, 1.0) for p in PRESETS.values())  # plain pixels
+    video = VideoGeometry(shift=-0.43, scale=0.26)
+    pixels = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    x = video.to_model(pixels)
+    assert torch.allclose(x, (pixels + 0.43) / 0.26)
+    assert torch.allclose(video.to_pixels(x), pixels, atol=1e-6)
+    assert video.to_pixels(torch.full((1,), 100.0)).item() == 1.0  # out-of-range samples are clamped
+    plain = VideoGeometry()
+    assert torch.equal(plain.to_model(pixels), pixels)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        VideoGeometry(scale=0.0)
+
+
+def test_a_config_written_before_video_scaling_loads_as_plain_pixels():
+    d = get_preset("tiny").to_dict()
+    del d["clip"]["video"]["shift"], d["clip"]["video"]["scale"]
+    video = ModelConfig.from_dict(d).clip.video
+    assert (video.shift, video.scale) == (0.0, 1.0)

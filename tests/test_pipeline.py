@@ -118,3 +118,31 @@ def test_bf16_refused_in_one_line_without_bf16_matmul(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="choose fp32 or bf16"):
         check_precision("fp16", "cpu")
     check_precision("fp32", "cpu")
+
+
+def test_frames_enter_and_leave_the_video_flow_through_its_scaling(tmp_path, monkeypatch):
+    """V2A conditions on clip.video.to_model(frames); A2V turns the flow's video back with to_pixels."""
+    import avlink.pipeline as pipeline_module
+
+    pipe = Pipeline.load(random_checkpoint(tmp_path, **{"clip.video.shift": -0.5, "clip.video.scale": 0.25}),
+                         vocoder="griffinlim")
+    geometry = pipe.clip.video
+    frames = np.random.default_rng(0).integers(0, 256, (pipe.clip.num_frames, *pipe.size, 3), dtype=np.uint8)
+    seen = {}
+    real = pipeline_module.sample_link
+
+    def spy(model, task, x_cond, **kwargs):
+        seen[task] = x_cond
+        return real(model, task, x_cond, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "sample_link", spy)
+    pipe.video_to_audio(frames, steps=1)
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    assert torch.allclose(seen["v2a"][0], (pixels + 0.5) / 0.25)
+
+    def constant(model, task, x_cond, **kwargs):  # the flow's video: 1.0 everywhere -> pixel -0.25 -> 96
+        return torch.ones(1, 3, pipe.clip.num_frames, *pipe.size)
+
+    monkeypatch.setattr(pipeline_module, "sample_link", constant)
+    out = pipe.audio_to_video(np.zeros(pipe.sample_rate, np.float32), steps=1)
+    assert geometry.shift == -0.5 and (out == round((1.0 * 0.25 - 0.5 + 1) * 127.5)).all()

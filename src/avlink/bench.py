@@ -190,7 +190,7 @@ def fusion_block(
 ) -> Flops:
     """One trainable Fusion Block. inputs_grad: whether its (audio, video) input depends on trainable weights
     (neither for the first block; never the conditioning stream's without reinjection); used: whether the
-    (audio, video) output reaches the loss (its MLP gets a backward only then)."""
+    (audio, video) output reaches the loss (a stream's MLP is built only then, fusion/block.py FusionStream)."""
     d, h = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
     n = n_a + n_v
     both = {"weight_grad": True, "input_grad": True}
@@ -199,9 +199,11 @@ def fusion_block(
     streams = ((n_a, dim_a, inputs_grad[0], used[0]), (n_v, dim_v, inputs_grad[1], used[1]))
     for tokens, width, input_grad, reaches_loss in streams:
         total += linear(tokens, width, d, weight_grad=True, input_grad=input_grad)
+        if not reaches_loss:  # only the attention input's shift and scale
+            total += linear(1, d, 2 * d, **both)
+            continue
         total += linear(1, d, 5 * d + width, **both)
-        mlp = linear(tokens, d, h, **both) + linear(tokens, h, width, **both)
-        total += mlp if reaches_loss else mlp.no_backward()
+        total += linear(tokens, d, h, **both) + linear(tokens, h, width, **both)
     return total
 
 

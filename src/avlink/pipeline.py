@@ -208,7 +208,8 @@ class Pipeline:
         win_frames = clip.num_frames
         if total < win_frames:  # one window; the missing end is the last frame held
             frames = np.concatenate([frames, np.repeat(frames[-1:], win_frames - total, 0)])
-        video = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (C, T, H, W)
+        pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (C, T, H, W)
+        video = clip.video.to_model(pixels)
         frames_used = video.shape[1]
         win_tokens = clip.num_audio_tokens
         total_tokens = max(audio.num_tokens(frames_used / self.fps), win_tokens)
@@ -274,7 +275,7 @@ class Pipeline:
                                         cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
             video[:, :, span] = x[:, :, :win_frames].float()
             done[span] = True
-        pixels = ((video[0, :, :n_frames].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, T, H, W)
+        pixels = ((v.to_pixels(video[0, :, :n_frames]) + 1) * 127.5).round().to(torch.uint8)  # (C, T, H, W)
         return pixels.permute(1, 2, 3, 0).cpu().numpy()
 
     @staticmethod

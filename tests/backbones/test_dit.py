@@ -156,3 +156,24 @@ def test_prepared_text_is_refused_where_the_text_projection_trains(cfg):
         audio(x, t, prepared)
     with torch.no_grad():
         assert audio(x, t, prepared).shape == x.shape
+
+
+@pytest.mark.parametrize("frame_positions", [False, True])
+def test_only_frame_positions_tell_a_patch_where_it_is(frame_positions):
+    """A frame of identical patches: with RoPE alone every patch gets the same velocity (attention mixes equal
+    values, whatever the rotation), so a scene cannot be laid out from noise; the learned frame positions make
+    the patches differ."""
+    cfg = tiny_config(**{"video.frame_positions": frame_positions})
+    model = VideoDiT(cfg.video, cfg.clip.video).eval()
+    randomize_backbone(model)
+    assert hasattr(model, "frame_pos") == frame_positions
+    x = torch.full((1, *cfg.clip.video_shape), 0.3)
+    with torch.no_grad():
+        tokens, _ = model.tokenize(model(x, torch.tensor([0.5])))  # (1, N, patch_dim), time-major
+    per_frame = tokens.reshape(cfg.clip.num_frames, -1, tokens.shape[-1])  # (T, H' * W', patch_dim)
+    patches_differ = not torch.allclose(per_frame[:, :1], per_frame, atol=1e-5)
+    assert patches_differ == frame_positions
+    if frame_positions:  # the same place gets the same embedding in every frame (time is left to RoPE)
+        grid = cfg.clip.video.grid(cfg.clip.num_frames)
+        table = model.position_embedding(grid).reshape(grid[0], -1, cfg.video.dim)
+        assert torch.equal(table, table[:1].expand_as(table)) and not torch.equal(table[0, :1], table[0, 1:2])

@@ -113,3 +113,25 @@ def test_fusion_block_gradients_match_reference():
         grads.append({name: p.grad.clone() for name, p in block.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("kind", [FusionBlock, CrossAttentionFusion])
+def test_a_block_without_the_video_output_gives_the_same_audio(kind, batch):
+    """The conditioning stream at the last fusion point: its output is never read, so it is not built. Loaded
+    from a block that has it (an older checkpoint), the audio output is unchanged and video comes back as given."""
+    torch.manual_seed(0)
+    full = kind(DIM_A, DIM_V, CFG)
+    randomize_backbone(full, seed=batch)
+    audio_only = kind(DIM_A, DIM_V, CFG, outputs=("a",))
+    audio_only.load_state_dict(full.state_dict())  # strict: the unread weights are dropped on the way in
+    assert not hasattr(audio_only.v, "mlp") and audio_only.v.ada.sizes == (CFG.dim, CFG.dim)
+    assert getattr(audio_only, "v_from_a", None) is None
+    assert sum(p.numel() for p in audio_only.parameters()) < sum(p.numel() for p in full.parameters())
+    align = alignment()
+    x_a, x_v, c = inputs(batch, align, seed=batch)
+    with torch.no_grad():
+        out_a, out_v = audio_only(x_a, x_v, c, align)
+        ref_a, _ = full(x_a, x_v, c, align)
+    torch.testing.assert_close(out_a, ref_a, atol=1e-6, rtol=1e-6)
+    assert out_v is x_v

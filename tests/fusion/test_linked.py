@@ -1,4 +1,5 @@
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +257,81 @@ def test_a_backbone_without_a_text_cache_still_links():
         assert isinstance(cond.text_gen, TextCond) and cond.cached
         expected = reference(audio, t, reference.prepare("v2a", video, text(2), text(2, seed=1), noise=noise))
         torch.testing.assert_close(model(audio, t, cond), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_every_weight_of_a_task_set_gets_a_gradient(task, injection):
+    """A weight that no loss reaches is not built: it would be dead in the parameter count, and DDP stops at
+    the second step over it (the conditioning stream's output at the last fusion point, or at every point
+    without reinjection; flow-time embedders where no block is modulated)."""
+    model = tiny_link(**{"fusion.injection": injection})
+    audio, video = tiny_batch(model.cfg)
+    model.loss(task, audio, video, text(2), text(2, seed=1)).backward()
+    missing = [name for name, p in model.fusion_set(task).named_parameters() if p.grad is None]
+    assert not missing, f"{task} {injection}: no gradient for {missing}"
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_a_shared_set_uses_part_of_itself_per_direction(injection):
+    """Joint training reads one direction per step: each leaves some weights without a gradient (so DDP must
+    look for unused ones, train/distributed.py), and the two together reach them all."""
+    model = tiny_link(**{"fusion.injection": injection, "fusion.shared": True})
+    audio, video = tiny_batch(model.cfg)
+    reached = {}
+    for task in ("v2a", "a2v"):
+        model.zero_grad(set_to_none=True)
+        model.loss(task, audio, video, text(2), text(2, seed=1)).backward()
+        reached[task] = {name for name, p in model.fusion.named_parameters() if p.grad is not None}
+    every = {name for name, _ in model.fusion.named_parameters()}
+    assert reached["v2a"] < every and reached["a2v"] < every and reached["v2a"] | reached["a2v"] == every
+
+
+def older_layout(model: AVLink, task: str) -> dict[str, torch.Tensor]:
+    """A task's set as it was saved when every stream had an output and every set its flow-time embedders:
+    what a set generating both streams holds, with random values."""
+    from avlink.fusion.linked import FusionSet
+    from avlink.nn.layers import TimestepEmbedder
+
+    fcfg = model.cfg.fusion
+    full = FusionSet(fcfg, model.audio.hidden_dim, model.video.hidden_dim, ("a", "v"))
+    state = dict(full.state_dict())
+    if fcfg.injection in ("direct", "text_concat"):  # directions stay per task; the embedders were there
+        state = dict(model.fusion_set(task).state_dict())
+        for stream in ("a", "v"):
+            state.update({f"t_embed_{stream}.{k}": v for k, v in TimestepEmbedder(fcfg.dim).state_dict().items()})
+    g = torch.Generator().manual_seed(7)
+    return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in state.items()}
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_checkpoints_holding_the_unread_weights_still_load(injection):
+    """Strictly, and to the same velocity: the weights dropped on loading never reached one."""
+    model = tiny_link(**{"fusion.injection": injection})
+    old = older_layout(model, "v2a")
+    fset = model.fusion_set("v2a")
+    assert set(old) > set(fset.state_dict())  # the old layout had more
+    fset.load_state_dict(old)
+    for name, value in fset.state_dict().items():
+        assert torch.equal(value, old[name][: value.shape[0]]), name  # modulation: its first chunks
+    if injection in ("fusion", "static", "cross_attention"):
+        reference = tiny_link(**{"fusion.injection": injection, "fusion.shared": True})
+        reference.fusion["joint"].load_state_dict(old)
+        audio, video = tiny_batch(model.cfg)
+        t, noise = torch.rand(2), torch.randn_like(video)
+        with torch.no_grad():
+            ours = model(audio, t, model.prepare("v2a", video, noise=noise))
+            theirs = reference(audio, t, reference.prepare("v2a", video, noise=noise))
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_the_shipped_checkpoint_loads():
+    from safetensors.torch import load_file
+
+    from avlink.checkpoint import load_link
+
+    folder = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
+    model = load_link(folder)  # strict
+    stored = load_file(str(folder / "fusion.safetensors"))
+    for name, value in model.fusion.state_dict().items():
+        assert torch.equal(value, stored[name][: value.shape[0]]), name

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from avlink import cli
@@ -67,6 +68,47 @@ def test_ablate_writes_one_row_per_variant_and_resumes(inputs: dict[str, Path], 
     assert "already trained to step 2" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in generated.iterdir()} == before
     assert list(json.loads((out / "table2.json").read_text())["rows"]) == ["fusion", "ceiling", "floor"]
+
+
+def test_captions_prompt_the_generation_and_match_the_scorecard(inputs: dict[str, Path]) -> None:
+    """The fusion row samples as the scorecard's AV-Link row does (captions, batches, seed per batch); without
+    prompts the same weights generate something else, and a changed setting regenerates the clips."""
+    import soundfile as sf
+    import torch
+
+    from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions
+    from avlink.train.scorecard import generate
+
+    out = inputs["root"] / "prompts"
+    argv = ablate_argv(inputs, out, "--variants", "fusion", "--batch", "2")
+    assert cli.main(argv) == 0
+    folder = out / "runs" / "fusion" / "eval"
+    assert json.loads((folder / "source.json").read_text())["prompts"] == "captions"
+    assert "prompts: captions" in (out / "table2.md").read_text()
+    with_captions = {p.name: sf.read(p)[0] for p in (folder / "generated").iterdir()}
+
+    model = ablate.load_variant(inputs["ckpt"], out / "runs" / "fusion", "v2a", torch.device("cpu"))
+    cfg = load_config(inputs["ckpt"] / "config.json")
+    conds = load_conditions(inputs["syncbench"], 2, "v2a", cfg.clip, load_checkpoint_vae(inputs["ckpt"], cfg.clip))
+    texts = caption_texts(model, inputs["syncbench"], conds)
+    expected = generate(model, "v2a", "avlink", conds, texts.rows, 2, 0, batch=2)
+    from avlink.codecs.vocoder import load_vocoder
+    from avlink.eval.sweep import write_output
+
+    mine = out / "mine"
+    mine.mkdir()
+    vae, vocoder = load_checkpoint_vae(inputs["ckpt"], cfg.clip), load_vocoder("griffinlim", cfg.clip.audio)
+    for x, cond in zip(expected, conds, strict=True):
+        write_output("v2a", x, cond, mine, cfg.clip, vae, vocoder)
+    assert all(np.array_equal(sf.read(mine / name)[0], wave) for name, wave in with_captions.items())
+    bare = generate(model, "v2a", "avlink", conds, lambda start, size: None, 2, 0, batch=2)
+    assert not any(torch.allclose(a, b) for a, b in zip(expected, bare, strict=True))
+
+    assert cli.main([*argv, "--prompts", "none"]) == 0
+    assert json.loads((folder / "source.json").read_text())["prompts"] == "none"
+    without = {p.name: sf.read(p)[0] for p in (folder / "generated").iterdir()}
+    assert without.keys() == with_captions.keys()
+    assert not any(np.array_equal(without[k], with_captions[k]) for k in without)
 
 
 def test_ablate_refuses_missing_inputs_in_one_line(inputs: dict[str, Path], tmp_path: Path, capsys) -> None:

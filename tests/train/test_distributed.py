@@ -1,9 +1,21 @@
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
+from avlink.backbones.audio_dit import AudioDiT
+from avlink.backbones.video_dit import VideoDiT
+from avlink.config import get_preset
+from avlink.data.prepare import shard_name, write_shard
+from avlink.train.objectives import FusionObjective
+
+from helpers import randomize_backbone, tiny_link
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -27,3 +39,103 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     for key in one:
         assert not torch.equal(one[key], start[key])  # it trained
         torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+FUSION_WORKER = Path(__file__).with_name("fusion_ddp_worker.py")
+
+
+def test_fusion_blocks_under_two_gloo_processes_match_one_process(tmp_path):
+    """V2A, then joint (one direction per step, a different part of the shared set each time), through `fit` with
+    a FusionObjective: two ranks of one sample each train exactly what one process trains on both."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    single = {"OMP_NUM_THREADS": "1"}
+    run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(FUSION_WORKER), str(tmp_path / "ddp")],
+        tmp_path, single)
+    run([sys.executable, str(FUSION_WORKER), str(tmp_path / "one")], tmp_path, single)
+    for task in ("v2a", "joint"):
+        ddp = json.loads((tmp_path / "ddp" / f"match_{task}.json").read_text())
+        one = json.loads((tmp_path / "one" / f"match_{task}.json").read_text())
+        assert ddp["world_size"] == 2 and one["world_size"] == 1 and ddp["steps"] == one["steps"] == 3
+        assert ddp["ranks_equal"] and ddp["finite"] and one["finite"]
+        assert ddp["losses"] == pytest.approx(one["losses"], rel=1e-5), task
+        ddp_w = torch.load(tmp_path / "ddp" / f"match_{task}.pt")
+        one_w = torch.load(tmp_path / "one" / f"match_{task}.pt")
+        init = torch.load(tmp_path / "one" / f"init_{task}.pt")
+        assert ddp_w.keys() == one_w.keys() == init.keys()
+        moved = 0
+        for key in one_w:
+            torch.testing.assert_close(ddp_w[key], one_w[key], rtol=1e-5, atol=1e-6, msg=f"{task} {key}")
+            moved += not torch.equal(one_w[key], init[key])
+        assert moved > len(one_w) // 2, f"{task}: only {moved} of {len(one_w)} tensors trained"
+    # The plain objective, joint: every rank trains the direction rank 0 drew, and the ranks stay equal.
+    draws = json.loads((tmp_path / "ddp" / "joint_draws.json").read_text())
+    assert draws["steps"] == 3 and draws["draws_equal"] and draws["ranks_equal"] and draws["finite"]
+    assert not (tmp_path / "one" / "joint_draws.json").exists()
+
+
+SMALL = {"audio.dim": 32, "audio.depth": 2, "audio.heads": 2, "audio.text_dim": 16, "video.dim": 32,
+         "video.depth": 2, "video.heads": 2, "video.text_dim": 16, "fusion.dim": 32, "fusion.heads": 2,
+         "fusion.num_blocks": 2, "clip.duration": 1.0}
+
+
+def write_inputs(root: Path) -> list[str]:
+    """Two prepared shards of two random clips each (VAE latents included), and random generators: what
+    `avlink train fusion` reads. Returns the command's flags that name them (and the model size)."""
+    cfg = get_preset("tiny").override(**SMALL)
+    clip, rng = cfg.clip, np.random.default_rng(0)
+    shards = root / "shards"
+    shards.mkdir()
+    _, frames, height, width = clip.video_shape
+    for s in range(2):
+        samples = [(k, {
+            "json": {"id": f"clip{k}", "caption": "a clip"},
+            "mel": rng.standard_normal((clip.audio.n_mels, clip.num_mel_frames), dtype=np.float32),
+            "mel_mask": np.ones(clip.num_mel_frames, dtype=bool),
+            "latent": rng.standard_normal(clip.latent_shape, dtype=np.float32),
+            "latent_logvar": np.zeros(clip.latent_shape, dtype=np.float32),
+            "video": rng.integers(0, 255, (frames, height, width, 3), dtype=np.uint8),
+            "video_mask": np.ones(frames, dtype=bool),
+            "text": rng.standard_normal((3, 16), dtype=np.float32),
+        }) for k in (2 * s, 2 * s + 1)]
+        write_shard(shards / shard_name(s), samples)
+    audio, video = AudioDiT(cfg.audio, clip.audio), VideoDiT(cfg.video, clip.video)
+    randomize_backbone(audio, 0)
+    randomize_backbone(video, 1)
+    save_file(audio.state_dict(), str(root / "audio_dit.safetensors"))
+    save_file(video.state_dict(), str(root / "video_dit.safetensors"))
+    sets = [f"model.{k}={v}" for k, v in SMALL.items()]
+    return ["--data", str(shards), "--audio-dit", str(root / "audio_dit.safetensors"),
+            "--video-dit", str(root / "video_dit.safetensors"), "--set", *sets]
+
+
+@pytest.mark.parametrize("task", ["v2a", "joint"])
+def test_train_fusion_command_under_torchrun(tmp_path, task):
+    """The command as users launch it: batch 1 per rank, past the second step (where DDP checks that the last
+    step gave every trained weight a gradient)."""
+    flags = write_inputs(tmp_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "run"
+    run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "avlink.cli", "train", "fusion",
+         "--task", task, "--out", str(out), "--max-steps", "3", "--batch-size", "1", "--no-progress", *flags],
+        tmp_path, {"OMP_NUM_THREADS": "1"})
+    card = json.loads((out / "export" / "fusion.card.json").read_text())
+    assert card["steps"] == 3 and card["world_size"] == 2
+    weights = load_file(str(out / "export" / "fusion.safetensors"))
+    prefix = "joint." if task == "joint" else "v2a."
+    assert weights and all(k.startswith(prefix) and torch.isfinite(v).all() for k, v in weights.items())
+
+
+def test_fusion_objective_trains_its_own_set_and_says_when_weights_go_unused():
+    """What keeps DDP's bookkeeping right: a link holding both tasks' sets (a loaded checkpoint) trains only the
+    objective's, every weight of which each step reads; a set shared by both directions is read in part."""
+    model = tiny_link()
+    for task in ("a2v", "v2a"):
+        objective = FusionObjective(model, task)
+        assert not objective.steps_leave_weights_unused
+        assert all(p.requires_grad == name.startswith(f"{task}.") for name, p in model.fusion.named_parameters())
+    shared = tiny_link(**{"fusion.shared": True})
+    assert FusionObjective(shared, "v2a").steps_leave_weights_unused
+    joint = FusionObjective(shared, "joint")
+    assert joint.steps_leave_weights_unused and all(p.requires_grad for p in joint.trainable.parameters())
+    assert FusionObjective(tiny_link(), "joint").steps_leave_weights_unused  # two sets, one per step
+    assert joint.draw_task() in ("v2a", "a2v")  # one process: its own draw

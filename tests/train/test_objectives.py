@@ -70,3 +70,33 @@ def test_fusion_objective_leaves_backbones_untouched(tmp_path, task):
     assert not model.audio.training and not model.video.training
     saved = (tmp_path / "checkpoints" / "step_000000004" / "weights.safetensors")
     assert saved.is_file()
+
+
+def test_video_flows_run_on_the_geometry_normalised_pixels(monkeypatch):
+    """Both the T2V objective and the fusion objective feed the flow clip.video.to_model(pixels)."""
+    from avlink.train import objectives
+
+    cfg = tiny_config(**{"clip.video.shift": -0.5, "clip.video.scale": 0.25})
+    batch = make_batch(cfg)
+    expected = (batch["video"] + 0.5) / 0.25
+    seen = {}
+    real = objectives.flow_matching_errors
+
+    def spy(velocity, x1, t, *args, **kwargs):
+        seen["x1"] = x1
+        return real(velocity, x1, t, *args, **kwargs)
+
+    monkeypatch.setattr(objectives, "flow_matching_errors", spy)
+    GeneratorObjective(VideoDiT(cfg.video, cfg.clip.video), "video").loss(batch)
+    assert torch.allclose(seen["x1"], expected)
+
+    model = tiny_link(**{"clip.video.shift": -0.5, "clip.video.scale": 0.25})
+    real_terms = model.loss_terms
+
+    def terms(task, audio, video, *args):
+        seen["video"] = video
+        return real_terms(task, audio, video, *args)
+
+    monkeypatch.setattr(model, "loss_terms", terms)
+    FusionObjective(model, "a2v").loss(make_batch(model.cfg))
+    assert torch.allclose(seen["video"], (make_batch(model.cfg)["video"] + 0.5) / 0.25)

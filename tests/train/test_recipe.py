@@ -50,7 +50,8 @@ def test_collect_lays_out_a_loadable_link(tmp_path):
 
 def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     summary = run_recipe(tmp_path / "out", tmp_path / "work", scale=0.005, progress=False)
-    assert [s["step"] for s in summary["steps"]][-2:] == ["train classifiers", "score"]
+    names = [s["step"] for s in summary["steps"]]
+    assert names.index("train classifiers") < names.index("train audio") and names[-1] == "score"
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     for task, system in (("v2a", "t2a_alone"), ("a2v", "t2v_alone")):
         rows = scores[task]["rows"]
@@ -59,6 +60,13 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     card = json.loads((tmp_path / "out" / "fusion.card.json").read_text())
     assert card["v2a"]["eval"]["model"] == scores["v2a"]["rows"]["avlink"]
     assert "t2a_alone" in json.loads((tmp_path / "out" / "audio_dit.card.json").read_text())["eval"]
+    # Each generator and fusion run validated at its last step, with class accuracy from the classifiers.
+    for part in ("audio", "video", "v2a", "a2v"):
+        name = "fusion" if part in ("v2a", "a2v") else f"{part}_dit"
+        validation = json.loads((tmp_path / "work" / "runs" / part / "export" / f"{name}.card.json").read_text())[
+            "validation"]
+        assert validation["data"].endswith(":val")
+        assert any(k.endswith("class_acc") for k in validation["metrics"]), (part, validation)
     assert "| AV-Link |" in (tmp_path / "out" / "scores.md").read_text()
     assert load_link(tmp_path / "out") is not None
     for name in ("vae", "audio_dit", "video_dit", "fusion", "classifiers"):

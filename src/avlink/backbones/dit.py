@@ -104,6 +104,10 @@ class DiT(nn.Module):
     def eta(self) -> float:
         """Token positions per second along time."""
 
+    def position_embedding(self, grid: tuple[int, ...]) -> Tensor | None:
+        """(N, D) added to the embedded tokens of this grid, or None: positions come from RoPE alone."""
+        return None
+
     @abstractmethod
     def tokenize(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """Data -> (B, N, token_dim) tokens and the grid that untokenize needs."""
@@ -168,8 +172,10 @@ class DiT(nn.Module):
         else:
             text = text if text is not None else self.null_text_cond(b)
             text_tokens, text_mask, text_kv = self._project_text(text, tokens.dtype), text.mask, None
+        x = self.x_embed(tokens)  # (B, N, D)
+        positions = self.position_embedding(grid)
         return StreamState(
-            x=self.x_embed(tokens),  # (B, N, D)
+            x=x if positions is None else x + positions,
             t=t,
             c=self.t_embed(t),  # (B, D)
             times=self.token_times(grid, tokens.device),

@@ -45,6 +45,10 @@ class TextCond:
     def to(self, device: torch.device | str) -> TextCond:
         return TextCond(self.tokens.to(device), self.mask.to(device))
 
+    def rows(self, start: int, size: int) -> TextCond:
+        """Samples start .. start + size - 1 of the batch."""
+        return TextCond(self.tokens[start:start + size], self.mask[start:start + size])
+
 
 def _pad_text(text: TextCond, length: int) -> TextCond:
     missing = length - text.tokens.shape[1]

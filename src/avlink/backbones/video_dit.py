@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from avlink.backbones.dit import DiT
 from avlink.config import DiTConfig
@@ -15,6 +15,15 @@ class VideoDiT(DiT):
     def __init__(self, cfg: DiTConfig, geometry: VideoGeometry):
         self.geometry = geometry
         super().__init__(cfg, token_dim=geometry.patch_dim)
+        if cfg.frame_positions:  # config.py DiTConfig.frame_positions: where in the frame, learned
+            h, w = geometry.grid_hw
+            self.frame_pos = nn.Parameter(torch.randn(h * w, cfg.dim) * 0.02)  # (H' * W', D), row-major
+
+    def position_embedding(self, grid: tuple[int, ...]) -> Tensor | None:
+        if not self.cfg.frame_positions:
+            return None
+        assert tuple(grid[1:]) == self.geometry.grid_hw, f"frame grid {grid[1:]} is not {self.geometry.grid_hw}"
+        return self.frame_pos.repeat(grid[0], 1)  # (T' * H' * W', D): the same place in every frame
 
     @property
     def eta(self) -> float:

@@ -87,7 +87,7 @@ class Conditioned:
     """One SyncBench clip ready to condition the generation."""
 
     id: str
-    x_cond: Tensor  # V2A: video (1, C, T, H, W) in [-1, 1]; A2V: scaled latent (1, Ta, Da)
+    x_cond: Tensor  # V2A: video (1, C, T, H, W) in the flow's space (to_model); A2V: scaled latent (1, Ta, Da)
     audio: np.ndarray  # the clip's wave at the model's rate, muxed into A2V outputs
 
 
@@ -111,7 +111,7 @@ def load_conditions(data: Path, n: int | None, task: Task, clip: Any, vae: Any,
             print(f"skipped: {err}", file=sys.stderr)
             continue
         if task == "v2a":
-            x_cond = av.video[None]  # (1, C, T, H, W)
+            x_cond = clip.video.to_model(av.video[None])  # (1, C, T, H, W)
         else:
             with torch.no_grad():
                 spec = fit_frames(mel(av.audio[None]), clip.num_mel_frames)  # (1, n_mels, F)
@@ -133,7 +133,7 @@ def write_output(task: Task, x: Tensor, cond: Conditioned, folder: Path, clip: A
         wave = vocoder(spec)[0].float().cpu().numpy()  # (F * hop,)
         media.write_audio(folder / f"{cond.id}.wav", np.clip(wave, -1.0, 1.0), clip.audio.sample_rate)
         return
-    pixels = ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, T, H, W)
+    pixels = ((clip.video.to_pixels(x[0]) + 1) * 127.5).round().to(torch.uint8)  # (C, T, H, W)
     frames = pixels.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, C)
     media.write_video(folder / f"{cond.id}.mp4", frames, clip.video.fps, cond.audio, clip.audio.sample_rate)
 
@@ -217,8 +217,7 @@ def generate(run: SweepRun, point: Point, folder: Path) -> None:
     for start in range(0, len(run.conds), args.batch):
         chunk = run.conds[start:start + args.batch]
         x_cond = torch.cat([c.x_cond for c in chunk])  # (B, ...) of one clip's shape
-        text = None if texts is None else TextCond(texts.tokens[start:start + len(chunk)],
-                                                   texts.mask[start:start + len(chunk)])
+        text = None if texts is None else texts.rows(start, len(chunk))
         with sampling_precision(args.precision, x_cond.device):
             x = sample_link(run.model, args.task, x_cond, text_gen=text, text_cond=text, steps=point.steps,
                             method=point.method, t_cond=point.t_cond, seed=args.sample_seed + start)

@@ -61,19 +61,46 @@ def resample_in_time(src_times: Tensor, dst_times: Tensor, dst_eta: float) -> Te
     return weights / weights.sum(1, keepdim=True)
 
 
+def drop_prefix(state_dict: dict[str, Tensor], prefix: str) -> None:
+    """Forget the entries of a state dict under prefix (weights a module no longer builds)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
 class FusionStream(nn.Module):
     """One stream's half of a Fusion Block: project to D, adaLN-Zero modulation from (t_a, t_v), an MLP that
-    projects back to the backbone's width, and the gate of the residual into the frozen backbone."""
+    projects back to the backbone's width, and the gate of the residual into the frozen backbone.
 
-    def __init__(self, dim: int, cfg: FusionConfig):
+    output=False: a stream whose fused output nothing reads (the conditioning stream at the last fusion point,
+    or at every point when it is not reinjected) only lends its tokens to the other stream's attention, so it
+    has no MLP and only the attention input's modulation. Built anyway, those weights would never get a
+    gradient: dead in the parameter count, and under DDP an error at the second step."""
+
+    def __init__(self, dim: int, cfg: FusionConfig, output: bool = True):
         super().__init__()
         d = cfg.dim
+        self.has_output = output
         self.proj_in = nn.Linear(dim, d)
         self.norm1 = layer_norm(d)
-        self.norm2 = layer_norm(d)
-        self.mlp = MLP(d, int(d * cfg.mlp_ratio), out_dim=dim)
-        # shift/scale/gate of attention, shift/scale of the MLP, and the gate of the output residual.
-        self.ada = AdaLN(d, (d, d, d, d, d, dim))
+        if output:
+            self.norm2 = layer_norm(d)
+            self.mlp = MLP(d, int(d * cfg.mlp_ratio), out_dim=dim)
+            # shift/scale/gate of attention, shift/scale of the MLP, and the gate of the output residual.
+            self.ada = AdaLN(d, (d, d, d, d, d, dim))
+        else:
+            self.ada = AdaLN(d, (d, d))  # shift/scale of the attention input
+            self.register_load_state_dict_pre_hook(self._drop_unread)
+
+    def _drop_unread(self, module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_) -> None:
+        """Checkpoints written when every stream had an output hold this stream's MLP and all six modulation
+        chunks. None of it ever reached a velocity, so it is ignored: the MLP dropped, the modulation cut to its
+        first two chunks (the same shift and scale)."""
+        drop_prefix(state_dict, prefix + "mlp.")
+        rows = sum(self.ada.sizes)
+        for name in ("ada.linear.weight", "ada.linear.bias"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape[0] > rows:
+                state_dict[key] = state_dict[key][:rows]
 
     def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
         return self.ada(c)
@@ -82,20 +109,25 @@ class FusionStream(nn.Module):
         """The attention's input: h normalised and modulated."""
         return modulated_norm(self.norm1, h, mod[0], mod[1])
 
-    def output(self, x: Tensor, h: Tensor, mod: tuple[Tensor, ...]) -> Tensor:
-        _, _, _, shift2, scale2, gate_out = mod
+    def output(self, x: Tensor, h: Tensor, attn_out: Tensor | None, mod: tuple[Tensor, ...]) -> Tensor:
+        """x + gate_out * MLP(h + gate * attn_out); a stream without output gives x back (nothing reads it)."""
+        if not self.has_output:
+            return x
+        assert attn_out is not None, "a stream with an output needs its attention's output"
+        _, _, gate, shift2, scale2, gate_out = mod
+        h = torch.addcmul(h, gate, attn_out)
         return torch.addcmul(x, gate_out, self.mlp(modulated_norm(self.norm2, h, shift2, scale2)))
 
 
 class FusionBlock(nn.Module):
     """x̂_a, x̂_v = FusionBlock(x_a, x_v, t_a, t_v) (Eq. 3): joint self-attention over the concatenated streams
     with time-aligned RoPE. One attention for both streams, as the paper's text has it; norms, modulation and
-    MLPs per stream."""
+    MLPs per stream. `outputs` names the streams whose fused output is read (see FusionStream)."""
 
-    def __init__(self, dim_a: int, dim_v: int, cfg: FusionConfig):
+    def __init__(self, dim_a: int, dim_v: int, cfg: FusionConfig, outputs: tuple[str, ...] = ("a", "v")):
         super().__init__()
-        self.a = FusionStream(dim_a, cfg)
-        self.v = FusionStream(dim_v, cfg)
+        self.a = FusionStream(dim_a, cfg, "a" in outputs)
+        self.v = FusionStream(dim_v, cfg, "v" in outputs)
         self.attn = SelfAttention(cfg.dim, cfg.heads)
 
     def forward(self, x_a: Tensor, x_v: Tensor, c: Tensor, align: Alignment) -> tuple[Tensor, Tensor]:
@@ -106,29 +138,38 @@ class FusionBlock(nn.Module):
             f"{joint.shape[1]} tokens in the joint attention, alignment for {align.angles.shape[0]}"
         )
         out_a, out_v = self.attn(joint, align.angles).split([h_a.shape[1], h_v.shape[1]], dim=1)
-        h_a = torch.addcmul(h_a, mod_a[2], out_a)
-        h_v = torch.addcmul(h_v, mod_v[2], out_v)
-        return self.a.output(x_a, h_a, mod_a), self.v.output(x_v, h_v, mod_v)
+        return self.a.output(x_a, h_a, out_a, mod_a), self.v.output(x_v, h_v, out_v, mod_v)
 
 
 class CrossAttentionFusion(nn.Module):
     """Ablation "Symm. cross attention": two cross-attention blocks, audio attending to video and video to
-    audio, each with its own weights, time-aligned RoPE on queries and keys; both outputs reinjected."""
+    audio, each with its own weights, time-aligned RoPE on queries and keys; both outputs reinjected. A stream
+    whose output nothing reads (not in `outputs`) has no cross-attention of its own."""
 
-    def __init__(self, dim_a: int, dim_v: int, cfg: FusionConfig):
+    def __init__(self, dim_a: int, dim_v: int, cfg: FusionConfig, outputs: tuple[str, ...] = ("a", "v")):
         super().__init__()
-        self.a = FusionStream(dim_a, cfg)
-        self.v = FusionStream(dim_v, cfg)
-        self.a_from_v = CrossAttention(cfg.dim, cfg.heads)
-        self.v_from_a = CrossAttention(cfg.dim, cfg.heads)
+        self.a = FusionStream(dim_a, cfg, "a" in outputs)
+        self.v = FusionStream(dim_v, cfg, "v" in outputs)
+        self.a_from_v = CrossAttention(cfg.dim, cfg.heads) if "a" in outputs else None
+        self.v_from_a = CrossAttention(cfg.dim, cfg.heads) if "v" in outputs else None
+        self.register_load_state_dict_pre_hook(self._drop_unread)
+
+    def _drop_unread(self, module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_) -> None:
+        """Older checkpoints hold both cross-attentions; one that fed an unread output never mattered."""
+        for name in ("a_from_v", "v_from_a"):
+            if getattr(self, name) is None:
+                drop_prefix(state_dict, f"{prefix}{name}.")
 
     def forward(self, x_a: Tensor, x_v: Tensor, c: Tensor, align: Alignment) -> tuple[Tensor, Tensor]:
         h_a, h_v = self.a.proj_in(x_a), self.v.proj_in(x_v)
         mod_a, mod_v = self.a.modulation(c), self.v.modulation(c)
         n_a, n_v = self.a.normed(h_a, mod_a), self.v.normed(h_v, mod_v)
-        h_a = torch.addcmul(h_a, mod_a[2], self.a_from_v(n_a, n_v, None, align.angles_a, align.angles_v))
-        h_v = torch.addcmul(h_v, mod_v[2], self.v_from_a(n_v, n_a, None, align.angles_v, align.angles_a))
-        return self.a.output(x_a, h_a, mod_a), self.v.output(x_v, h_v, mod_v)
+        out_a = out_v = None
+        if self.a_from_v is not None:
+            out_a = self.a_from_v(n_a, n_v, None, align.angles_a, align.angles_v)
+        if self.v_from_a is not None:
+            out_v = self.v_from_a(n_v, n_a, None, align.angles_v, align.angles_a)
+        return self.a.output(x_a, h_a, out_a, mod_a), self.v.output(x_v, h_v, out_v, mod_v)
 
 
 class DirectAlignment(nn.Module):
@@ -154,7 +195,7 @@ class DirectAlignment(nn.Module):
         weights = resample_in_time(steps, dst_times, dst_eta).to(src.dtype)  # (N_dst, T)
         return proj(torch.einsum("nt,btd->bnd", weights, pooled))
 
-    def forward(self, x_a: Tensor, x_v: Tensor, c: Tensor, align: Alignment, gen: str) -> tuple[Tensor, Tensor]:
+    def forward(self, x_a: Tensor, x_v: Tensor, c: Tensor | None, align: Alignment, gen: str) -> tuple[Tensor, Tensor]:
         if gen == "a":
             assert self.to_a is not None, "this DirectAlignment was built without the video -> audio direction"
             return x_a + self._transfer(x_v, align.times_v, align.times_a, align.eta_a, self.to_a), x_v

@@ -17,11 +17,13 @@ from torch.utils.checkpoint import checkpoint
 from avlink.backbones.protocol import Backbone, PreparedText, StreamState, TextCond, prepare_text
 from avlink.config import FusionConfig, ModelConfig, Task
 from avlink.flow.path import flow_matching_errors, interpolate, logit_normal, uniform
-from avlink.fusion.block import Alignment, CrossAttentionFusion, DirectAlignment, FusionBlock, TextConcat
+from avlink.fusion.block import Alignment, CrossAttentionFusion, DirectAlignment, FusionBlock, TextConcat, drop_prefix
 from avlink.nn.layers import AdaLN, TimestepEmbedder
 
 TASKS: tuple[Task, ...] = ("v2a", "a2v")
 GENERATED = {"v2a": "a", "a2v": "v"}
+REINJECTED = ("fusion", "cross_attention")  # injections whose fused conditioning stream goes on to later blocks
+MODULATED = ("fusion", "static", "cross_attention")  # injections whose blocks take adaLN from the flow times
 
 
 def fusion_points(cfg: FusionConfig, depth_a: int, depth_v: int) -> list[tuple[int, int]]:
@@ -45,21 +47,30 @@ def fusion_points(cfg: FusionConfig, depth_a: int, depth_v: int) -> list[tuple[i
 
 class FusionSet(nn.Module):
     """The trainable parameters of one link (V2A, A2V, or both when shared): the fusion modules plus the
-    embedders of both flow times that drive every block's adaLN-Zero."""
+    embedders of both flow times that drive every block's adaLN-Zero (none for the injections without adaLN,
+    direct alignment and concat to text, which would leave them without a gradient)."""
 
     def __init__(self, cfg: FusionConfig, dim_a: int, dim_v: int, generated: tuple[str, ...]):
         super().__init__()
         self.injection = cfg.injection
-        self.t_embed_a = TimestepEmbedder(cfg.dim)
-        self.t_embed_v = TimestepEmbedder(cfg.dim)
-        self.blocks = nn.ModuleList(self._block(cfg, dim_a, dim_v, generated) for _ in range(cfg.num_blocks))
+        timed = cfg.injection in MODULATED
+        self.t_embed_a = TimestepEmbedder(cfg.dim) if timed else None
+        self.t_embed_v = TimestepEmbedder(cfg.dim) if timed else None
+        if not timed:
+            self.register_load_state_dict_pre_hook(self._drop_time_embedders)
+        n = cfg.num_blocks
+        self.blocks = nn.ModuleList(self._block(cfg, dim_a, dim_v, generated, i == n - 1) for i in range(n))
 
     @staticmethod
-    def _block(cfg: FusionConfig, dim_a: int, dim_v: int, generated: tuple[str, ...]) -> nn.Module:
+    def _block(cfg: FusionConfig, dim_a: int, dim_v: int, generated: tuple[str, ...], last: bool) -> nn.Module:
+        # Fused outputs that anything reads: the generated stream's, and the conditioning stream's only where it
+        # is reinjected into a later fusion block. The others are not built: they could never get a gradient
+        # (dead weight in the parameter count, an error under DDP). A shared set generates both streams.
+        outputs = tuple(s for s in ("a", "v") if s in generated or (cfg.injection in REINJECTED and not last))
         if cfg.injection in ("fusion", "static"):
-            return FusionBlock(dim_a, dim_v, cfg)
+            return FusionBlock(dim_a, dim_v, cfg, outputs)
         if cfg.injection == "cross_attention":
-            return CrossAttentionFusion(dim_a, dim_v, cfg)
+            return CrossAttentionFusion(dim_a, dim_v, cfg, outputs)
         if cfg.injection == "direct":
             return DirectAlignment(dim_a, dim_v, cfg, directions=generated)
         if cfg.injection == "text_concat":
@@ -67,8 +78,16 @@ class FusionSet(nn.Module):
                                   for g in generated})
         raise ValueError(f"unknown injection {cfg.injection!r}")
 
-    def conditioning(self, t_a: Tensor, t_v: Tensor) -> Tensor:
-        """(B, D): each stream's modulation sees both flow times."""
+    @staticmethod
+    def _drop_time_embedders(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_) -> None:
+        """Older checkpoints of these injections hold the flow-time embedders, which never reached an output."""
+        drop_prefix(state_dict, prefix + "t_embed_a.")
+        drop_prefix(state_dict, prefix + "t_embed_v.")
+
+    def conditioning(self, t_a: Tensor, t_v: Tensor) -> Tensor | None:
+        """(B, D): each stream's modulation sees both flow times; None where no block is modulated."""
+        if self.t_embed_a is None or self.t_embed_v is None:
+            return None
         return self.t_embed_a(t_a) + self.t_embed_v(t_v)
 
 
@@ -167,7 +186,7 @@ class AVLink(nn.Module):
 
     @property
     def _reinject(self) -> bool:
-        return self.cfg.fusion.injection in ("fusion", "cross_attention")
+        return self.cfg.fusion.injection in REINJECTED
 
     # -- conditions, once per sample ---------------------------------------------------------------------
     def prepare(
@@ -271,7 +290,7 @@ class AVLink(nn.Module):
         return gen_bb.head(gen)
 
     @staticmethod
-    def _fuse(block: nn.Module, x_a: Tensor, x_v: Tensor, c: Tensor, align: Alignment, task: Task):
+    def _fuse(block: nn.Module, x_a: Tensor, x_v: Tensor, c: Tensor | None, align: Alignment, task: Task):
         if isinstance(block, DirectAlignment):
             return block(x_a, x_v, c, align, gen=GENERATED[task])
         return block(x_a, x_v, c, align)

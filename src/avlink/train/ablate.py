@@ -11,6 +11,11 @@ the first --eval-clips clips of the SyncBench test split through the evaluation 
 the checkpoint's VAE, --vocoder), and `avlink eval` scores them in OUT/runs/<variant>/eval/. OUT/table2.md and
 OUT/table2.json put the variants side by side with the ground-truth ceiling and the shuffled floor.
 
+Generation uses each clip's caption as prompt for both streams, --batch clips at a time with the noise of a batch
+drawn from --sample-seed + its first index: the scorecard's scheme (train/scorecard.py), so the "fusion" row of
+an ablation on the recipe's data redoes the shipped AV-Link row. Without prompts (--prompts none) the frozen
+generator picks what sounds at random and class accuracy sits at the floor in every row.
+
 Training follows the recipe's fusion budget (steps, learning rate, batch size: train/recipe.py `Budget`), so
 the "fusion" row is the shipped model's recipe retrained.
 """
@@ -22,6 +27,7 @@ import hashlib
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=budget.batch_size)
     parser.add_argument("--eval-clips", type=int, default=budget.test_clips, help="clips scored per variant")
     parser.add_argument("--sample-steps", type=int, default=64, help="Euler steps of the generation")
-    parser.add_argument("--sample-seed", type=int, default=0, help="noise seed of clip i is this + i")
+    parser.add_argument("--sample-seed", type=int, default=0, help="noise seed of a batch: this + its first clip")
+    parser.add_argument("--prompts", default="captions", choices=("captions", "none"),
+                        help="text prompt of both streams: each clip's caption (default) or none")
+    parser.add_argument("--batch", type=int, default=25, help="clips per sampling batch (default 25)")
     parser.add_argument("--vocoder", default="hifigan", help="V2A: hifigan, griffinlim or a checkpoint path")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-progress", action="store_true")
@@ -111,7 +120,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     if written < args.batch_size:
         raise UserError(f"{args.data}: {written} clips, fewer than one batch of {args.batch_size} (--batch-size)")
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
-                        ("--eval-clips", args.eval_clips), ("--sample-steps", args.sample_steps)):
+                        ("--eval-clips", args.eval_clips), ("--sample-steps", args.sample_steps),
+                        ("--batch", args.batch)):
         if value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
 
@@ -167,12 +177,13 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def generate_variant(args: argparse.Namespace, model: Any, conds: list, folder: Path, vae: Any, vocoder: Any,
-                     source: dict[str, Any]) -> None:
-    """Write the variant's generated clips into folder/generated. Clips already there from the same weights
-    and sampling settings (folder/source.json) are kept, so a killed ablation does not redo them."""
+def generate_variant(args: argparse.Namespace, model: Any, conds: list, texts: Any, folder: Path, vae: Any,
+                     vocoder: Any, source: dict[str, Any]) -> None:
+    """Write the variant's generated clips into folder/generated. A batch whose clips are all there from the same
+    weights and sampling settings (folder/source.json) is kept, so a killed ablation does not redo it."""
     from avlink.checkpoint import atomic_write
-    from avlink.eval.sweep import sample_one, write_output
+    from avlink.eval.sweep import write_output
+    from avlink.train.scorecard import generate
 
     generated, marker = folder / "generated", folder / "source.json"
     if not marker.is_file() or json.loads(marker.read_text()) != source:
@@ -181,12 +192,16 @@ def generate_variant(args: argparse.Namespace, model: Any, conds: list, folder: 
     text = json.dumps(source, indent=2)
     atomic_write(marker, lambda tmp: tmp.write_text(text))
     suffix = ".wav" if args.task == "v2a" else ".mp4"
-    for index, cond in enumerate(conds):
-        if (generated / f"{cond.id}{suffix}").is_file():
+    device = model_device(model)
+    for start in range(0, len(conds), args.batch):
+        chunk = conds[start:start + args.batch]
+        if all((generated / f"{c.id}{suffix}").is_file() for c in chunk):
             continue
-        x = sample_one(model, args.task, cond.x_cond.to(model_device(model)), args.sample_steps, "euler", None,
-                       args.sample_seed + index)
-        write_output(args.task, x.cpu(), cond, generated, model.cfg.clip, vae, vocoder)
+        xs = generate(model, args.task, "avlink", [replace(c, x_cond=c.x_cond.to(device)) for c in chunk],
+                      lambda _, size, start=start: None if texts is None else texts.rows(start, size),
+                      args.sample_steps, args.sample_seed + start, batch=args.batch)
+        for x, cond in zip(xs, chunk, strict=True):
+            write_output(args.task, x.cpu(), cond, generated, model.cfg.clip, vae, vocoder)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -211,7 +226,7 @@ def summarize(args: argparse.Namespace, reports: dict[str, Any]) -> dict[str, An
     return {
         "task": args.task, "ckpt": str(args.ckpt), "data": str(args.data), "syncbench": str(args.syncbench),
         "split": args.split, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
-        "sample_steps": args.sample_steps, "vocoder": args.vocoder, "clips": first.clips,
+        "sample_steps": args.sample_steps, "prompts": args.prompts, "vocoder": args.vocoder, "clips": first.clips,
         "columns": columns, "titles": {v: VARIANTS[v][0] for v in reports},
         "rows": {name: {c: values[c] for c in columns} for name, values in rows.items()}, "notes": notes,
     }
@@ -222,7 +237,8 @@ def table_markdown(summary: dict[str, Any]) -> str:
 
     columns = summary["columns"]
     lines = [f"# Table 2 ablation ({summary['task'].upper()}, {summary['steps']} training steps per variant, "
-             f"{summary['clips']} SyncBench {summary['split']} clips)", "",
+             f"{summary['clips']} SyncBench {summary['split']} clips, {summary['sample_steps']} Euler steps, "
+             f"prompts: {summary.get('prompts', 'none')})", "",
              "| variant | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, values in summary["rows"].items():
         title = summary["titles"].get(name) or ROW_TITLES[name]
@@ -250,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     from avlink.codecs.vocoder import load_vocoder
     from avlink.eval import report as rep
     from avlink.eval.runner import EvalSettings, classifier_name, evaluate
-    from avlink.eval.sweep import load_checkpoint_vae, load_conditions
+    from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions
 
     args.out = args.out or Path("runs/ablate") / args.task
     check_inputs(args)
@@ -270,13 +286,17 @@ def run(args: argparse.Namespace) -> int:
                             duration=clip.duration, progress=not args.no_progress)
     cache: dict = {}  # the reference clips' features, the same for every variant
     reports = {}
+    texts = None
     for variant, run_dir in runs.items():
         export = run_dir / "export" / "fusion.safetensors"
         model = load_variant(args.ckpt, run_dir, args.task, device)
+        if texts is None and args.prompts == "captions":  # the text encoder is the checkpoint's, as every variant's
+            texts = caption_texts(model, args.syncbench, conds).to(device)
         source = {"fusion": file_digest(export), "sample_steps": args.sample_steps, "seed": args.sample_seed,
-                  "vocoder": args.vocoder, "clips": [c.id for c in conds]}
+                  "prompts": args.prompts, "batch": args.batch, "vocoder": args.vocoder,
+                  "clips": [c.id for c in conds]}
         folder = run_dir / "eval"
-        generate_variant(args, model, conds, folder, vae, vocoder, source)
+        generate_variant(args, model, conds, texts, folder, vae, vocoder, source)
         report = evaluate(folder / "generated", args.syncbench, settings, cache=cache, only={c.id for c in conds})
         rep.write_report(report, folder)
         reports[variant] = report

@@ -14,6 +14,11 @@ vggsound:CSV:DIR, folder:DIR), which is prepared into OUT/prepared first (resuma
 `train:` (TrainConfig fields), `model:` (dotted preset overrides) and `batch_size`; --set overrides either, e.g.
 --set train.lr=1e-4 model.fusion.injection=static. The same command runs under torchrun (DDP).
 At the end the EMA weights are exported to OUT/export/<part>.safetensors with config.json and a model card.
+
+--val-data SYNCBENCH (DIR or syncbench:DIR[:SPLIT], split val by default) validates with the EMA weights every
+--val-every steps and at the last step (train/validation.py): K clips generated (or reconstructed, or
+classified), written to OUT/samples/step_<N>/, scored, logged as val/... scalars and TensorBoard media; the last
+validation goes into the model card under "validation". Rank 0 validates; the others wait at the next step.
 """
 
 from __future__ import annotations
@@ -60,6 +65,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--workers", type=int, default=0, help="data loader workers per process")
     parser.add_argument("--no-progress", action="store_true")
+    val = parser.add_argument_group("validation with the EMA weights (rank 0)")
+    val.add_argument("--val-data", metavar="SPEC",
+                     help="SyncBench folder to validate on: DIR or syncbench:DIR[:SPLIT] (split val)")
+    val.add_argument("--val-every", type=int, default=0, metavar="N",
+                     help="validate every N steps (default 0: only at the last step); the last step always")
+    val.add_argument("--val-clips", type=int, default=4, metavar="K", help="clips per validation (default 4)")
+    val.add_argument("--val-steps", type=int, default=16, metavar="S",
+                     help="Euler steps per generated clip (default 16)")
+    val.add_argument("--val-vocoder", default="hifigan-universal", metavar="NAME",
+                     help="vocoder of the audio samples: hifigan-universal (default), griffin-lim or a path")
+    val.add_argument("--val-classifiers", type=Path, metavar="PATH",
+                     help="SyncBench classifier weights: adds class accuracy to the generated clips' scores")
 
 
 def scalar(value: Any) -> Any:
@@ -218,9 +235,32 @@ def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, An
     return target
 
 
+def build_validation(args: argparse.Namespace, objective, cfg: ModelConfig, tc: TrainConfig, ctx: Dist):
+    """The validate(step) of this run: on rank 0 when --val-data is given, else None. Every rank checks the
+    flags, so a bad one stops them all alike."""
+    if args.val_data is None:
+        if args.val_every:
+            raise UserError(f"--val-every {args.val_every}: needs --val-data (the clips to validate on)")
+        return None
+    if args.val_every < 0:
+        raise UserError(f"--val-every {args.val_every}: must be 0 (the last step only) or a positive step count")
+    if ctx.enabled and tc.sharding == "fsdp":
+        raise UserError("--val-data: validation runs on rank 0 alone, which FSDP's sharded weights do not allow "
+                        "(train.sharding=ddp validates; or score the export with avlink eval)")
+    from avlink.train.validation import ValSettings, build_validator, parse_val_data
+
+    data = parse_val_data(args.val_data)
+    settings = ValSettings(args.val_clips, args.val_steps, tc.seed, args.val_vocoder, args.val_classifiers)
+    settings.check()
+    if not ctx.is_main:
+        return None
+    return build_validator(args.part, args.task, objective, cfg, data, args.out, settings, ctx.device)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg, tc, batch_size, extra = load_settings(args)
     ctx = setup(args.device)
+    validator = None
     try:
         data = resolve_data(args.data, args.out, args.preset, args.vae, ctx)
         objective = build_objective(args.part, args.task, cfg, args, extra, ctx.device, data)
@@ -231,18 +271,24 @@ def run(args: argparse.Namespace) -> int:
                 objective.model.set_activation_checkpointing(True)
             elif args.part in ("audio", "video"):
                 objective.trainable.activation_checkpointing = True
+        validator = build_validation(args, objective, cfg, tc, ctx)
         batches = shard_batches(data, batch_size, tc.seed, ctx, args.workers)
         started = time.time()
         run_config = {"part": args.part, "task": args.task, "preset": args.preset, "model": cfg.to_dict(),
                       "batch_size": batch_size, "data": args.data, **extra}
         result = fit(objective, batches, tc, args.out, resume=args.resume, device=ctx.device,
-                     run_config=run_config, progress=not args.no_progress, dist_ctx=ctx)
+                     run_config=run_config, progress=not args.no_progress, dist_ctx=ctx,
+                     validate=validator, val_every=args.val_every)
         card_path = args.out / "export" / f"{EXPORT_NAMES[args.part]}.card.json"
         if ctx.is_main and not result.losses and card_path.is_file():
             # Resumed at its last step: the export of the run that got there stands (a re-export would lose
             # that run's wall time and losses from its card).
             print(f"avlink train: {args.part} already trained to step {result.step}; export kept: {card_path}")
         elif ctx.is_main:
+            if validator is not None and (validator.last or {}).get("step") != result.step:
+                from avlink.train.validation import validate_final
+
+                validate_final(validator, objective.trainable, args.out, result.step)
             tail = [loss for _, loss in result.losses[-20:]]
             card = {
                 "part": args.part, "task": args.task if args.part == "fusion" else None,
@@ -250,9 +296,12 @@ def run(args: argparse.Namespace) -> int:
                 "seed": tc.seed, "git_commit": git_commit(), "data": args.data, "steps": result.step,
                 "batch_size": batch_size, "world_size": ctx.world_size, "wall_time_s": round(time.time() - started, 1),
                 "final_loss": sum(tail) / len(tail) if tail else None, "train": asdict(tc), **extra,
+                "validation": None if validator is None else validator.last,
             }
             path = export(args.out, args.part, objective, cfg, card)
             print(f"avlink train: {args.part} exported to {path}")
     finally:
+        if validator is not None:
+            validator.close()
         teardown()
     return 0

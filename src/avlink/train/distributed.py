@@ -98,7 +98,12 @@ def wrap(objective, ctx: Dist, sharding: str = "ddp") -> nn.Module | None:
         return shard(LossModule(objective, frozen_modules(objective)), ctx)
     module = LossModule(objective)
     ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    # DDP expects a gradient for every trained weight at every step. Weights that no step reads are not built
+    # (fusion/linked.py), so only an objective whose steps each read a part (a fusion set shared by both
+    # directions, trained one direction per step) needs DDP's search for unused ones, a walk of the autograd
+    # graph after every forward.
+    unused = bool(getattr(objective, "steps_leave_weights_unused", False))
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused)
 
 
 def loss_output(wrapped: nn.Module):
@@ -232,7 +237,8 @@ def load_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer, state: d
     names = trainable_names(module)
     by_name = {"state": {names[i]: s for i, s in state["state"].items()},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-    # strict=False: parameters that never got a gradient (a stream past the last fusion point) have no state.
+    # strict=False: parameters that never got a gradient (a direction a joint run has not drawn yet, a set the
+    # loss leaves unused) have no state.
     set_optimizer_state_dict(module, opt, by_name, options=_full_options(strict=False))
     # Loading first initialises every parameter's state; those the checkpoint had none for start afresh, as
     # they would after Optimizer.load_state_dict (else their step count would be one ahead).

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from avlink.backbones.dit import DiT, drop_text
@@ -69,7 +70,7 @@ class GeneratorObjective:
         if self.modality == "audio":
             x1 = audio_latents(batch, self.vae, self.device)
         else:
-            x1 = batch["video"].to(self.device)
+            x1 = self.trainable.geometry.to_model(batch["video"].to(self.device))
         b = x1.shape[0]
         text = with_dropout(batch_text(batch, self.device), self.trainable.null_text_cond(b), self.text_dropout)
         t = logit_normal(b, device=self.device)
@@ -80,7 +81,10 @@ class GeneratorObjective:
 @dataclass
 class FusionObjective:
     """Fusion Blocks between frozen generators (Eq. 5). task "joint" trains V2A or A2V on each batch, drawn from
-    the global RNG (so a resumed run draws the same), over the one shared parameter set ("Ours-Joint")."""
+    the global RNG (so a resumed run draws the same), over the one shared parameter set ("Ours-Joint"); under
+    torchrun every rank takes rank 0's draw, so a step trains one direction on the whole global batch.
+
+    A link holding both tasks' sets trains only the one of its task: the other gets no gradient."""
 
     model: AVLink
     task: str  # "v2a" | "a2v" | "joint"
@@ -88,16 +92,37 @@ class FusionObjective:
     text_dropout: float = TEXT_DROPOUT
     device: torch.device = torch.device("cpu")
 
+    def __post_init__(self) -> None:
+        # The other task's set would never get a gradient; as a trained weight it would stop DDP at step 2.
+        if self.task != "joint":
+            used = self.model.fusion_set(self.task)
+            for fset in self.model.fusion.values():
+                fset.requires_grad_(fset is used)
+
     @property
     def trainable(self) -> nn.Module:
         return self.model.fusion
 
+    @property
+    def steps_leave_weights_unused(self) -> bool:
+        """Whether a step may leave trained weights without a gradient: where one set serves both directions
+        (shared), each leaves unread what only the other reads (the last conditioning-side output), and "joint"
+        changes the direction from step to step (with two sets: the set)."""
+        return self.task == "joint" or self.model.cfg.fusion.shared
+
+    def draw_task(self) -> str:
+        """V2A or A2V for this step. Under torchrun all ranks take rank 0's draw: DDP then averages gradients of
+        one direction, as one process would on the global batch, and FSDP's ranks reduce the same weights."""
+        draw = torch.randint(2, ())
+        if dist.is_initialized():
+            draw = draw.to(self.device)  # NCCL broadcasts device tensors
+            dist.broadcast(draw, src=0)
+        return ("v2a", "a2v")[int(draw)]
+
     def loss(self, batch: dict[str, Any]) -> LossOutput:
-        task = self.task
-        if task == "joint":
-            task = ("v2a", "a2v")[int(torch.randint(2, ()))]
+        task = self.draw_task() if self.task == "joint" else self.task
         audio = audio_latents(batch, self.vae, self.device)
-        video = batch["video"].to(self.device)
+        video = self.model.cfg.clip.video.to_model(batch["video"].to(self.device))
         b = audio.shape[0]
         text = batch_text(batch, self.device)
         gen_bb, _ = self.model.backbones(task)

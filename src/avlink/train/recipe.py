@@ -1,9 +1,12 @@
 """`avlink recipe` (what `make checkpoints` runs): everything the embedded default ships, trained from scratch on
 SyncBench on one machine, in one command.
 
-    synth train / val / test clips -> prepare shards -> VAE -> shards with VAE latents -> T2A, T2V generators ->
-    V2A and A2V Fusion Blocks -> SyncBench classifiers -> OUT/ (safetensors, config.json, one card per part)
+    synth train / val / test clips -> prepare shards -> SyncBench classifiers -> VAE -> shards with VAE latents
+    -> T2A, T2V generators -> V2A and A2V Fusion Blocks -> OUT/ (safetensors, config.json, one card per part)
     -> scores on the test split (train/scorecard.py) into the cards, OUT/scores.md
+
+The generators and fusion blocks validate once, at their last step, on 4 clips of the val split (16 Euler
+steps, class accuracy by the classifiers just trained): samples under runs/<part>/samples/, numbers in the card.
 
 Every step goes through the same commands a user runs (`avlink synth`, `prepare`, `train`), each resumable, so a
 killed recipe picks up where it stopped. `--scale` multiplies clip counts and step counts, for a quick try.
@@ -82,6 +85,11 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
                          "--preset", preset, "--shard-size", "64"], log)
     common = ["--preset", preset, "--batch-size", str(b.batch_size), "--resume", *quiet]
     runs = work / "runs"
+    # The classifiers first: every later part's last validation scores class accuracy with them.
+    step("train classifiers", ["train", "classifiers", "--data", str(shards / "mel"), "--out",
+                               str(runs / "classifiers"), "--max-steps", str(b.classifier_steps), *common], log)
+    classifiers = runs / "classifiers" / "export" / "classifiers.safetensors"
+    validate = ["--val-data", f"syncbench:{sb}:val", "--val-classifiers", str(classifiers)]
     step("train vae", ["train", "vae", "--data", str(shards / "mel"), "--out", str(runs / "vae"),
                        "--max-steps", str(b.vae_steps), *common], log)
     vae = runs / "vae" / "export" / "vae.safetensors"
@@ -90,15 +98,13 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
     data = str(shards / "latent")
     for part, steps in (("audio", b.audio_steps), ("video", b.video_steps)):
         step(f"train {part}", ["train", part, "--data", data, "--out", str(runs / part), "--vae", str(vae),
-                               "--max-steps", str(steps), *common], log)
+                               "--max-steps", str(steps), *validate, *common], log)
     t2a, t2v = runs / "audio" / "export" / "audio_dit.safetensors", runs / "video" / "export" / "video_dit.safetensors"
     for task in ("v2a", "a2v"):
         step(f"train fusion {task}", ["train", "fusion", "--task", task, "--data", data, "--out", str(runs / task),
                                       "--vae", str(vae), "--audio-dit", str(t2a), "--video-dit", str(t2v),
                                       "--max-steps", str(b.fusion_steps), "--set", f"train.lr={b.fusion_lr}",
-                                      *common], log)
-    step("train classifiers", ["train", "classifiers", "--data", str(shards / "mel"), "--out",
-                               str(runs / "classifiers"), "--max-steps", str(b.classifier_steps), *common], log)
+                                      *validate, *common], log)
     collect(out, runs)
     started_score = time.perf_counter()
     print(f"avlink recipe: score: {b.test_clips} test clips, {b.score_steps} Euler steps", flush=True)

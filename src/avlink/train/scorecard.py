@@ -24,7 +24,7 @@ from avlink.checkpoint import atomic_write, load_link
 from avlink.config import Task
 from avlink.eval import report as rep
 from avlink.eval.runner import EvalSettings, evaluate
-from avlink.eval.sweep import load_checkpoint_vae, load_conditions, write_output
+from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions, write_output
 from avlink.sample import generated_shape, sample_backbone, sample_link
 
 METRICS = ("onset", "events", "av_align", "class_acc")
@@ -36,19 +36,14 @@ KEY_METRICS = {"v2a": ("onset_acc", "onset_ap", "event_f1", "av_align", "class_a
 BATCH = 25  # clips per sampling batch
 
 
-def captions(data: Path, ids: list[str]) -> list[str]:
-    from avlink.data import syncbench
-
-    by_id = {str(row["id"]): str(row.get("caption", "")) for row in syncbench.load_metadata(data)}
-    return [by_id[i] for i in ids]
-
-
 @torch.no_grad()
-def generate(model: Any, task: Task, system: str, conds: list, texts: Any, steps: int, seed: int) -> list:
-    """One generated tensor (1, ...) per clip, in batches; the batch's initial noise is drawn from seed + batch."""
+def generate(model: Any, task: Task, system: str, conds: list, texts: Any, steps: int, seed: int,
+             batch: int = BATCH) -> list:
+    """One generated tensor (1, ...) per clip, in batches; the batch's initial noise is drawn from seed + batch.
+    texts(start, size): the prompts of clips start .. start + size - 1 (or None)."""
     out = []
-    for start in range(0, len(conds), BATCH):
-        chunk = conds[start:start + BATCH]
+    for start in range(0, len(conds), batch):
+        chunk = conds[start:start + batch]
         x_cond = torch.cat([c.x_cond for c in chunk])
         text = texts(start, len(chunk))
         if system == "avlink":
@@ -63,7 +58,6 @@ def generate(model: Any, task: Task, system: str, conds: list, texts: Any, steps
 
 def score_checkpoint(ckpt: Path, data: Path, out: Path, n: int | None = None, steps: int = 64, seed: int = 0,
                      vocoder: str = "hifigan-universal", progress: bool = True) -> dict[str, Any]:
-    from avlink.codecs.text import load_text_encoder
     from avlink.codecs.vocoder import load_vocoder
 
     started = time.perf_counter()
@@ -71,17 +65,16 @@ def score_checkpoint(ckpt: Path, data: Path, out: Path, n: int | None = None, st
     clip = model.cfg.clip
     vae = load_checkpoint_vae(ckpt, clip)
     voc = load_vocoder(vocoder, clip.audio)
-    encoder = load_text_encoder(model.cfg.text_encoder)
     classifier = ckpt / "classifiers.safetensors"
     weights = {"syncbench-audio": classifier, "syncbench-video": classifier} if classifier.is_file() else {}
     results: dict[str, Any] = {"steps": steps, "seed": seed, "split": "test", "vocoder": vocoder}
     for task in ("v2a", "a2v"):
         conds = load_conditions(data, n, task, clip, vae, "test")
         ids = [c.id for c in conds]
-        text_all = encoder.encode(captions(data, ids))
+        text_all = caption_texts(model, data, conds)
 
         def texts(start: int, size: int, text_all=text_all):
-            return type(text_all)(text_all.tokens[start:start + size], text_all.mask[start:start + size])
+            return text_all.rows(start, size)
 
         settings = EvalSettings(task=task, metrics=METRICS, weights=weights, fps=clip.video.fps,
                                 duration=clip.duration, seed=seed, progress=progress)
