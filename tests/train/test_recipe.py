@@ -14,7 +14,7 @@ def test_budget_scales_and_keeps_minimums():
     assert full.fusion_steps == 1600 and full.batch_size == 32
     small = full.scaled(0.001)
     assert small.train_clips == 8 and small.fusion_steps == 2 and small.batch_size == 8
-    assert small.fusion_lr == full.fusion_lr
+    assert (small.fusion_lr, small.vae_lr, small.video_lr) == (full.fusion_lr, full.vae_lr, full.video_lr)
 
 
 def fake_exports(runs, model):
@@ -72,6 +72,8 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     for name in ("vae", "audio_dit", "video_dit", "fusion", "classifiers"):
         assert (tmp_path / "out" / f"{name}.safetensors").is_file()
     assert card["v2a"]["train"]["lr"] == Budget().fusion_lr
+    for name, lr in (("vae", Budget().vae_lr), ("video_dit", Budget().video_lr)):
+        assert json.loads((tmp_path / "out" / f"{name}.card.json").read_text())["train"]["lr"] == lr
     # A second run finds every step done: same parts, nothing retrained.
     before = (tmp_path / "out" / "fusion.safetensors").read_bytes()
     again = run_recipe(tmp_path / "out", tmp_path / "work", scale=0.005, progress=False)
