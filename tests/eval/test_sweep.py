@@ -1,5 +1,5 @@
-"""`avlink eval --sweep evals` (network evaluations on the axis), prompts, batches, precision and resuming, on a
-random tiny checkpoint and a few SyncBench clips."""
+"""`avlink eval --sweep evals` (network evaluations on the axis) and `--sweep cfg` (guidance scale), prompts,
+batches, precision and resuming, on a random tiny checkpoint and a few SyncBench clips."""
 
 from __future__ import annotations
 
@@ -117,6 +117,39 @@ def test_batches_keep_the_per_clip_seeds_and_captions_condition(syncbench, check
     for index, cid in enumerate(ids):
         torch.testing.assert_close(got[("two", cid)], both[index:index + 1], atol=1e-5, rtol=1e-4)
         assert not torch.allclose(got[("captions", cid)], got[("two", cid)], atol=1e-3)
+
+
+def test_cfg_sweep_guides_the_captions_and_counts_both_evaluations(syncbench, checkpoint, tmp_path, monkeypatch,
+                                                                   capsys):
+    calls = {}
+    real = sweep.write_output
+
+    def record(task, x, cond, folder, *rest):
+        calls[(folder.parts[-2], cond.id)] = x.clone()  # OUT/method/point/generated
+        return real(task, x, cond, folder, *rest)
+
+    monkeypatch.setattr(sweep, "write_output", record)
+    out = tmp_path / "cfg"
+    argv = ("--sweep", "cfg", "--values", "1", "3", "--steps", "2", "--batch", "2", "--prompts", "captions")
+    assert run_sweep(checkpoint, syncbench, out, *argv) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["sweep"] == "cfg" and summary["steps"] == {"euler": [2, 2]}
+    assert summary["evals"] == {"euler": [2, 4]}  # a guided step runs the prompt and the null text
+    assert "| euler | 3 | 4 |" in (out / "sweep.md").read_text()
+    run = sweep.prepare_run(cli_args(checkpoint, syncbench, tmp_path, "--prompts", "captions"))
+    x_cond = torch.cat([c.x_cond for c in run.conds])
+    for scale in (1.0, 3.0):
+        expected = sample_link(run.model, "a2v", x_cond, text_gen=run.texts, text_cond=run.texts, steps=2, seed=0,
+                               cfg_scale=scale)
+        for index, c in enumerate(run.conds):
+            torch.testing.assert_close(calls[(f"cfg={scale:g}", c.id)], expected[index:index + 1])
+    assert not torch.allclose(calls[("cfg=1", run.conds[0].id)], calls[("cfg=3", run.conds[0].id)], atol=1e-3)
+    capsys.readouterr()
+    assert run_sweep(checkpoint, syncbench, tmp_path / "bare", "--sweep", "cfg", "--values", "3") == 2
+    assert run_sweep(checkpoint, syncbench, tmp_path / "neg", *argv[:2], "--values", "-1", "--prompts",
+                     "captions") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "add --prompts captions" in err[0] and "guidance scales must be >= 0" in err[1] and len(err) == 2
 
 
 def cli_args(checkpoint: Path, syncbench: Path, out: Path, *argv: str) -> argparse.Namespace:

@@ -103,6 +103,17 @@ def test_captions_prompt_the_generation_and_match_the_scorecard(inputs: dict[str
     assert all(np.array_equal(sf.read(mine / name)[0], wave) for name, wave in with_captions.items())
     bare = generate(model, "v2a", "avlink", conds, lambda start, size: None, 2, 0, batch=2)
     assert not any(torch.allclose(a, b) for a, b in zip(expected, bare, strict=True))
+    # Guidance on the generated stream's prompt, for AV-Link and the generator alone alike.
+    from avlink.sample import sample_link
+
+    guided = generate(model, "v2a", "avlink", conds, texts.rows, 2, 0, batch=2, cfg_scale=3.0)
+    assert not any(torch.allclose(a, b) for a, b in zip(expected, guided, strict=True))
+    direct = sample_link(model, "v2a", torch.cat([c.x_cond for c in conds]), text_gen=texts.rows(0, 2),
+                         text_cond=texts.rows(0, 2), steps=2, seed=0, cfg_scale=3.0)
+    assert torch.equal(torch.cat(guided), direct)
+    alone, alone_guided = (generate(model, "v2a", "t2a_alone", conds, texts.rows, 2, 0, batch=2, cfg_scale=c)
+                           for c in (1.0, 3.0))
+    assert not any(torch.allclose(a, b) for a, b in zip(alone, alone_guided, strict=True))
 
     assert cli.main([*argv, "--prompts", "none"]) == 0
     assert json.loads((folder / "source.json").read_text())["prompts"] == "none"

@@ -5,13 +5,14 @@ from safetensors.torch import save_file
 
 from avlink.checkpoint import load_link, save_config
 from avlink.train.recipe import Budget, collect, run_recipe
+from avlink.train.scorecard import markdown
 
 from helpers import tiny_link
 
 
 def test_budget_scales_and_keeps_minimums():
     full = Budget()
-    assert full.fusion_steps == 1600 and full.batch_size == 32
+    assert full.fusion_steps == 1000 and full.batch_size == 32
     small = full.scaled(0.001)
     assert small.train_clips == 8 and small.fusion_steps == 2 and small.batch_size == 8
     assert (small.fusion_lr, small.vae_lr, small.video_lr) == (full.fusion_lr, full.vae_lr, full.video_lr)
@@ -46,6 +47,15 @@ def test_collect_lays_out_a_loadable_link(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
     cards = json.loads((tmp_path / "out" / "fusion.card.json").read_text())
     assert set(cards) == {"v2a", "a2v"}
+
+
+def test_scores_say_which_guidance_made_them():
+    block = {"clips": 2, "rows": {"avlink": {"onset_acc": 0.5}, "t2a_alone": {"onset_acc": 0.25}}}
+    a2v = {"clips": 2, "rows": {"avlink": {"event_f1": 0.5}}}
+    results = {"steps": 64, "seed": 0, "v2a": block, "a2v": a2v}
+    assert "no guidance" in markdown(results).splitlines()[0]  # scores written before the option
+    text = markdown({**results, "cfg_scale": 3.0})
+    assert "guidance 3)" in text.splitlines()[0] and "| AV-Link | 0.500 |" in text
 
 
 def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):

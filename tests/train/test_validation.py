@@ -132,6 +132,7 @@ def test_a_failing_validation_prints_one_line_and_training_goes_on(inputs, tmp_p
     assert (out / "export" / "fusion.safetensors").is_file()
     assert card(out, "fusion")["validation"] == {"step": 2, "error": "RuntimeError: clip unreadable"}
     assert [x["step"] for x in logged(out) if "loss" in x] == [1, 2]
+    assert all(set(x) != {"step"} for x in logged(out))  # no empty line where the validation failed
 
 
 @pytest.mark.parametrize("part, name, keys, suffix", [

@@ -2,7 +2,7 @@
 
     avlink eval --task v2a|a2v --generated DIR --reference DIR --out DIR [--metrics ...]
                 [--weights NAME=PATH ...]
-    avlink eval --sweep t_cond|steps|evals --ckpt DIR --data SYNCBENCH_DIR --task v2a|a2v --out DIR [--values ...]
+    avlink eval --sweep t_cond|steps|evals|cfg --ckpt DIR --data SYNCBENCH_DIR --task v2a|a2v --out DIR [--values ...]
 
 Files pair by name stem (.wav, .flac or .mp4 on either side, in any subfolder); a SyncBench reference folder
 (one with metadata.jsonl) names its clips by id and brings each clip's true event times and caption. V2A
@@ -697,14 +697,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, help="seconds scored per clip (default: the reference's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled-pairs floor (default 0)")
     sweep = parser.add_argument_group("sweep (the paper's Figure 3 study)")
-    sweep.add_argument("--sweep", choices=("t_cond", "steps", "evals"),
-                       help="generate at each value and score it (evals: network evaluations per sample)")
+    sweep.add_argument("--sweep", choices=("t_cond", "steps", "evals", "cfg"),
+                       help="generate at each value and score it (evals: network evaluations per sample; "
+                            "cfg: guidance scale, with --prompts captions)")
     sweep.add_argument("--ckpt", type=Path, help="checkpoint folder (config.json, parts, vae.safetensors)")
     sweep.add_argument("--data", type=Path, help="SyncBench folder whose clips condition the generation")
     sweep.add_argument("--values", nargs="+", type=float, help="values of the swept setting")
     sweep.add_argument("--n", type=int, help="clips of --data to use (default all)")
     sweep.add_argument("--split", default="test", help="split of --data (default test; 'all' for every clip)")
-    sweep.add_argument("--steps", type=int, default=64, help="sampling steps for a t_cond sweep (default 64)")
+    sweep.add_argument("--steps", type=int, default=64, help="sampling steps for a t_cond or cfg sweep (default 64)")
     sweep.add_argument("--methods", nargs="+", default=["euler"], help="solvers, one curve each (euler)")
     sweep.add_argument("--vocoder", default="hifigan-universal",
                        help="V2A: hifigan-universal, griffin-lim or a checkpoint path")

@@ -1,11 +1,13 @@
-"""`avlink eval --sweep t_cond|steps|evals`: a metric against one sampling setting, the paper's Figure 3 study,
-and the cost-quality curve of the ODE solvers.
+"""`avlink eval --sweep t_cond|steps|evals|cfg`: a metric against one sampling setting, the paper's Figure 3
+study, the cost-quality curve of the ODE solvers, and the guidance scale.
 
     avlink eval --sweep t_cond --ckpt DIR --data SYNCBENCH_DIR --task v2a --out DIR [--values 0.5 0.8 0.96 1]
     avlink eval --sweep steps  --ckpt DIR --data SYNCBENCH_DIR --task a2v --out DIR [--values 4 16 64]
                 [--methods euler heun]
     avlink eval --sweep evals  --ckpt DIR --data SYNCBENCH_DIR --task v2a --out DIR [--values 16 32 64]
                 [--methods euler midpoint heun]
+    avlink eval --sweep cfg    --ckpt DIR --data SYNCBENCH_DIR --task a2v --out DIR --prompts captions
+                [--values 1 2 3 4.5 6]
     common options: [--precision fp32|bf16] [--prompts none|captions] [--batch N] [--sample-seed S] [--n N]
 
 For every solver (--methods) and value, the linked model of --ckpt generates the other modality of each
@@ -17,7 +19,11 @@ ground-truth ceiling and the shuffled floor.
 `evals` puts network evaluations on the axis instead of steps: a solver of k evaluations per step
 (`EVALS_PER_STEP`: Euler 1, midpoint and Heun 2) runs value / k steps, so solvers of different order are
 compared at the same cost. A value that k does not divide is skipped for that solver, with a note in the
-output. Guidance is not used here (scale 1), so one solver evaluation is one network evaluation.
+output. Guidance is not used there (scale 1), so one solver evaluation is one network evaluation.
+
+`cfg` puts the classifier-free guidance scale on the axis (--steps steps each): the generated stream's prompt
+against the null text, v_uncond + s * (v_cond - v_uncond). It needs prompts (`--prompts captions`); a guided
+step evaluates the network on twice the batch, which the evaluations column counts.
 
 Prompts: none by default (AV-Link's text conditioning is optional); `--prompts captions` gives each clip its
 SyncBench caption for both streams, as the shipped checkpoint's scorecard does. Clips are sampled `--batch` at
@@ -57,9 +63,11 @@ DEFAULT_VALUES: dict[str, tuple[float, ...]] = {
     "t_cond": (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.96, 1.0),
     "steps": (1, 2, 4, 8, 16, 32, 64),
     "evals": (4, 8, 16, 32, 64),
+    "cfg": (1.0, 2.0, 3.0, 4.5, 6.0),
 }
 AXIS_LABELS = {"t_cond": "t_cond (conditioning flow time)", "steps": "sampling steps",
-               "evals": "network evaluations (steps x evaluations per step)"}
+               "evals": "network evaluations (steps x evaluations per step)",
+               "cfg": "guidance scale (classifier-free, generated stream's prompt)"}
 VAE_FILE = "vae.safetensors"
 # Drawn first when present; the sweep's JSON and table hold every metric.
 PLOT_METRICS = ("onset_acc", "onset_ap", "av_align", "event_f1", "class_acc")
@@ -146,10 +154,13 @@ class Point:
     value: float
     steps: int
     t_cond: float | None  # None: the model's own fixed conditioning time
+    cfg_scale: float = 1.0  # classifier-free guidance on the generated stream's prompt (1: none)
 
     @property
     def evals(self) -> int:
-        return self.steps * EVALS_PER_STEP[self.method]
+        """Network evaluations per sample, in batch rows: a guided step runs the conditional and the null
+        prompt."""
+        return self.steps * EVALS_PER_STEP[self.method] * (1 if self.cfg_scale == 1.0 else 2)
 
 
 def plan_point(sweep: str, method: str, value: float, steps: int) -> Point | None:
@@ -158,6 +169,8 @@ def plan_point(sweep: str, method: str, value: float, steps: int) -> Point | Non
         return Point(method, value, steps, float(value))
     if sweep == "steps":
         return Point(method, value, int(value), None)
+    if sweep == "cfg":
+        return Point(method, value, steps, None, float(value))
     steps = steps_for_evals(method, int(value))
     return None if steps is None else Point(method, value, steps, None)
 
@@ -220,7 +233,8 @@ def generate(run: SweepRun, point: Point, folder: Path) -> None:
         text = None if texts is None else texts.rows(start, len(chunk))
         with sampling_precision(args.precision, x_cond.device):
             x = sample_link(run.model, args.task, x_cond, text_gen=text, text_cond=text, steps=point.steps,
-                            method=point.method, t_cond=point.t_cond, seed=args.sample_seed + start)
+                            method=point.method, t_cond=point.t_cond, seed=args.sample_seed + start,
+                            cfg_scale=point.cfg_scale)
         x = x.float()  # (B, ...) the generated modality, fp32 whatever the precision
         for i, cond in enumerate(chunk):
             write_output(args.task, x[i:i + 1], cond, folder, run.model.cfg.clip, run.vae, run.vocoder)
@@ -239,6 +253,8 @@ def check_values(sweep: str, values: list[float] | None) -> list[float]:
         raise UserError(f"--values {' '.join(f'{v:g}' for v in values)}: {sweep} must be whole numbers >= 1")
     if sweep == "t_cond" and any(not 0.0 <= v <= 1.0 for v in values):
         raise UserError(f"--values {' '.join(f'{v:g}' for v in values)}: t_cond must lie in [0, 1]")
+    if sweep == "cfg" and any(not (np.isfinite(v) and v >= 0.0) for v in values):
+        raise UserError(f"--values {' '.join(f'{v:g}' for v in values)}: guidance scales must be >= 0")
     return values
 
 
@@ -271,7 +287,8 @@ def _num(value: float | None) -> str:
 def sweep_markdown(summary: dict[str, Any]) -> str:
     names = list(summary["metrics"])
     sweep = summary["sweep"]
-    keys = {"t_cond": ["t_cond"], "steps": ["steps", "evaluations"], "evals": ["evaluations", "steps"]}[sweep]
+    keys = {"t_cond": ["t_cond"], "steps": ["steps", "evaluations"], "evals": ["evaluations", "steps"],
+            "cfg": ["guidance", "evaluations"]}[sweep]
     settings = ", ".join(f"{k} {summary[k]}" for k in ("precision", "prompts", "batch", "sample_seed")
                          if k in summary)
     lines = [f"# avlink eval sweep: {sweep} ({summary['task']}, {summary['clips']} clips"
@@ -283,7 +300,8 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
             steps = summary["steps"][method][i]
             if steps is None:
                 continue
-            key = {"t_cond": f"{value:g}", "steps": str(steps), "evaluations": str(summary["evals"][method][i])}
+            key = {"t_cond": f"{value:g}", "guidance": f"{value:g}", "steps": str(steps),
+                   "evaluations": str(summary["evals"][method][i])}
             cells = " | ".join(_num(summary["metrics"][n]["model"][method][i]) for n in names)
             lines.append(f"| {method} | " + " | ".join(key[k] for k in keys) + f" | {cells} |")
     for row in ("ceiling", "floor"):
@@ -341,6 +359,8 @@ def check_args(args: argparse.Namespace) -> list[float]:
         raise UserError(f"--batch {args.batch}: need at least 1 clip per batch")
     if args.steps < 1:
         raise UserError(f"--steps {args.steps}: need at least 1")
+    if args.sweep == "cfg" and args.prompts != "captions":
+        raise UserError("--sweep cfg: guidance compares a prompt with the null text; add --prompts captions")
     check_precision(args.precision, "cpu")
     return values
 
@@ -412,7 +432,8 @@ def run_source(args: argparse.Namespace, conds: list[Conditioned], settings: Eva
 
 
 def point_source(run: SweepRun, point: Point) -> dict[str, Any]:
-    return {**run.source, "method": point.method, "steps": point.steps, "t_cond": point.t_cond}
+    guided = {} if point.cfg_scale == 1.0 else {"cfg_scale": point.cfg_scale}  # unguided points keep their source
+    return {**run.source, "method": point.method, "steps": point.steps, "t_cond": point.t_cond, **guided}
 
 
 def finished_point(folder: Path, source: dict[str, Any]) -> tuple[rep.EvalReport, float] | None:

@@ -1,7 +1,7 @@
 """`avlink ablate --task v2a`: the paper's Table 2 (V2A ablations) rerun on a checkpoint's frozen generators.
 
     avlink ablate --task v2a [--ckpt checkpoints/tiny] [--data runs/recipe/shards/latent]
-                  [--syncbench runs/recipe/syncbench] [--steps 1600] [--eval-clips 100] [--out runs/ablate/v2a]
+                  [--syncbench runs/recipe/syncbench] [--steps 1000] [--eval-clips 100] [--out runs/ablate/v2a]
                   [--variants fusion no_reinjection ...]
 
 Each variant is a set of `model.fusion` overrides (config.py FusionConfig). For every variant, fresh Fusion

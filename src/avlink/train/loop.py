@@ -208,7 +208,9 @@ def fit(
         if logger is not None and validate is not None and val_every and step % val_every == 0:
             module.eval()
             with ema.swapped_in(module), torch.no_grad():
-                logger.log(step, {f"val/{k}": v for k, v in validate(step).items()})
+                metrics = validate(step)
+            if metrics:  # a failed validation printed why and has nothing to log
+                logger.log(step, {f"val/{k}": v for k, v in metrics.items()})
             module.train()
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             save()

@@ -38,26 +38,29 @@ BATCH = 25  # clips per sampling batch
 
 @torch.no_grad()
 def generate(model: Any, task: Task, system: str, conds: list, texts: Any, steps: int, seed: int,
-             batch: int = BATCH) -> list:
+             batch: int = BATCH, cfg_scale: float = 1.0) -> list:
     """One generated tensor (1, ...) per clip, in batches; the batch's initial noise is drawn from seed + batch.
-    texts(start, size): the prompts of clips start .. start + size - 1 (or None)."""
+    texts(start, size): the prompts of clips start .. start + size - 1 (or None). cfg_scale: classifier-free
+    guidance on the generated stream's prompt (1: none), the same for AV-Link and the generator alone."""
     out = []
     for start in range(0, len(conds), batch):
         chunk = conds[start:start + batch]
         x_cond = torch.cat([c.x_cond for c in chunk])
         text = texts(start, len(chunk))
         if system == "avlink":
-            x = sample_link(model, task, x_cond, text_gen=text, text_cond=text, steps=steps, seed=seed + start)
+            x = sample_link(model, task, x_cond, text_gen=text, text_cond=text, steps=steps, seed=seed + start,
+                            cfg_scale=cfg_scale)
         else:
             backbone = model.backbones(task)[0]
             x = sample_backbone(backbone, generated_shape(model, task, x_cond), text=text, steps=steps,
-                                seed=seed + start)
+                                seed=seed + start, cfg_scale=cfg_scale)
         out.extend(x[i:i + 1] for i in range(x.shape[0]))
     return out
 
 
 def score_checkpoint(ckpt: Path, data: Path, out: Path, n: int | None = None, steps: int = 64, seed: int = 0,
-                     vocoder: str = "hifigan-universal", progress: bool = True) -> dict[str, Any]:
+                     vocoder: str = "hifigan-universal", progress: bool = True,
+                     cfg_scale: float = 1.0) -> dict[str, Any]:
     from avlink.codecs.vocoder import load_vocoder
 
     started = time.perf_counter()
@@ -67,7 +70,8 @@ def score_checkpoint(ckpt: Path, data: Path, out: Path, n: int | None = None, st
     voc = load_vocoder(vocoder, clip.audio)
     classifier = ckpt / "classifiers.safetensors"
     weights = {"syncbench-audio": classifier, "syncbench-video": classifier} if classifier.is_file() else {}
-    results: dict[str, Any] = {"steps": steps, "seed": seed, "split": "test", "vocoder": vocoder}
+    results: dict[str, Any] = {"steps": steps, "seed": seed, "cfg_scale": cfg_scale, "split": "test",
+                               "vocoder": vocoder}
     for task in ("v2a", "a2v"):
         conds = load_conditions(data, n, task, clip, vae, "test")
         ids = [c.id for c in conds]
@@ -82,7 +86,7 @@ def score_checkpoint(ckpt: Path, data: Path, out: Path, n: int | None = None, st
         rows: dict[str, dict[str, float | None]] = {}
         for system in SYSTEMS[task]:
             folder = out / task / system
-            xs = generate(model, task, system, conds, texts, steps, seed)
+            xs = generate(model, task, system, conds, texts, steps, seed, cfg_scale=cfg_scale)
             (folder / "generated").mkdir(parents=True, exist_ok=True)
             for x, cond in zip(xs, conds, strict=True):
                 write_output(task, x, cond, folder / "generated", clip, vae, voc)
@@ -97,8 +101,10 @@ def score_checkpoint(ckpt: Path, data: Path, out: Path, n: int | None = None, st
 
 
 def markdown(results: dict[str, Any]) -> str:
+    cfg = results.get("cfg_scale", 1.0)  # scores written before guidance was an option had none
+    guidance = "no guidance" if cfg == 1.0 else f"guidance {cfg:g}"
     lines = [f"# Shipped checkpoint on the SyncBench test split ({results['steps']} Euler steps, seed "
-             f"{results['seed']}, captions as prompts)", ""]
+             f"{results['seed']}, captions as prompts, {guidance})", ""]
     for task in ("v2a", "a2v"):
         block = results[task]
         metrics = [m for m in KEY_METRICS[task] if any(r.get(m) is not None for r in block["rows"].values())]
@@ -118,7 +124,8 @@ def write_scores(ckpt: Path, results: dict[str, Any]) -> None:
     atomic_write(ckpt / "scores.json", lambda tmp: tmp.write_text(text + "\n"))
     md = markdown(results)
     atomic_write(ckpt / "scores.md", lambda tmp: tmp.write_text(md))
-    common = {"split": "test", "steps": results["steps"], "seed": results["seed"]}
+    common = {"split": "test", "steps": results["steps"], "seed": results["seed"],
+              "cfg_scale": results.get("cfg_scale", 1.0)}
 
     def update(name: str, change) -> None:
         path = ckpt / name
