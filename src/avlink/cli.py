@@ -57,9 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console() -> None:
+    """The `avlink` program: `main`, then exit with its status. A process that joined a torchrun process group
+    exits through train/distributed.py `leave`, which skips an interpreter shutdown that gloo can abort."""
+    code = main()
+    distributed = sys.modules.get("avlink.train.distributed")  # imported only by commands that can run under torchrun
+    if distributed is not None and distributed.joined():
+        distributed.leave(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     # Under `python -m avlink.cli` (and torchrun -m) this file runs as __main__, whose UserError is not the one
-    # the command modules raise: run the imported module's main instead.
-    from avlink.cli import main as package_main
+    # the command modules raise: run the imported module's entry point instead.
+    from avlink.cli import console as package_console
 
-    sys.exit(package_main())
+    package_console()

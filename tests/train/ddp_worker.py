@@ -6,7 +6,7 @@ import sys
 import torch
 from torch import nn
 
-from avlink.train.distributed import setup, teardown
+from avlink.train.distributed import leave, setup, teardown
 from avlink.train.loop import LossOutput, TrainConfig, fit
 
 
@@ -40,3 +40,4 @@ def main(out: str, run_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    leave(0)  # not the interpreter shutdown that gloo can abort (distributed.leave)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from avlink.backbones.protocol import TextCond
 from avlink.flow.path import flow_matching_errors
-from avlink.train.distributed import full_weights, is_sharded, setup, teardown
+from avlink.train.distributed import full_weights, is_sharded, leave, setup, teardown
 from avlink.train.loop import LossOutput, TrainConfig, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -104,3 +104,4 @@ def main(out: str, steps: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    leave(0)  # not the interpreter shutdown that gloo can abort (distributed.leave)

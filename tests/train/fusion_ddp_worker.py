@@ -20,7 +20,7 @@ import torch.distributed as dist
 from avlink.backbones.audio_dit import AudioDiT
 from avlink.backbones.video_dit import VideoDiT
 from avlink.fusion.linked import AVLink
-from avlink.train.distributed import Dist, setup, teardown
+from avlink.train.distributed import Dist, leave, setup, teardown
 from avlink.train.loop import LossOutput, TrainConfig, fit
 from avlink.train.objectives import FusionObjective
 
@@ -133,3 +133,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave(0)  # not the interpreter shutdown that gloo can abort (distributed.leave)

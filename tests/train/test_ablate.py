@@ -122,6 +122,38 @@ def test_captions_prompt_the_generation_and_match_the_scorecard(inputs: dict[str
     assert not any(np.array_equal(without[k], with_captions[k]) for k in without)
 
 
+def test_variants_trained_elsewhere_are_scored_from_their_exports(inputs: dict[str, Path], tmp_path: Path,
+                                                                   capsys) -> None:
+    """--train-only trains and stops (no SyncBench needed); a copy of the export folders alone is scored without
+    retraining, and an export trained with other settings is retrained."""
+    import shutil
+
+    remote, local = tmp_path / "remote", tmp_path / "local"
+    argv = ablate_argv(inputs, remote, "--variants", "fusion", "direct", "--train-only", "--syncbench",
+                       str(tmp_path / "absent"), "--set", "train.ema_decay=0.5")
+    assert cli.main(argv) == 0
+    assert not (remote / "table2.md").exists() and not (remote / "runs" / "fusion" / "eval").exists()
+    for variant in ("fusion", "direct"):
+        card = json.loads((remote / "runs" / variant / "export" / "fusion.card.json").read_text())
+        assert card["steps"] == 2 and card["train"]["ema_decay"] == 0.5  # --set reached the training
+        shutil.copytree(remote / "runs" / variant / "export", local / "runs" / variant / "export")
+    weights = {v: (local / "runs" / v / "export" / "fusion.safetensors").read_bytes() for v in ("fusion", "direct")}
+    capsys.readouterr()
+    assert cli.main(ablate_argv(inputs, local, "--variants", "fusion", "direct")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("trained export found (2 steps") == 2 and "avlink train fusion" not in printed
+    assert {v: (local / "runs" / v / "export" / "fusion.safetensors").read_bytes() for v in weights} == weights
+    assert list(json.loads((local / "table2.json").read_text())["rows"]) == ["fusion", "direct", "ceiling", "floor"]
+    # Other settings (here --steps 3, or the "direct" export filed under another variant's name): trained here.
+    shutil.rmtree(local / "runs" / "no_reinjection", ignore_errors=True)
+    shutil.copytree(local / "runs" / "direct" / "export", local / "runs" / "no_reinjection" / "export")
+    capsys.readouterr()
+    assert cli.main([*ablate_argv(inputs, local, "--variants", "no_reinjection"), "--train-only"]) == 0
+    assert "avlink train fusion" in capsys.readouterr().out
+    assert cli.main([*ablate_argv(inputs, local, "--variants", "fusion"), "--steps", "3", "--train-only"]) == 0
+    assert json.loads((local / "runs" / "fusion" / "export" / "fusion.card.json").read_text())["steps"] == 3
+
+
 def test_ablate_refuses_missing_inputs_in_one_line(inputs: dict[str, Path], tmp_path: Path, capsys) -> None:
     assert cli.main(ablate_argv(inputs, tmp_path / "o", "--ckpt", str(tmp_path))) == 2
     assert "missing config.json" in capsys.readouterr().err

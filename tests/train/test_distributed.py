@@ -139,3 +139,28 @@ def test_fusion_objective_trains_its_own_set_and_says_when_weights_go_unused():
     assert joint.steps_leave_weights_unused and all(p.requires_grad for p in joint.trainable.parameters())
     assert FusionObjective(tiny_link(), "joint").steps_leave_weights_unused  # two sets, one per step
     assert joint.draw_task() in ("v2a", "a2v")  # one process: its own draw
+
+
+def test_the_avlink_program_leaves_through_os_exit_only_after_joining_a_process_group(monkeypatch):
+    """`avlink` (cli.console) exits with main's status; after torchrun's process group it skips the interpreter's
+    shutdown (distributed.leave), which gloo can abort after the work succeeded."""
+    from avlink import cli
+    from avlink.train import distributed
+
+    left = []
+    monkeypatch.setattr(distributed, "leave", lambda code: left.append(code))
+    monkeypatch.setattr(cli, "main", lambda argv=None: 3)
+    monkeypatch.setattr(distributed, "_joined", False)
+    with pytest.raises(SystemExit) as exited:
+        cli.console()
+    assert exited.value.code == 3 and left == []
+    monkeypatch.setattr(distributed, "_joined", True)
+    with pytest.raises(SystemExit):  # the stand-in for leave returns; the real one never does
+        cli.console()
+    assert left == [3]
+
+
+def test_leave_flushes_and_exits_with_the_status(tmp_path):
+    script = "import sys; from avlink.train.distributed import leave; print('kept', end=''); leave(5)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 5 and done.stdout == "kept"

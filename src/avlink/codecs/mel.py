@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 
-import librosa
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -94,6 +93,8 @@ class MelSpectrogram(nn.Module):
         super().__init__()
         self.geometry = geometry
         self.clamp_min = clamp_min
+        import librosa  # here, not at the top: code that only (de)normalizes mels needs no librosa
+
         basis = librosa.filters.mel(sr=geometry.sample_rate, n_fft=geometry.n_fft, n_mels=geometry.n_mels,
                                     fmin=geometry.f_min, fmax=geometry.f_max)
         self.register_buffer("mel_basis", torch.from_numpy(basis).float(), persistent=False)  # (n_mels, bins)

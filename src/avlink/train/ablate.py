@@ -16,6 +16,12 @@ drawn from --sample-seed + its first index: the scorecard's scheme (train/scorec
 an ablation on the recipe's data redoes the shipped AV-Link row. Without prompts (--prompts none) the frozen
 generator picks what sounds at random and class accuracy sits at the floor in every row.
 
+Training and scoring may run on different machines: `--train-only` trains the variants and stops (it needs no
+SyncBench folder, text encoder or vocoder, only the shards and the checkpoint), and a later `avlink ablate` with
+the same --steps, --lr, --batch-size and --task scores every OUT/runs/<variant>/export that holds that variant
+trained with those settings, without its checkpoints, as it is. `--set` passes training overrides to every
+variant (`--set train.precision=fp32` keeps a GPU run in the float32 of a CPU one).
+
 Training follows the recipe's fusion budget (steps, learning rate, batch size: train/recipe.py `Budget`), so
 the "fusion" row is the shipped model's recipe retrained.
 """
@@ -80,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=25, help="clips per sampling batch (default 25)")
     parser.add_argument("--vocoder", default="hifigan", help="V2A: hifigan, griffinlim or a checkpoint path")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="training overrides for every variant, as `avlink train --set` (train.precision=fp32)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the variants and stop; a later `avlink ablate` with the same settings scores "
+                             "them (to train on one machine and score on another)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -109,7 +120,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     missing = [name for name in BASE_PARTS if not (args.ckpt / name).is_file()]
     if missing:
         raise UserError(f"{args.ckpt}: not a checkpoint folder with frozen generators, missing {', '.join(missing)}")
-    if not (args.syncbench / "metadata.jsonl").is_file():
+    if not args.train_only and not (args.syncbench / "metadata.jsonl").is_file():
         raise UserError(f"{args.syncbench}: not a SyncBench folder (no metadata.jsonl); make one with "
                         f"`avlink synth --split test`")
     manifest = args.data / "manifest.json"
@@ -126,10 +137,33 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} {value}: must be at least 1")
 
 
+def trained_export(run_dir: Path, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any] | None:
+    """The card of run_dir's export when it is this variant trained with these settings (--steps, --lr,
+    --batch-size, --task, the variant's model), else None. Such an export is scored as it is, so a variant may be
+    trained elsewhere (`--train-only` on a GPU machine) and only its export folder brought here."""
+    export = run_dir / "export"
+    try:
+        card = json.loads((export / "fusion.card.json").read_text())
+        exported = flatten(json.loads((export / "config.json").read_text()))
+    except (OSError, ValueError):
+        return None
+    train = card.get("train") or {}
+    same = (card.get("steps") == args.steps and card.get("task") == args.task and train.get("lr") == args.lr
+            and card.get("batch_size") == args.batch_size and (export / "fusion.safetensors").is_file()
+            and all(exported.get(key) == value for key, value in overrides.items()))
+    return card if same else None
+
+
 def train_variant(args: argparse.Namespace, base: ModelConfig, variant: str) -> Path:
-    """`avlink train fusion` for one variant, resumed if it ran before; returns its run folder."""
+    """`avlink train fusion` for one variant, resumed if it ran before; returns its run folder. An export of
+    the same variant and settings without its checkpoints (trained elsewhere) is kept as it is."""
     run_dir = args.out / "runs" / variant
     preset, overrides = model_overrides(base, variant)
+    card = trained_export(run_dir, args, overrides)
+    if card is not None and not (run_dir / "checkpoints").is_dir():
+        print(f"avlink ablate: {variant}: trained export found ({card['steps']} steps, world size "
+              f"{card.get('world_size', 1)}), not retrained", flush=True)
+        return run_dir
     config = run_dir / "ablation.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump({"train": {"lr": args.lr}, "model": overrides}, sort_keys=False))
@@ -138,7 +172,7 @@ def train_variant(args: argparse.Namespace, base: ModelConfig, variant: str) -> 
             "--audio-dit", str(args.ckpt / "audio_dit.safetensors"),
             "--video-dit", str(args.ckpt / "video_dit.safetensors"), "--max-steps", str(args.steps),
             "--batch-size", str(args.batch_size), "--device", args.device, "--resume",
-            *(["--no-progress"] if args.no_progress else [])]
+            *(["--set", *args.set] if args.set else []), *(["--no-progress"] if args.no_progress else [])]
     print(f"avlink ablate: {variant}: avlink {' '.join(argv)}", flush=True)
     code = main(argv)
     if code != 0:
@@ -263,15 +297,20 @@ def write_table(out: Path, summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from avlink.checkpoint import load_config
-    from avlink.codecs.vocoder import load_vocoder
-    from avlink.eval import report as rep
-    from avlink.eval.runner import EvalSettings, classifier_name, evaluate
-    from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions
 
     args.out = args.out or Path("runs/ablate") / args.task
     check_inputs(args)
     base = load_config(args.ckpt / "config.json")
     runs = {variant: train_variant(args, base, variant) for variant in dict.fromkeys(args.variants)}
+    if args.train_only:
+        print(f"avlink ablate: trained {', '.join(runs)} in {args.out / 'runs'}; run again without --train-only "
+              f"to score them", file=sys.stderr)
+        return 0
+    # The evaluation harness and the vocoder (librosa and the rest), which training alone does not need.
+    from avlink.codecs.vocoder import load_vocoder
+    from avlink.eval import report as rep
+    from avlink.eval.runner import EvalSettings, classifier_name, evaluate
+    from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")

@@ -13,9 +13,12 @@ layout a single process writes, so they load without the training code and a run
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -53,12 +56,38 @@ def setup(device: str = "auto") -> Dist:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if want_cuda else "gloo")
+    global _joined
+    _joined = True
     return Dist(rank, world, local, torch.device(f"cuda:{local}" if want_cuda else "cpu"))
+
+
+_joined = False  # whether setup() joined a process group in this process
+
+
+def joined() -> bool:
+    """Whether this process joined a torchrun process group (it then ends through `leave`)."""
+    return _joined
 
 
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(code: int) -> NoReturn:
+    """End a process that trained under torchrun with exit status `code`, skipping the interpreter's shutdown.
+
+    Once DistributedDataParallel has wrapped a module, its gloo process group outlives destroy_process_group
+    (PyTorch 2.13: its worker threads are still running after it, whatever Python still holds), and at interpreter
+    shutdown such a thread now and then aborts the process ("terminate called without an active exception")
+    after all the work succeeded, which torchrun reports as a failed run. By the time a command returns, all it
+    wrote is on disk (checkpoints and exports are written atomically, the TensorBoard writer is closed), so the
+    process flushes its output and exits at once."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more can be said there
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 class LossModule(nn.Module):

@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 
 from avlink.checkpoint import atomic_write
 from avlink.cli import UserError, main
-from avlink.train.scorecard import markdown, score_checkpoint, write_scores
 
 
 @dataclass(frozen=True)
@@ -125,6 +124,10 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
                                       "--max-steps", str(b.fusion_steps), "--set", f"train.lr={b.fusion_lr}",
                                       *validate, *common], log)
     collect(out, runs)
+    # Imported here: the scorecard brings the evaluation harness (librosa and the rest), which `Budget`'s users
+    # (`avlink ablate --train-only`) do not need.
+    from avlink.train.scorecard import markdown, score_checkpoint, write_scores
+
     started_score = time.perf_counter()
     print(f"avlink recipe: score: {b.test_clips} test clips, {b.score_steps} Euler steps", flush=True)
     results = score_checkpoint(out, sb, work / "scores", n=b.test_clips, steps=b.score_steps, seed=seed,
