@@ -139,12 +139,19 @@ def test_variants_trained_elsewhere_are_scored_from_their_exports(inputs: dict[s
         shutil.copytree(remote / "runs" / variant / "export", local / "runs" / variant / "export")
     weights = {v: (local / "runs" / v / "export" / "fusion.safetensors").read_bytes() for v in ("fusion", "direct")}
     capsys.readouterr()
-    assert cli.main(ablate_argv(inputs, local, "--variants", "fusion", "direct")) == 0
+    assert cli.main(ablate_argv(inputs, local, "--variants", "fusion", "direct", "--set", "train.ema_decay=0.5")) == 0
     printed = capsys.readouterr().out
     assert printed.count("trained export found (2 steps") == 2 and "avlink train fusion" not in printed
     assert {v: (local / "runs" / v / "export" / "fusion.safetensors").read_bytes() for v in weights} == weights
     assert list(json.loads((local / "table2.json").read_text())["rows"]) == ["fusion", "direct", "ceiling", "floor"]
-    # Other settings (here --steps 3, or the "direct" export filed under another variant's name): trained here.
+    # Other settings (here another --set value, --steps 3, or the "direct" export filed under another variant's
+    # name): trained here.
+    capsys.readouterr()
+    assert cli.main([*ablate_argv(inputs, local, "--variants", "direct"), "--train-only", "--set",
+                     "train.ema_decay=0.9"]) == 0
+    assert "avlink train fusion" in capsys.readouterr().out
+    assert json.loads((local / "runs" / "direct" / "export" / "fusion.card.json").read_text())["train"][
+        "ema_decay"] == 0.9
     shutil.rmtree(local / "runs" / "no_reinjection", ignore_errors=True)
     shutil.copytree(local / "runs" / "direct" / "export", local / "runs" / "no_reinjection" / "export")
     capsys.readouterr()

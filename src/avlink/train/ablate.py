@@ -18,7 +18,7 @@ generator picks what sounds at random and class accuracy sits at the floor in ev
 
 Training and scoring may run on different machines: `--train-only` trains the variants and stops (it needs no
 SyncBench folder, text encoder or vocoder, only the shards and the checkpoint), and a later `avlink ablate` with
-the same --steps, --lr, --batch-size and --task scores every OUT/runs/<variant>/export that holds that variant
+the same --steps, --lr, --batch-size, --task and --set scores every OUT/runs/<variant>/export that holds that variant
 trained with those settings, without its checkpoints, as it is. `--set` passes training overrides to every
 variant (`--set train.precision=fp32` keeps a GPU run in the float32 of a CPU one).
 
@@ -139,18 +139,27 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def trained_export(run_dir: Path, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any] | None:
     """The card of run_dir's export when it is this variant trained with these settings (--steps, --lr,
-    --batch-size, --task, the variant's model), else None. Such an export is scored as it is, so a variant may be
-    trained elsewhere (`--train-only` on a GPU machine) and only its export folder brought here."""
+    --batch-size, --task, the variant's model, the train. and model. values of --set), else None. Such an
+    export is scored as it is, so a variant may be trained elsewhere (`--train-only` on a GPU machine) and only its
+    export folder brought here."""
     export = run_dir / "export"
     try:
         card = json.loads((export / "fusion.card.json").read_text())
         exported = flatten(json.loads((export / "config.json").read_text()))
     except (OSError, ValueError):
         return None
+    from avlink.train.cli import scalar  # `avlink train --set`'s reading of a value
+
     train = card.get("train") or {}
-    same = (card.get("steps") == args.steps and card.get("task") == args.task and train.get("lr") == args.lr
+    wanted = {"train": {**train, "lr": args.lr}, "model": {**exported, **overrides}}
+    for item in args.set:  # --set train.X / model.X: the export must have been trained with them too
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if section in wanted:
+            wanted[section][name] = scalar(yaml.safe_load(value))
+    same = (card.get("steps") == args.steps and card.get("task") == args.task
             and card.get("batch_size") == args.batch_size and (export / "fusion.safetensors").is_file()
-            and all(exported.get(key) == value for key, value in overrides.items()))
+            and wanted["train"] == train and wanted["model"] == exported)
     return card if same else None
 
 
