@@ -1,10 +1,13 @@
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from avlink.checkpoint import load_link, save_config
-from avlink.train.recipe import Budget, collect, run_recipe
+from avlink.cli import UserError
+from avlink.train import recipe
+from avlink.train.recipe import SETTINGS, Budget, budget_overrides, collect, model_overrides, run_recipe
 from avlink.train.scorecard import markdown
 
 from helpers import tiny_link
@@ -91,3 +94,73 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     assert again["steps"][-2]["wall_s"] < 5
     assert again["earlier_runs"][0]["wall_s"] == summary["wall_s"]
     assert again["total_wall_s"] >= summary["wall_s"]
+
+
+def test_budget_and_sizes_are_checked_before_anything_runs():
+    assert budget_overrides(["video_steps=3600", "fusion_lr=3e-4"]) == {"video_steps": 3600, "fusion_lr": 3e-4}
+    for bad, says in (("video_step=10", "KEY one of"), ("video_steps=1.5", "whole number"),
+                      ("fusion_steps=0", "> 0"), ("video_steps", "KEY=VALUE")):
+        with pytest.raises(UserError, match=says):
+            budget_overrides([bad])
+    assert model_overrides(["model.video.dim=256", "model.video.heads=8"], "tiny") == [
+        "model.video.dim=256", "model.video.heads=8"]
+    for bad in (["train.lr=1"], ["model.clip.video.height=32"], ["model.video.width=3"], ["model.video.dim=102"]):
+        with pytest.raises(UserError, match="--set"):
+            model_overrides(bad, "tiny")
+
+
+def test_overrides_reach_every_training_and_the_work_folder_keeps_its_settings(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        return 0
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_):
+        raise Stop
+
+    monkeypatch.setattr(recipe, "main", fake_main)
+    monkeypatch.setattr(recipe, "collect", stop)
+    work = tmp_path / "work"
+    sizes = ["model.video.dim=64", "model.fusion.dim=32"]
+    with pytest.raises(Stop):
+        run_recipe(tmp_path / "out", work, budget={"video_steps": 7}, model=sizes, progress=False)
+    trained = {argv[1]: argv for argv in calls if argv[0] == "train"}
+    assert set(trained) == {"classifiers", "vae", "audio", "video", "fusion"}
+    for part in ("audio", "video", "fusion"):
+        assert all(item in trained[part] for item in sizes), part
+    for part in ("classifiers", "vae"):
+        assert not any(a.startswith("model.") for a in trained[part]), part
+    video = trained["video"]
+    assert video[video.index("--max-steps") + 1] == "7"
+    assert f"train.lr={Budget().video_lr}" in video
+    settings = json.loads((work / SETTINGS).read_text())
+    assert settings["model"] == sizes and settings["budget"]["video_steps"] == 7
+    # The same settings go on (every step resumes); other ones are refused before any step runs.
+    calls.clear()
+    with pytest.raises(Stop):
+        run_recipe(tmp_path / "out", work, budget={"video_steps": 7}, model=sizes, progress=False)
+    assert calls
+    calls.clear()
+    with pytest.raises(UserError, match=r"budget\.video_steps.*another --work"):
+        run_recipe(tmp_path / "out", work, budget={"video_steps": 8}, model=sizes, progress=False)
+    with pytest.raises(UserError, match="model"):
+        run_recipe(tmp_path / "out", work, budget={"video_steps": 7}, progress=False)
+    assert calls == []
+
+
+@pytest.mark.slow
+def test_recipe_with_other_sizes_end_to_end(tmp_path):
+    sizes = ["model.video.dim=64", "model.video.heads=2", "model.fusion.dim=32"]
+    summary = run_recipe(tmp_path / "out", tmp_path / "work", scale=0.005, progress=False,
+                         budget={"video_steps": 1000}, model=sizes)
+    assert summary["model"] == sizes and summary["budget"]["video_steps"] == 5  # 1000 x 0.005
+    model = load_link(tmp_path / "out")
+    assert (model.cfg.video.dim, model.cfg.video.heads, model.cfg.fusion.dim) == (64, 2, 32)
+    assert model.cfg.audio.dim == 128  # the preset's: nothing asked to change it
+    card = json.loads((tmp_path / "out" / "video_dit.card.json").read_text())
+    assert card["steps"] == 5 and "model.video.dim=64" in card["command"]
+    assert "| AV-Link |" in (tmp_path / "out" / "scores.md").read_text()
