@@ -1,8 +1,10 @@
+from contextlib import contextmanager
+
 import pytest
 import torch
 
 from avlink.backbones.protocol import TextCond
-from avlink.sample import Known, generated_shape, sample_backbone, sample_link
+from avlink.sample import Known, generated_shape, sample_backbone, sample_batches, sample_link
 
 from helpers import tiny_batch, tiny_link
 
@@ -144,3 +146,29 @@ def test_the_cache_skips_the_prefix_and_the_text_keys_and_values(injection, cfg_
     prompts = 2 if cfg_scale != 1.0 else 1  # the prompt and the null text, prepared one after the other
     assert counts[True][2] == prompts * model.audio.num_blocks + last_video_point
     assert counts[False][2] == steps * per_prompt  # guidance batches both prompts into one projection
+
+
+def test_batches_draw_noise_from_their_first_clip_and_take_their_prompt_rows():
+    model = tiny_link()
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(0.1)  # open the gates: the link and the generator alone differ
+    _, video = tiny_batch(model.cfg, b=3)
+    clips, prompts = [video[i:i + 1] for i in range(3)], text(3)
+    entered = []
+
+    @contextmanager
+    def autocast():
+        entered.append(1)
+        yield
+
+    got = list(sample_batches(model, "v2a", clips, batch=2, seed=5, text=prompts, autocast=autocast, steps=2))
+    assert [start for start, _ in got] == [0, 2] and [x.shape[0] for _, x in got] == [2, 1] and len(entered) == 2
+    last = sample_link(model, "v2a", video[2:], text_gen=prompts.rows(2, 1), text_cond=prompts.rows(2, 1), steps=2,
+                       seed=7)
+    torch.testing.assert_close(got[1][1], last)
+    alone = list(sample_batches(model, "v2a", clips, batch=2, seed=5, text=prompts, alone=True, steps=2))
+    shape = generated_shape(model, "v2a", video[:2])
+    first = sample_backbone(model.audio, shape, text=prompts.rows(0, 2), steps=2, seed=5)
+    torch.testing.assert_close(alone[0][1], first)
+    assert not torch.allclose(alone[0][1], got[0][1])

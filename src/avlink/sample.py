@@ -7,7 +7,10 @@ step: the same numbers within fp32 rounding (the tests hold the two together), f
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -111,3 +114,29 @@ def sample_backbone(
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             return backbone(x, t, prepared)
     return solve(constrain(velocity, x0, known), x0, steps=steps, method=method, progress=progress)
+
+
+def sample_batches(
+    model: AVLink, task: Task, x_conds: Sequence[Tensor], *, batch: int, seed: int = 0,
+    text: TextCond | None = None, alone: bool = False,
+    autocast: Callable[[], AbstractContextManager] = nullcontext, **options: Any,
+) -> Iterator[tuple[int, Tensor]]:
+    """Many clips, `batch` at a time, as the evaluation samples them: yields (start, x) with x (B, ...) in fp32 for
+    clips start .. start + B - 1 of x_conds ((1, ...) each, one shape).
+
+    A batch's initial noise comes from seed + start, so a clip's sample depends on the batch size but on nothing
+    else that runs. text holds every clip's prompt (each batch takes its rows) and serves both streams. alone: the
+    generated stream's generator alone (T2A / T2V; x_cond only sets the shape), the baseline of the scorecard.
+    autocast: the context of the network evaluations (pipeline.sampling_precision). options: steps, method,
+    cfg_scale, and t_cond for the linked model."""
+    assert batch > 0, f"batch must be > 0, got {batch}"
+    for start in range(0, len(x_conds), batch):
+        x_cond = torch.cat(list(x_conds[start:start + batch]))
+        rows = None if text is None else text.rows(start, x_cond.shape[0])
+        with autocast():
+            if alone:
+                x = sample_backbone(model.backbones(task)[0], generated_shape(model, task, x_cond), text=rows,
+                                    seed=seed + start, **options)
+            else:
+                x = sample_link(model, task, x_cond, text_gen=rows, text_cond=rows, seed=seed + start, **options)
+        yield start, x.float()

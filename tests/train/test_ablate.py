@@ -91,7 +91,7 @@ def test_captions_prompt_the_generation_and_match_the_scorecard(inputs: dict[str
     cfg = load_config(inputs["ckpt"] / "config.json")
     conds = load_conditions(inputs["syncbench"], 2, "v2a", cfg.clip, load_checkpoint_vae(inputs["ckpt"], cfg.clip))
     texts = caption_texts(model, inputs["syncbench"], conds)
-    expected = generate(model, "v2a", "avlink", conds, texts.rows, 2, 0, batch=2)
+    expected = generate(model, "v2a", "avlink", conds, texts, 2, 0, batch=2)
     from avlink.codecs.vocoder import load_vocoder
     from avlink.eval.sweep import write_output
 
@@ -101,17 +101,17 @@ def test_captions_prompt_the_generation_and_match_the_scorecard(inputs: dict[str
     for x, cond in zip(expected, conds, strict=True):
         write_output("v2a", x, cond, mine, cfg.clip, vae, vocoder)
     assert all(np.array_equal(sf.read(mine / name)[0], wave) for name, wave in with_captions.items())
-    bare = generate(model, "v2a", "avlink", conds, lambda start, size: None, 2, 0, batch=2)
+    bare = generate(model, "v2a", "avlink", conds, None, 2, 0, batch=2)
     assert not any(torch.allclose(a, b) for a, b in zip(expected, bare, strict=True))
     # Guidance on the generated stream's prompt, for AV-Link and the generator alone alike.
     from avlink.sample import sample_link
 
-    guided = generate(model, "v2a", "avlink", conds, texts.rows, 2, 0, batch=2, cfg_scale=3.0)
+    guided = generate(model, "v2a", "avlink", conds, texts, 2, 0, batch=2, cfg_scale=3.0)
     assert not any(torch.allclose(a, b) for a, b in zip(expected, guided, strict=True))
     direct = sample_link(model, "v2a", torch.cat([c.x_cond for c in conds]), text_gen=texts.rows(0, 2),
                          text_cond=texts.rows(0, 2), steps=2, seed=0, cfg_scale=3.0)
     assert torch.equal(torch.cat(guided), direct)
-    alone, alone_guided = (generate(model, "v2a", "t2a_alone", conds, texts.rows, 2, 0, batch=2, cfg_scale=c)
+    alone, alone_guided = (generate(model, "v2a", "t2a_alone", conds, texts, 2, 0, batch=2, cfg_scale=c)
                            for c in (1.0, 3.0))
     assert not any(torch.allclose(a, b) for a, b in zip(alone, alone_guided, strict=True))
 

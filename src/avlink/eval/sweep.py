@@ -223,21 +223,18 @@ class SweepRun:
 def generate(run: SweepRun, point: Point, folder: Path) -> None:
     """Generate and write every clip at one point, --batch clips at a time (module docstring: seeds)."""
     from avlink.pipeline import sampling_precision
-    from avlink.sample import sample_link
+    from avlink.sample import sample_batches
 
-    args, texts = run.args, run.texts
+    args = run.args
     folder.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(run.conds), args.batch):
-        chunk = run.conds[start:start + args.batch]
-        x_cond = torch.cat([c.x_cond for c in chunk])  # (B, ...) of one clip's shape
-        text = None if texts is None else texts.rows(start, len(chunk))
-        with sampling_precision(args.precision, x_cond.device):
-            x = sample_link(run.model, args.task, x_cond, text_gen=text, text_cond=text, steps=point.steps,
-                            method=point.method, t_cond=point.t_cond, seed=args.sample_seed + start,
-                            cfg_scale=point.cfg_scale)
-        x = x.float()  # (B, ...) the generated modality, fp32 whatever the precision
-        for i, cond in enumerate(chunk):
-            write_output(args.task, x[i:i + 1], cond, folder, run.model.cfg.clip, run.vae, run.vocoder)
+    batches = sample_batches(run.model, args.task, [c.x_cond for c in run.conds], batch=args.batch,
+                             seed=args.sample_seed, text=run.texts,
+                             autocast=lambda: sampling_precision(args.precision, run.conds[0].x_cond.device),
+                             steps=point.steps, method=point.method, t_cond=point.t_cond, cfg_scale=point.cfg_scale)
+    for start, x in batches:  # x: (B, ...) the generated modality, fp32 whatever the precision
+        for i in range(x.shape[0]):
+            write_output(args.task, x[i:i + 1], run.conds[start + i], folder, run.model.cfg.clip, run.vae,
+                         run.vocoder)
 
 
 def sample_one(model: Any, task: Task, x_cond: Tensor, steps: int, method: str, t_cond: float | None,

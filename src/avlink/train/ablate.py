@@ -241,7 +241,7 @@ def generate_variant(args: argparse.Namespace, model: Any, conds: list, texts: A
         if all((generated / f"{c.id}{suffix}").is_file() for c in chunk):
             continue
         xs = generate(model, args.task, "avlink", [replace(c, x_cond=c.x_cond.to(device)) for c in chunk],
-                      lambda _, size, start=start: None if texts is None else texts.rows(start, size),
+                      None if texts is None else texts.rows(start, len(chunk)),
                       args.sample_steps, args.sample_seed + start, batch=args.batch)
         for x, cond in zip(xs, chunk, strict=True):
             write_output(args.task, x.cpu(), cond, generated, model.cfg.clip, vae, vocoder)

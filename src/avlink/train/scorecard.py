@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
+from avlink.backbones.protocol import TextCond
 from avlink.checkpoint import atomic_write, load_link
 from avlink.config import Task
 from avlink.eval import report as rep
 from avlink.eval.runner import EvalSettings, evaluate
 from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions, write_output
-from avlink.sample import generated_shape, sample_backbone, sample_link
+from avlink.sample import sample_batches
 
 METRICS = ("onset", "events", "av_align", "class_acc")
 SYSTEMS = {"v2a": ("avlink", "t2a_alone"), "a2v": ("avlink", "t2v_alone")}
@@ -37,25 +38,14 @@ BATCH = 25  # clips per sampling batch
 
 
 @torch.no_grad()
-def generate(model: Any, task: Task, system: str, conds: list, texts: Any, steps: int, seed: int,
+def generate(model: Any, task: Task, system: str, conds: list, text: TextCond | None, steps: int, seed: int,
              batch: int = BATCH, cfg_scale: float = 1.0) -> list:
-    """One generated tensor (1, ...) per clip, in batches; the batch's initial noise is drawn from seed + batch.
-    texts(start, size): the prompts of clips start .. start + size - 1 (or None). cfg_scale: classifier-free
-    guidance on the generated stream's prompt (1: none), the same for AV-Link and the generator alone."""
-    out = []
-    for start in range(0, len(conds), batch):
-        chunk = conds[start:start + batch]
-        x_cond = torch.cat([c.x_cond for c in chunk])
-        text = texts(start, len(chunk))
-        if system == "avlink":
-            x = sample_link(model, task, x_cond, text_gen=text, text_cond=text, steps=steps, seed=seed + start,
-                            cfg_scale=cfg_scale)
-        else:
-            backbone = model.backbones(task)[0]
-            x = sample_backbone(backbone, generated_shape(model, task, x_cond), text=text, steps=steps,
-                                seed=seed + start, cfg_scale=cfg_scale)
-        out.extend(x[i:i + 1] for i in range(x.shape[0]))
-    return out
+    """One generated tensor (1, ...) per clip (`sample.sample_batches`: batch i's noise from seed + its first
+    clip's index). text: every clip's prompt, or None. cfg_scale: classifier-free guidance on the generated
+    stream's prompt (1: none), the same for AV-Link and the generator alone."""
+    batches = sample_batches(model, task, [c.x_cond for c in conds], batch=batch, seed=seed, text=text,
+                             alone=system != "avlink", steps=steps, cfg_scale=cfg_scale)
+    return [x[i:i + 1] for _, x in batches for i in range(x.shape[0])]
 
 
 def score_checkpoint(ckpt: Path, data: Path, out: Path, n: int | None = None, steps: int = 64, seed: int = 0,
@@ -75,18 +65,14 @@ def score_checkpoint(ckpt: Path, data: Path, out: Path, n: int | None = None, st
     for task in ("v2a", "a2v"):
         conds = load_conditions(data, n, task, clip, vae, "test")
         ids = [c.id for c in conds]
-        text_all = caption_texts(model, data, conds)
-
-        def texts(start: int, size: int, text_all=text_all):
-            return text_all.rows(start, size)
-
+        text = caption_texts(model, data, conds)
         settings = EvalSettings(task=task, metrics=METRICS, weights=weights, fps=clip.video.fps,
                                 duration=clip.duration, seed=seed, progress=progress)
         cache: dict = {}
         rows: dict[str, dict[str, float | None]] = {}
         for system in SYSTEMS[task]:
             folder = out / task / system
-            xs = generate(model, task, system, conds, texts, steps, seed, cfg_scale=cfg_scale)
+            xs = generate(model, task, system, conds, text, steps, seed, cfg_scale=cfg_scale)
             (folder / "generated").mkdir(parents=True, exist_ok=True)
             for x, cond in zip(xs, conds, strict=True):
                 write_output(task, x, cond, folder / "generated", clip, vae, voc)

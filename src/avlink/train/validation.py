@@ -446,7 +446,7 @@ def link_check(model: nn.Module, task: Task, encoder: Any, data: ValData, settin
     texts = prompts(encoder, data, [c.id for c in conds], model.backbones(task)[0].cfg.text_dim, device)
 
     def sample() -> list[Tensor]:
-        return generate(model, task, "avlink", conds, texts.rows, settings.steps, settings.seed)
+        return generate(model, task, "avlink", conds, texts, settings.steps, settings.seed)
 
     return GenerationCheck(task, task, sample, conds, decoders, data, eval_settings(task, decoders.clip, settings))
 
