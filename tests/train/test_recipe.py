@@ -64,6 +64,7 @@ def test_scores_say_which_guidance_made_them():
 def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     summary = run_recipe(tmp_path / "out", tmp_path / "work", scale=0.005, progress=False)
     names = [s["step"] for s in summary["steps"]]
+    assert "model" not in summary  # the preset's sizes: nothing to record
     assert names.index("train classifiers") < names.index("train audio") and names[-1] == "score"
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     for task, system in (("v2a", "t2a_alone"), ("a2v", "t2v_alone")):

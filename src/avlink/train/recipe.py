@@ -224,7 +224,8 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
     log.append({"step": "score", "command": "(scorecard.score_checkpoint on the test split)",
                 "wall_s": round(time.perf_counter() - started_score, 1)})
     print(markdown(results))
-    summary = {"preset": preset, "scale": scale, "seed": seed, "budget": asdict(b), "model": model, "steps": log,
+    sizes = {"model": model} if model else {}  # the preset's sizes: recipe.json as before the option
+    summary = {"preset": preset, "scale": scale, "seed": seed, "budget": asdict(b), **sizes, "steps": log,
                "wall_s": round(time.perf_counter() - started, 1)}
     previous = out / "recipe.json"
     if previous.is_file():  # a resumed recipe: keep what the earlier invocations took
