@@ -394,10 +394,11 @@ def test_imagebind_and_desync_rows_pair_the_right_streams(av_reference, tmp_path
     # the checks above can fail: the swapped clips and the shuffled pairs score otherwise than ground truth
     assert [m["desync"] for m in model[1:3]] != [c["desync"] for c in ceiling[1:3]]
     assert len({round(f["desync"], 3) for f in floor if not math.isnan(f["desync"])}) > 1
-    # The image path is another path: one path would give equal values. The smallest gap is about 1e-4 here and
-    # moves with what ran before in the process (it once fell below 1e-4 in a whole-suite run), so the bound is
-    # ten times lower.
-    assert all(abs(m["ib_av"] - m["ib_ai"]) > 1e-5 for m in model)
+    # The image path is another path: where the frames move (clips 0-2 on the video side, in both tasks) IB-AI
+    # differs from IB-AV. Clip 3's frames are one still picture, which both paths see alike: its gap is small
+    # (about 1e-4, and it moves with what ran before in the process), so it is held close instead.
+    gaps = [abs(m["ib_av"] - m["ib_ai"]) for m in model]
+    assert all(gap > 1e-4 for gap in gaps[:3]) and gaps[3] < 1e-3, gaps
     if task == "v2a":  # clip 0 is generated as its own ground truth (a lossless wave; video is re-encoded)
         assert model[0] == ceiling[0]
     assert report.used["desync"] == 3 and report.used["ib_av"] == 4
