@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from avlink.checkpoint import load_link, save_config
 from avlink.cli import UserError
 from avlink.train import recipe
-from avlink.train.recipe import SETTINGS, Budget, budget_overrides, collect, model_overrides, run_recipe
+from avlink.train.recipe import SETTINGS, Budget, budget_overrides, collect, run_recipe, size_overrides
 from avlink.train.scorecard import markdown
 
 from helpers import tiny_link
@@ -103,11 +103,11 @@ def test_budget_and_sizes_are_checked_before_anything_runs():
                       ("fusion_steps=0", "> 0"), ("video_steps", "KEY=VALUE")):
         with pytest.raises(UserError, match=says):
             budget_overrides([bad])
-    assert model_overrides(["model.video.dim=256", "model.video.heads=8"], "tiny") == [
+    assert size_overrides(["model.video.dim=256", "model.video.heads=8"], "tiny") == [
         "model.video.dim=256", "model.video.heads=8"]
     for bad in (["train.lr=1"], ["model.clip.video.height=32"], ["model.video.width=3"], ["model.video.dim=102"]):
         with pytest.raises(UserError, match="--set"):
-            model_overrides(bad, "tiny")
+            size_overrides(bad, "tiny")
 
 
 def test_overrides_reach_every_training_and_the_work_folder_keeps_its_settings(tmp_path, monkeypatch):

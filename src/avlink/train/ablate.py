@@ -148,15 +148,15 @@ def trained_export(run_dir: Path, args: argparse.Namespace, overrides: dict[str,
         exported = flatten(json.loads((export / "config.json").read_text()))
     except (OSError, ValueError):
         return None
-    from avlink.train.cli import scalar  # `avlink train --set`'s reading of a value
+    from avlink.train.cli import parse_override  # `avlink train --set`'s reading of an item
 
     train = card.get("train") or {}
     wanted = {"train": {**train, "lr": args.lr}, "model": {**exported, **overrides}}
     for item in args.set:  # --set train.X / model.X: the export must have been trained with them too
-        key, _, value = item.partition("=")
+        key, value = parse_override(item)
         section, _, name = key.partition(".")
         if section in wanted:
-            wanted[section][name] = scalar(yaml.safe_load(value))
+            wanted[section][name] = value
     same = (card.get("steps") == args.steps and card.get("task") == args.task
             and card.get("batch_size") == args.batch_size and (export / "fusion.safetensors").is_file()
             and wanted["train"] == train and wanted["model"] == exported)

@@ -86,6 +86,14 @@ def scalar(value: Any) -> Any:
     return value
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """One --set item, KEY=VALUE -> (KEY, value read as YAML: numbers as numbers, 1e-4 included)."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise UserError(f"--set {item}: expected KEY=VALUE")
+    return key, scalar(yaml.safe_load(value))
+
+
 def load_settings(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, int, dict[str, Any]]:
     doc: dict[str, Any] = {}
     if args.config is not None:
@@ -96,10 +104,7 @@ def load_settings(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, i
     model = {k: scalar(v) for k, v in dict(doc.get("model", {})).items()}
     extra = {k: v for k, v in doc.items() if k not in ("train", "model")}
     for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item}: expected KEY=VALUE")
-        value = scalar(yaml.safe_load(value))
+        key, value = parse_override(item)
         section, _, name = key.partition(".")
         {"train": train, "model": model}.get(section, extra)[name if section in ("train", "model") else key] = value
     cfg = get_preset(args.preset)

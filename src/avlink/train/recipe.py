@@ -119,19 +119,18 @@ def budget_overrides(items: list[str]) -> dict[str, int | float]:
     return out
 
 
-def model_overrides(items: list[str], preset: str) -> list[str]:
+def size_overrides(items: list[str], preset: str) -> list[str]:
     """--set items for the generators and fusion blocks, checked against the preset before anything runs."""
-    import yaml
-
     from avlink.config import get_preset
+    from avlink.train.cli import parse_override  # as every training will read them
 
     changes = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        parts = key.split(".")
-        if not sep or len(parts) < 3 or parts[0] != "model" or parts[1] not in MODEL_SECTIONS:
+        key, value = parse_override(item)
+        section, _, name = key.partition(".")
+        if section != "model" or name.partition(".")[0] not in MODEL_SECTIONS or "." not in name:
             raise UserError(f"--set {item}: expected model.{{{','.join(MODEL_SECTIONS)}}}.KEY=VALUE")
-        changes[".".join(parts[1:])] = yaml.safe_load(value)
+        changes[name] = value
     try:
         cfg = get_preset(preset).override(**changes)
         for section in ("audio", "video"):
@@ -141,17 +140,21 @@ def model_overrides(items: list[str], preset: str) -> list[str]:
     return list(items)
 
 
+def _flat(settings: dict) -> dict:
+    """{"budget": {"video_steps": 1}} -> {"budget.video_steps": 1}: what a refusal names."""
+    out = {}
+    for key, value in settings.items():
+        out.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return out
+
+
 def check_settings(work: Path, settings: dict) -> None:
     """The work folder's first recipe settings are written; a later run with other settings is refused."""
     path = work / SETTINGS
     if path.is_file():
         earlier = json.loads(path.read_text())
         if earlier != settings:
-            def flat(d: dict) -> dict:
-                return {f"{k}.{n}" if isinstance(v, dict) else k: x for k, v in d.items()
-                        for n, x in (v.items() if isinstance(v, dict) else [(None, v)])}
-
-            a, b = flat(earlier), flat(settings)
+            a, b = _flat(earlier), _flat(settings)
             changed = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
             raise UserError(f"{work}: its runs were started with other recipe settings ({', '.join(changed)} differ; "
                             f"see {path}); give another --work or remove it")
@@ -176,7 +179,7 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
     """budget: Budget fields to change before scaling; model: --set items (model.video.dim=256, ...) given to
     every generator and fusion training."""
     b = replace(Budget(), **(budget or {})).scaled(scale)
-    model = model_overrides(model or [], preset)
+    model = size_overrides(model or [], preset)
     check_settings(work, {"preset": preset, "seed": seed, "budget": asdict(b), "model": model})
     log: list[dict] = []
     started = time.perf_counter()
