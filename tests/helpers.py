@@ -66,3 +66,43 @@ def random_checkpoint(folder, seed: int = 0, **overrides):
     vae = AudioVAE(model.cfg.clip.audio, hidden=16, depth=1)
     save_file(vae.state_dict(), str(folder / "vae.safetensors"), metadata={"hidden": "16", "depth": "1"})
     return folder
+
+
+# --- comparing two training runs that differ only in summation order (one process against several) ------------
+#
+# AdamW moves a weight by lr * m / (sqrt(v) + eps). Where a gradient is about zero, that step changes by up to
+# lr / eps per unit of gradient: with eps = 1e-8, a float32 rounding difference of 1e-10 in such a gradient moves
+# the weight by 1e-5, so float32 runs that are both correct can end 1e-5 apart, more on some CPUs than on others.
+# The distributed workers therefore train in float64, where the bound below is small and meaningful.
+GRAD_ROUNDING_F64 = 1e-12  # 2^-52 relative, summed over up to ~1e4 terms of size <= 1: a generous bound
+FLOAT32_ULP = 2.0**-23
+
+
+def adamw_drift(steps: int, lr: float, eps: float = 1e-8, grad_error: float = GRAD_ROUNDING_F64) -> float:
+    """The most that one weight of two AdamW runs may differ after `steps` steps when their gradients differ by at
+    most grad_error per entry: each step adds at most lr * grad_error / eps."""
+    return steps * lr * grad_error / eps
+
+
+def assert_states_close(a: dict, b: dict, *, atol: float, rtol: float = 0.0, what: str = "") -> None:
+    """Every tensor of a within atol + rtol * |b| of b's; a failure names the worst entry: tensor, index, values."""
+    assert a.keys() == b.keys(), f"{what}: keys differ: {sorted(a.keys() ^ b.keys())[:5]}"
+    worst, over = None, []
+    for key in a:
+        x, y = a[key].double(), b[key].double()
+        assert x.shape == y.shape, f"{what} {key}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        excess = (x - y).abs() - (atol + rtol * y.abs())
+        if excess.numel() == 0:
+            continue
+        index = int(excess.argmax())
+        if worst is None or excess.flatten()[index] > worst[0]:
+            worst = (float(excess.flatten()[index]), key, index)
+        if excess.max() > 0:
+            over.append(key)
+    if over:
+        _, key, index = worst
+        x, y = a[key].double().flatten()[index].item(), b[key].double().flatten()[index].item()
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(index), a[key].shape))
+        raise AssertionError(
+            f"{what}: {len(over)} of {len(a)} tensors differ beyond atol {atol:.3g} + rtol {rtol:.3g}; the largest "
+            f"excess is {key}{list(where)}: {x!r} vs {y!r} (difference {abs(x - y):.3g})")

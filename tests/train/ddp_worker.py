@@ -1,5 +1,6 @@
 """Run under torchrun (or alone): trains the toy objective on a global batch split across ranks and writes the
-final weights. Used by test_distributed.py."""
+final weights. Used by test_distributed.py. Float64, so that the runs differ by float64 rounding alone
+(helpers.adamw_drift)."""
 
 import sys
 
@@ -8,6 +9,8 @@ from torch import nn
 
 from avlink.train.distributed import leave, setup, teardown
 from avlink.train.loop import LossOutput, TrainConfig, fit
+
+STEPS, LR = 7, 0.05
 
 
 class Regression:
@@ -23,6 +26,7 @@ class Regression:
 
 def main(out: str, run_dir: str) -> None:
     ctx = setup("cpu")
+    torch.set_default_dtype(torch.float64)
 
     def batches(epoch, skip):
         g = torch.Generator().manual_seed(epoch)
@@ -31,7 +35,7 @@ def main(out: str, run_dir: str) -> None:
             yield data[i][ctx.rank::ctx.world_size]  # this rank's share of the global batch
 
     objective = Regression()
-    cfg = TrainConfig(max_steps=7, lr=0.05, warmup_steps=1, grad_clip=100.0, ckpt_every=100)
+    cfg = TrainConfig(max_steps=STEPS, lr=LR, warmup_steps=1, grad_clip=100.0, ckpt_every=100)
     fit(objective, batches, cfg, run_dir, progress=False, dist_ctx=ctx)
     if ctx.is_main:
         torch.save(objective.trainable.state_dict(), out)

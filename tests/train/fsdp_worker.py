@@ -3,9 +3,13 @@ ranks, with FSDP when distributed, in two legs (the second resumes from the firs
 run's per-step loss averaged over ranks. Used by test_fsdp.py.
 
 Every random draw of the flow-matching loss (t, the noise x0, the conditioning noise) comes with the batch, so a
-sample's loss does not depend on which rank or batch position it lands on."""
+sample's loss does not depend on which rank or batch position it lands on. Everything runs in float64, so that
+the one-process and sharded runs differ by float64 rounding alone.
+
+AVLINK_TEST_PERTURB_RANK=1 adds 1e-3 to that rank's audio latents: a run that must fail the comparison."""
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import tiny_link  # noqa: E402
 
 GLOBAL_BATCH, NUM_BATCHES = 4, 3
+LR = 1e-3
+PERTURB_RANK = int(os.environ.get("AVLINK_TEST_PERTURB_RANK", "-1"))
 
 
 class Generator:
@@ -65,7 +71,10 @@ def data(rank: int, world: int):
     def batches(epoch, skip):
         for i in range(skip, NUM_BATCHES):
             rows = slice(i * GLOBAL_BATCH + rank, (i + 1) * GLOBAL_BATCH, world)  # this rank's share
-            yield {k: v[rows] for k, v in full.items()}
+            batch = {k: v[rows] for k, v in full.items()}
+            if rank == PERTURB_RANK:
+                batch["audio"] = batch["audio"] + 1e-3
+            yield batch
 
     return batches
 
@@ -79,8 +88,9 @@ def mean_over_ranks(losses: list[tuple[int, float]], world: int) -> list[float]:
 
 def main(out: str, steps: str) -> None:
     ctx = setup("cpu")
+    torch.set_default_dtype(torch.float64)  # so that the runs can be compared tightly (helpers.adamw_drift)
     legs = [int(s) for s in steps.split(",")]
-    cfg = TrainConfig(lr=1e-3, warmup_steps=1, grad_clip=100.0, ckpt_every=100, ema_decay=0.5, log_every=1,
+    cfg = TrainConfig(lr=LR, warmup_steps=1, grad_clip=100.0, ckpt_every=100, ema_decay=0.5, log_every=1,
                       sharding="fsdp")
     result = {}
     for name, make in (("generator", Generator), ("fusion", Fusion)):

@@ -8,6 +8,8 @@ shared set):
   must then train exactly what one process trains on the same global batches.
 - "joint_draws" (torchrun only): the plain FusionObjective, task "joint", whose ranks must draw the same
   direction at every step and end with the same weights.
+Float64 throughout, so that the one-process and two-process runs differ by float64 rounding alone
+(helpers.adamw_drift).
 """
 
 import json
@@ -107,6 +109,7 @@ def finish(name: str, out: Path, objective: FusionObjective, losses: list[tuple[
 
 def main(out_dir: str) -> None:
     ctx = setup("cpu")
+    torch.set_default_dtype(torch.float64)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for task in ("v2a", "joint"):

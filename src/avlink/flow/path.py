@@ -40,7 +40,9 @@ def flow_matching_errors(
 ) -> Tensor:
     """(B,) per-sample || v(x_t, t) - (x1 - x0) ||^2, mean over elements; mask (broadcastable) excludes padding."""
     x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype) if x0 is None else x0
-    err = (velocity(interpolate(x0, x1, t), t) - target_velocity(x0, x1)).float().square().flatten(1)
+    diff = velocity(interpolate(x0, x1, t), t) - target_velocity(x0, x1)
+    # At least fp32 for the reduction (bf16 is raised to it); fp64 stays fp64.
+    err = diff.to(torch.promote_types(diff.dtype, torch.float32)).square().flatten(1)
     if mask is None:
         return err.mean(1)
     mask = mask.to(err.dtype).expand_as(x1).flatten(1)
