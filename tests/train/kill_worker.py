@@ -1,10 +1,16 @@
-"""Trains the toy objective with a checkpoint every 3 steps; used by test_kill_resume.py, which SIGKILLs it."""
+"""Trains the toy objective with a checkpoint every 3 steps; used by test_kill_resume.py, which SIGKILLs it.
 
+The data comes through a shuffling DataLoader, which, as the training commands' loaders do, takes its seed and
+its shuffle from torch's global RNG when its iterator is made: a resume that restores the RNG and then makes the
+iterator draws differently from the uninterrupted run unless the loop keeps the data's draws apart."""
+
+import itertools
 import sys
 import time
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from avlink.train.loop import LossOutput, TrainConfig, fit
 
@@ -20,10 +26,12 @@ class Regression:
         return LossOutput((self.trainable(x) - y).square().mean())
 
 
+DATA = TensorDataset(torch.randn(96, 8, generator=torch.Generator().manual_seed(0)))
+
+
 def batches(epoch, skip):
-    g = torch.Generator().manual_seed(epoch)
-    data = torch.randn(6, 16, 8, generator=g)
-    yield from data[skip:]
+    loader = DataLoader(DATA, batch_size=16, shuffle=True, collate_fn=lambda rows: torch.stack([r[0] for r in rows]))
+    return itertools.islice(iter(loader), skip, None)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from avlink.checkpoint import atomic_write
 from avlink.train import distributed
 from avlink.train.distributed import Dist
 from avlink.train.ema import EMA
@@ -73,17 +75,36 @@ def autocast(precision: str, device: torch.device):
 
 
 class Logger:
-    """Scalars to a JSON-lines file, and to TensorBoard when the package is installed."""
+    """Scalars to a JSON-lines file, and to TensorBoard when the package is installed.
 
-    def __init__(self, run_dir: Path):
+    resumed_step: the step a resumed run continues from (0 when it found no checkpoint). The rows a killed run
+    logged past it are dropped, since those steps run again, and TensorBoard is told to purge them (`purge_step`),
+    so that every step has one value.
+    """
+
+    def __init__(self, run_dir: Path, resumed_step: int | None = None):
         self.path = run_dir / "scalars.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed_step is not None and self.path.is_file():
+            self._drop_rows_after(resumed_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            purge = None if resumed_step is None else resumed_step + 1
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
         except ImportError:
             self.tb = None
+
+    def _drop_rows_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line + "\n")
+        atomic_write(self.path, lambda temp: Path(temp).write_text("".join(kept)))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         with self.path.open("a") as f:
@@ -95,6 +116,30 @@ class Logger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def data_stream(batches: Batches, seed: int, epoch: int, skip: int) -> Iterator[Any]:
+    """The batches of `epoch` from `skip` on, with every torch draw that the data makes (a DataLoader's base seed
+    and shuffle, a data set's own draws) taken from an RNG of its own, seeded by (seed, epoch).
+
+    The training RNG, which checkpoints restore, never feeds the data: a resumed run then replays the epoch's data
+    draws up to `skip` exactly as the uninterrupted run made them, and its training draws (noise, t, dropout) are
+    the uninterrupted run's too, bit for bit. (A DataLoader created after the RNG was restored used to take its
+    seed from the training RNG and shift every later draw.)"""
+    entropy = np.random.SeedSequence([seed % 2**63, epoch]).generate_state(2, np.uint32)
+    state = torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1])).get_state()
+    data = None
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(state)
+            if data is None:
+                data = batches(epoch, skip)
+            try:
+                batch = next(data)
+            except StopIteration:
+                return
+            state = torch.get_rng_state()
+        yield batch
 
 
 def bin_by_t(per_sample: Tensor, t: Tensor, bins: int = 4) -> dict[str, float]:
@@ -137,7 +182,6 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps))
     ema = EMA(module, cfg.ema_decay)
     manager = CheckpointManager(run_dir / "checkpoints", keep=cfg.keep)
-    logger = Logger(run_dir) if ctx.is_main else None
     config = {"train": asdict(cfg), **(run_config or {})}
 
     step, epoch, consumed = 0, 0, 0
@@ -153,6 +197,7 @@ def fit(
         set_rng_state(state["rng"])
         if ctx.rank:  # the checkpoint holds rank 0's RNG; the others continue on their own streams
             torch.manual_seed(cfg.seed + ctx.rank + 1_000_003 * step)
+    logger = Logger(run_dir, resumed_step=step if resume else None) if ctx.is_main else None
 
     def save() -> None:
         # Every rank calls this: sharded weights are gathered by all ranks together; rank 0 writes.
@@ -169,7 +214,8 @@ def fit(
 
     losses: list[tuple[int, float]] = []
     started = time.perf_counter()
-    data = batches(epoch, consumed)
+    data_seed = cfg.seed * 1_000_003 + ctx.rank
+    data = data_stream(batches, data_seed, epoch, consumed)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not (progress and ctx.is_main),
                dynamic_ncols=True)
     module.train()
@@ -178,7 +224,7 @@ def fit(
             batch = next(data)
         except StopIteration:
             epoch, consumed = epoch + 1, 0
-            data = batches(epoch, 0)
+            data = data_stream(batches, data_seed, epoch, 0)
             continue
         consumed += 1
         with autocast(cfg.precision, device):
