@@ -11,8 +11,6 @@ Parts that a folder lacks are left at their initial weights only when the caller
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,25 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from avlink.config import ModelConfig
+from avlink.files import atomic_write
 
 PARTS = {"audio_dit": "audio", "video_dit": "video", "fusion": "fusion"}
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written file gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_weights(path: Path, module: nn.Module, metadata: dict[str, str] | None = None) -> None:

@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from avlink.checkpoint import atomic_write
 from avlink.cli import UserError
 from avlink.config import Task
 from avlink.data.syncbench import SPLIT_SEEDS, SPLIT_SIZE, SyncClip, clip_id, render_clip
+from avlink.files import atomic_write
 
 # First seed of the demo clips: past every split's range, so no split (and no training run) has them.
 DEMO_SEED = max(SPLIT_SEEDS.values()) + SPLIT_SIZE

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avlink.checkpoint import atomic_write
+from avlink.files import atomic_write
 
 DPI = 100
 WIDTH_PX = 1280

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import soundfile
 import soxr
 
 from avlink.cli import UserError
+from avlink.files import atomic_path
 
 # A seek that lands this far past `start` missed it (the sinks need data from `start` on).
 _SEEK_OVERSHOOT = 1e-3
@@ -512,28 +512,21 @@ def read_audio(
 
 @contextmanager
 def _atomic(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp path beside `path`; it replaces `path` only if the block succeeds, else it is removed."""
+    """A temp path beside `path` that replaces it only if the block succeeds (avlink.files.atomic_path)."""
     target = Path(path)
     if not target.parent.is_dir():
         raise MediaError(f"{target}: folder does not exist")
-    handle, temp = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent
-    )
-    os.close(handle)
-    try:
-        yield temp
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as temp:
+        yield str(temp)
 
 
 @contextmanager
 def _writing(name: str) -> Iterator[None]:
-    """Turn encoder/muxer/disk errors while writing `name` into a one-line MediaError."""
+    """Turn encoder/muxer/disk errors while writing `name` into a one-line MediaError: a full disk or a file-size
+    limit (EFBIG: Python ignores SIGXFSZ, so the write fails instead of killing the process) included."""
     try:
         yield
-    except (av.error.FFmpegError, OSError, ValueError) as err:
+    except (av.error.FFmpegError, OSError, ValueError, soundfile.SoundFileError) as err:
         raise MediaError(f"{name}: cannot write ({_reason(err)})") from None
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from avlink.checkpoint import atomic_write
+from avlink.files import atomic_write
 
 ROWS = ("model", "ceiling", "floor")
 ROW_TITLES = {"model": "generated", "ceiling": "ground truth (ceiling)", "floor": "shuffled pairs (floor)"}

@@ -52,11 +52,12 @@ import torch
 from torch import Tensor
 
 from avlink.backbones.protocol import TextCond
-from avlink.checkpoint import atomic_write, load_link
+from avlink.checkpoint import load_link
 from avlink.cli import UserError
 from avlink.config import Task
 from avlink.eval import report as rep
 from avlink.eval.runner import METRIC_GROUPS, EvalSettings, evaluate, parse_weights
+from avlink.files import atomic_write
 from avlink.flow.solvers import EVALS_PER_STEP, SOLVERS, steps_for_evals
 
 DEFAULT_VALUES: dict[str, tuple[float, ...]] = {

@@ -224,8 +224,8 @@ def generate_variant(args: argparse.Namespace, model: Any, conds: list, texts: A
                      vocoder: Any, source: dict[str, Any]) -> None:
     """Write the variant's generated clips into folder/generated. A batch whose clips are all there from the same
     weights and sampling settings (folder/source.json) is kept, so a killed ablation does not redo it."""
-    from avlink.checkpoint import atomic_write
     from avlink.eval.sweep import write_output
+    from avlink.files import atomic_write
     from avlink.train.scorecard import generate
 
     generated, marker = folder / "generated", folder / "source.json"
@@ -292,7 +292,7 @@ def table_markdown(summary: dict[str, Any]) -> str:
 
 
 def write_table(out: Path, summary: dict[str, Any]) -> str:
-    from avlink.checkpoint import atomic_write
+    from avlink.files import atomic_write
 
     text = table_markdown(summary)
     blob = json.dumps(summary, indent=2) + "\n"

@@ -217,7 +217,8 @@ def git_commit() -> str | None:
 
 def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, Any]) -> Path:
     """EMA weights of the last checkpoint -> out/export/<part>.safetensors, config.json, <part>.card.json."""
-    from avlink.checkpoint import atomic_write, save_config
+    from avlink.checkpoint import save_config
+    from avlink.files import atomic_write
     from avlink.train.state import CheckpointManager
 
     latest = CheckpointManager(out / "checkpoints").latest()

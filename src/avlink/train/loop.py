@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from avlink.checkpoint import atomic_write
+from avlink.files import atomic_write
 from avlink.train import distributed
 from avlink.train.distributed import Dist
 from avlink.train.ema import EMA

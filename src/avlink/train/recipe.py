@@ -27,8 +27,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from avlink.checkpoint import atomic_write
 from avlink.cli import UserError, main
+from avlink.files import atomic_write
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from avlink.backbones.protocol import TextCond
-from avlink.checkpoint import atomic_write
 from avlink.cli import UserError
 from avlink.config import ModelConfig, Task
 from avlink.eval import report as rep
 from avlink.eval.runner import EvalSettings, evaluate
 from avlink.eval.sweep import Conditioned, captions, load_conditions, write_output
+from avlink.files import atomic_write
 from avlink.sample import sample_backbone
 from avlink.train.scorecard import BATCH, KEY_METRICS, METRICS, generate
 
