@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -11,7 +16,7 @@ import soundfile
 import torch
 
 from avlink.cli import main
-from avlink.data.media import probe, read_audio, write_audio, write_video
+from avlink.data.media import MediaError, probe, read_audio, write_audio, write_video
 from avlink.pipeline import Pipeline, bf16_matmul
 
 from helpers import random_checkpoint
@@ -191,3 +196,113 @@ def test_bf16_refused_in_one_line_on_a_cpu_without_it(ckpt, tmp_path: Path, caps
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--precision bf16: this CPU has no bf16 matrix instructions" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
+def test_one_file_is_not_written_over_without_overwrite_sibling_included(ckpt, tmp_path: Path, capsys):
+    source = make_video(tmp_path / "in.mp4", frames=5)
+    (tmp_path / "song.wav").write_bytes(b"mine")  # the user's file; -o names only song.mp4
+    assert v2a(ckpt, str(source), "-o", str(tmp_path / "song.mp4")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "song.wav: exists" in err and "--overwrite" in err
+    assert (tmp_path / "song.wav").read_bytes() == b"mine" and not (tmp_path / "song.mp4").exists()
+    assert v2a(ckpt, str(source), "-o", str(tmp_path / "song.mp4"), "--overwrite") == 0
+    assert soundfile.info(str(tmp_path / "song.wav")).frames > 0
+    assert a2v(ckpt, str(make_sound(tmp_path / "beat.wav", 0.5))) == 0
+    assert a2v(ckpt, str(tmp_path / "beat.wav")) == 2
+    assert "beat.a2v.mp4: exists" in capsys.readouterr().err
+
+
+def test_folder_lists_entries_that_are_no_files_without_opening_them(ckpt, tmp_path: Path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_video(folder / "good.mp4", frames=5)
+    (folder / "gone.mp4").symlink_to(folder / "nowhere.mp4")
+    (folder / "loop.mp4").symlink_to(folder / "loop.mp4")
+    os.mkfifo(folder / "pipe.mp4")  # opening it for reading would block
+    (folder / "x.mp4").mkdir()
+    assert v2a(ckpt, str(folder)) == 3
+    out, err = capsys.readouterr()
+    assert "1 written" in out and "4 left out" in out
+    lines = sorted(err.strip().splitlines())
+    assert [line.split(":")[0] for line in lines] == [str(folder / n) for n in
+                                                      ("gone.mp4", "loop.mp4", "pipe.mp4", "x.mp4")]
+    assert "broken symbolic link" in lines[0] and "loops" in lines[1] and "pipe" in lines[2] and "folder" in lines[3]
+
+
+def test_a_file_size_limit_leaves_that_input_out_and_the_batch_goes_on(ckpt, tmp_path: Path):
+    """A write that hits the limit (as a full disk would) is one line; nothing of that input stays behind."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_video(folder / "a_short.mp4", frames=3)  # outputs of a few kB
+    make_video(folder / "b_long.mp4", frames=60)  # its wav alone is over the limit
+    make_video(folder / "c_short.mp4", frames=3, seed=1)
+    limit = 60_000
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    avlink = Path(sys.executable).with_name("avlink")
+    done = subprocess.run([str(avlink), "v2a", str(folder), "--ckpt", str(ckpt), "--vocoder", "griffinlim", *FAST],
+                          preexec_fn=limited, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "2 written" in done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(str(folder / "b_long.mp4")) and "cannot write" in lines[0]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "a_short.mp4", "a_short.v2a.mp4", "a_short.v2a.wav", "b_long.mp4", "c_short.mp4", "c_short.v2a.mp4",
+        "c_short.v2a.wav"]
+
+
+def test_gif_gets_its_sound_in_an_h264_mp4(ckpt, geometry, tmp_path: Path):
+    source = tmp_path / "anim.gif"
+    with av.open(str(source), "w") as container:
+        stream = container.add_stream("gif", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "rgb8"
+        for index in range(12):
+            rgb = np.random.default_rng(index).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="rgb8")
+            frame.pts, frame.time_base = index, Fraction(1, 10)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    assert v2a(ckpt, str(source)) == 0
+    info = probe(tmp_path / "anim.v2a.mp4")
+    assert info.has_audio and (info.width, info.height) == (32, 24)
+    with av.open(str(tmp_path / "anim.v2a.mp4")) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+    assert abs(decoded_seconds(tmp_path / "anim.v2a.mp4")[0] - 1.2) < 0.11
+    assert leftovers(tmp_path) == []
+
+
+def corrupt_video_packets(path: Path) -> None:
+    """Overwrite every video packet's bytes in the file with zeros; the audio packets stay intact."""
+    with av.open(str(path)) as container:
+        spans = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size and p.pos >= 0]
+    data = bytearray(path.read_bytes())
+    for pos, size in spans:
+        data[pos:pos + size] = bytes(size)
+    path.write_bytes(bytes(data))
+
+
+def test_a2v_takes_the_sound_of_a_file_whose_video_stream_is_broken(ckpt, tmp_path: Path):
+    rate, seconds = 44100, 1.0
+    t = np.arange(round(seconds * rate)) / rate
+    sound = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    source = tmp_path / "film.mp4"
+    write_video(source, np.zeros((10, 16, 16, 3), np.uint8), 10.0, audio=sound, sample_rate=rate)
+    corrupt_video_packets(source)
+    with pytest.raises(MediaError):
+        probe(source)  # the video stream no longer decodes
+    assert a2v(ckpt, str(source), "-o", str(tmp_path / "out.mp4")) == 0
+    assert probe(tmp_path / "out.mp4").has_audio
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_input_sound_is_refused_naming_the_input(ckpt, tmp_path: Path, capsys, bad):
+    wave = np.zeros(16000, np.float32)
+    wave[100] = bad
+    source = tmp_path / "odd.wav"
+    soundfile.write(str(source), wave, 16000, subtype="FLOAT")
+    assert a2v(ckpt, str(source)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{source}: audio contains NaN or infinite samples" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.wav"]

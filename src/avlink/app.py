@@ -115,14 +115,14 @@ class Generator:
         """Uploaded video -> (mp4 with the generated sound, wav of it)."""
         if not video:
             raise _refusal("Upload a video first.")
-        info = self._check(video, "video")
+        self._check(video, "video")
         frames = _user_media(self.pipeline.read_video, video)  # (T, H, W, 3) at the model's fps and size
         wave = self.pipeline.video_to_audio(frames, prompt=prompt.strip() or None, steps=_steps(steps),
                                             seed=_seed(seed))
         out = self._folder()
         sound, movie = out / "generated.wav", out / f"{Path(video).stem}.v2a.mp4"
         media.write_audio(sound, wave, self.pipeline.sample_rate)
-        _with_sound(video, info, wave, self.pipeline.sample_rate, movie)
+        _with_sound(video, wave, self.pipeline.sample_rate, movie)
         return str(movie), str(sound)
 
     def a2v(self, audio: str | None, prompt: str, steps: float, seed: float) -> str:
@@ -191,16 +191,12 @@ def _browser_plays(path: str) -> bool:
         return any(s.codec_context.name == "h264" for s in container.streams.video)
 
 
-def _with_sound(video: str, info: media.MediaInfo, wave: np.ndarray, sample_rate: int, out: Path) -> None:
+def _with_sound(video: str, wave: np.ndarray, sample_rate: int, out: Path) -> None:
     """Write `out`: the uploaded video with `wave` as its sound (re-encoded where browsers cannot play it)."""
     if _browser_plays(video):
         media.mux_audio(video, wave, sample_rate, out)
         return
-    fps = min(info.fps or REENCODE_FPS, REENCODE_FPS)
-    scale = min(1.0, REENCODE_SIDE / max(info.width, info.height))
-    size = (2 * max(1, round(info.width * scale / 2)), 2 * max(1, round(info.height * scale / 2)))
-    clip = _user_media(lambda p: media.read_video(p, fps, size=size), video)
-    media.write_video(out, clip.frames, fps, wave, sample_rate)
+    _user_media(lambda p: media.reencode_with_audio(p, wave, sample_rate, out, REENCODE_FPS, REENCODE_SIDE), video)
 
 
 # ------------------------------------------------------------------------------------------ the page

@@ -12,7 +12,7 @@ V2A reads the whole video at the model's fps and size for conditioning, whatever
 generated at the model's sample rate for all of it and cut to the video stream's exact duration. It is written
 as a 16-bit wav and muxed into a copy of the user's video: the video stream is copied packet for packet (no
 re-encode) and the sound is AAC of exactly the video's length; the input's own audio and other streams are
-left out. The mp4 is written first, so a video stream the container cannot hold fails before any wav exists.
+left out. A video codec that the container cannot hold (a GIF into mp4) is re-encoded as H.264 instead.
 
 A2V reads the sound, downmixed to mono, and generates frames at the model's fps and size for all of it: the
 conditioning is padded with silence to the end of the frame in which the sound ends, so no sound is cut. The
@@ -23,7 +23,8 @@ has no such rate), padded with silence to the end of the last frame.
 Output names. One input file: V2A `-o OUT.wav` or `-o OUT.mp4` (or .mov, .mkv, .m4v) names one output and the
 other gets the same name with the other suffix; `-o FOLDER` (an existing one) puts `<stem>.v2a.wav` and
 `<stem>.v2a.mp4` there; without -o they go next to the input. A2V: `-o OUT.mp4`, `-o FOLDER` for
-`<stem>.a2v.mp4`, or that name next to the input. Outputs are replaced when they exist.
+`<stem>.a2v.mp4`, or that name next to the input. An output that exists (either of V2A's two) is refused in
+one line unless --overwrite is given.
 
 Batches. A folder gives its files (not subfolders') with a video suffix (V2A) or an audio suffix (A2V), leaving
 out hidden files and our own outputs (`*.v2a.*`, `*.a2v.*`). A list file (.txt or .list) gives one path per
@@ -31,7 +32,10 @@ line, relative to the list's folder; blank lines and lines starting with '#' are
 (made if missing); without it the outputs go next to each input. An input whose outputs all exist is skipped,
 so an interrupted batch goes on where it stopped (`--overwrite` redoes them). A file that cannot be used is
 left out and named with the reason in one line at the end, and the rest go on; the exit status is then 3, else
-0. A single bad input is refused in one line with status 2, as every command does.
+0. So is a folder entry with an input's suffix that is no regular file (a broken or looping link, a folder, a
+pipe: never opened). An input whose outputs cannot all be written (a full disk, a file-size limit) is left out
+the same way, with the outputs it did write removed. A single bad input is refused in one line with status 2,
+as every command does.
 
 Writes are atomic (the media writers write a temp file beside the output and rename it), so an interrupted run
 leaves no half-written output for the next run to take as done.
@@ -47,7 +51,9 @@ with bf16 matrix instructions and refused in one line elsewhere (see pipeline.py
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,19 +127,44 @@ def read_list(path: Path) -> list[Path]:
     return [path.parent / entry for entry in entries if entry and not entry.startswith("#")]
 
 
-def batch_inputs(task: Task, source: Path) -> list[Path]:
-    """The inputs of a folder or a list file, in a fixed order."""
+def unusable_entry(path: Path) -> str | None:
+    """Why a folder entry with an input suffix cannot be an input, or None when it is a regular file.
+
+    Decided from the entry's metadata alone: a FIFO or device is never opened (that could block)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        if path.is_symlink():
+            return "a symbolic link that loops" if err.errno == errno.ELOOP else "a broken symbolic link"
+        return f"cannot be read ({err.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    return "not a regular file (a pipe, socket or device)"
+
+
+def batch_inputs(task: Task, source: Path) -> tuple[list[Path], list[str]]:
+    """The inputs of a folder or a list file, in a fixed order, and one line per folder entry that looks like
+    an input but cannot be one (a broken or looping link, a folder named like a file, a pipe)."""
+    bad = []
     if source.is_dir():
-        inputs = sorted(path for path in source.iterdir()
-                        if path.suffix.lower() in INPUT_SUFFIXES[task] and not path.name.startswith(".")
-                        and not is_own_output(path) and path.is_file())
+        inputs = []
+        for path in sorted(source.iterdir()):
+            if path.suffix.lower() not in INPUT_SUFFIXES[task] or path.name.startswith(".") or is_own_output(path):
+                continue
+            reason = unusable_entry(path)
+            if reason is None:
+                inputs.append(path)
+            else:
+                bad.append(f"{path}: {reason}")
     else:
         inputs = read_list(source)
-    if not inputs:
+    if not inputs and not bad:
         kind = "video" if task == "v2a" else "audio"
         raise UserError(f"{source}: no {kind} files to read (suffixes: {', '.join(sorted(INPUT_SUFFIXES[task]))})"
                         if source.is_dir() else f"{source}: the list names no files")
-    return inputs
+    return inputs, bad
 
 
 def named_job(task: Task, source: Path, folder: Path) -> Job:
@@ -198,7 +229,7 @@ def sound_to_keep(path: Path, model_rate: int) -> tuple[np.ndarray, int]:
     """The user's sound as it goes into the A2V mp4: mono at the file's own rate where AAC takes it."""
     from avlink.data import media
 
-    rate = media.probe(path).sample_rate
+    rate = media.audio_rate(path)
     rate = rate if rate in AAC_RATES else model_rate
     return media.read_audio(path, rate).samples, rate
 
@@ -245,10 +276,40 @@ def one_line(source: Path, err: Exception) -> str:
     return text if text.startswith(str(source)) else f"{source}: {text}"
 
 
+def make(pipe, task: Task, job: Job, settings: Settings, progress: bool) -> None:
+    """Make a job's outputs, all or none: when one fails (a full disk, a file-size limit, a stream the container
+    cannot hold), the outputs this attempt already wrote are removed, so no input is left half done."""
+    before = {path: stamp(path) for path in job.outputs}
+    try:
+        MAKERS[task](pipe, job, settings, progress)
+    except BaseException:
+        for path, old in before.items():
+            if stamp(path) != old:
+                path.unlink(missing_ok=True)
+        raise
+
+
+def stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns
+
+
+def existing_outputs(job: Job) -> list[Path]:
+    return [path for path in job.outputs if path.exists()]
+
+
 def run_single(args: argparse.Namespace, settings: Settings) -> int:
     job = single_job(args.task, args.input, args.out)
+    taken = existing_outputs(job)
+    if taken and not args.overwrite:
+        names = " and ".join(str(path) for path in taken)
+        raise UserError(f"{names}: {'exist' if len(taken) > 1 else 'exists'} (outputs of {args.input}); "
+                        f"--overwrite replaces {'them' if len(taken) > 1 else 'it'}")
     pipe = LazyPipeline(args).get()
-    MAKERS[args.task](pipe, job, settings, progress=sys.stderr.isatty())
+    make(pipe, args.task, job, settings, progress=sys.stderr.isatty())
     print(f"wrote {', '.join(str(path) for path in job.outputs)}")
     return 0
 
@@ -260,7 +321,9 @@ def run_batch(args: argparse.Namespace, settings: Settings) -> int:
         if args.out.exists() and not args.out.is_dir():
             raise UserError(f"{args.out}: is a file; with a folder or list of inputs, -o is a folder")
         args.out.mkdir(parents=True, exist_ok=True)
-    jobs, bad = batch_jobs(args.task, batch_inputs(args.task, args.input), args.out)
+    inputs, bad = batch_inputs(args.task, args.input)
+    jobs, clashes = batch_jobs(args.task, inputs, args.out)
+    bad += clashes
     pipe, written, skipped = LazyPipeline(args), 0, 0
     for job in tqdm(jobs, desc=f"avlink {args.task}", unit="file", disable=None):
         if job.done() and not args.overwrite:
@@ -268,7 +331,7 @@ def run_batch(args: argparse.Namespace, settings: Settings) -> int:
             continue
         pipeline = pipe.get()  # outside the try: a checkpoint that does not load stops the batch
         try:
-            MAKERS[args.task](pipeline, job, settings, progress=False)
+            make(pipeline, args.task, job, settings, progress=False)
         except UserError as err:
             bad.append(one_line(job.source, err))
             continue
@@ -311,7 +374,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fusion", dest="fusion", action="store_false",
                         help="baseline: the frozen generator alone, ignoring the input")
     parser.add_argument("--overwrite", action="store_true",
-                        help="batches: redo inputs whose outputs exist (default: skip them)")
+                        help="replace outputs that exist (default: a batch skips such inputs, one file is refused)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -178,6 +178,8 @@ class Pipeline:
         clip = media.read_audio(path, self.sample_rate)
         if clip.samples.shape[0] < self.clip.audio.hop_length * self.clip.audio.latent_downsample:
             raise media.MediaError(f"{path}: audio too short")
+        if not np.isfinite(clip.samples).all():  # a float file can hold them; the model would spread them
+            raise media.MediaError(f"{path}: audio contains NaN or infinite samples")
         return clip.samples.astype(np.float32)
 
     # -- text -----------------------------------------------------------------------------------------------

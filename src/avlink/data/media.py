@@ -14,6 +14,7 @@ temp file in the target folder, then os.replace): a failed write leaves nothing 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterator
@@ -173,6 +174,16 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             info.rotation = _rotation(frame)
             info.width, info.height = _display_size(frame, video, info.rotation)
         return info
+
+
+def audio_rate(path: str | os.PathLike) -> int:
+    """The sample rate of the audio stream of `path`, from its header alone: a file's video stream, which may not
+    decode, is not touched (A2V needs only the sound)."""
+    with _opened(path) as (name, container):
+        audio = _audio_stream(container)
+        if audio is None or not audio.sample_rate:
+            raise MediaError(f"{name}: no audio stream")
+        return audio.sample_rate
 
 
 # ------------------------------------------------------------------------------------------ pictures
@@ -642,33 +653,65 @@ def video_duration(path: str | os.PathLike) -> float:
         return float((end - first) * video.time_base)
 
 
+def _copyable(video: av.video.stream.VideoStream, container_format: str) -> bool:
+    """Whether `container_format` holds `video`'s codec as it is (GIF, for one, does not go into mp4): tried by
+    writing a header into memory, where FFmpeg's muxer says so."""
+    with suppress(av.error.FFmpegError, ValueError), av.open(io.BytesIO(), "w", format=container_format) as trial:
+        trial.add_stream_from_template(video)
+        trial.start_encoding()
+        return True
+    return False
+
+
 def mux_audio(
     video_path: str | os.PathLike, audio: np.ndarray, sample_rate: int, out_path: str | os.PathLike
 ) -> None:
     """Copy the video stream of `video_path` untouched (no re-encode) into `out_path` with `audio` as AAC.
 
     The audio is cut or zero-padded to the exact duration of the input video and starts with its first frame.
-    Other streams of the input (its own audio, subtitles) are left out.
+    Other streams of the input (its own audio, subtitles) are left out. A video codec that the output container
+    cannot hold (GIF into mp4) is re-encoded as H.264 instead (`reencode_with_audio`).
     """
     out_name = str(out_path)
     container_format = _output_format(out_name)
     audio = _mono(out_name, audio)
     with _opened(video_path) as (name, source):
         video, first, end = _video_span(name, source)
-        start_seconds = float(first * video.time_base)  # absolute: the copied packets keep their timestamps
-        seconds = float((end - first) * video.time_base)
-        audio, _ = _fit(audio, np.ones(len(audio), bool), round(seconds * sample_rate))
-        source.seek(0)
-        with (
-            _atomic(out_path) as temp,
-            _writing(out_name),
-            av.open(temp, "w", format=container_format) as output,
-        ):
-            copy = output.add_stream_from_template(video)
-            sound = output.add_stream("aac", rate=sample_rate, layout="mono")
-            _encode_audio(output, sound, audio, sample_rate, round(max(0.0, start_seconds) * sample_rate))
-            for packet in source.demux(video):
-                if packet.dts is None:  # the flush packet at the end carries no data
-                    continue
-                packet.stream = copy
-                output.mux(packet)
+        if _copyable(video, container_format):
+            _copy_with_audio(source, video, first, end, audio, sample_rate, out_path, container_format)
+            return
+    reencode_with_audio(video_path, audio, sample_rate, out_path)
+
+
+def _copy_with_audio(source, video, first: int, end: int, audio: np.ndarray, sample_rate: int,
+                     out_path: str | os.PathLike, container_format: str) -> None:
+    out_name = str(out_path)
+    start_seconds = float(first * video.time_base)  # absolute: the copied packets keep their timestamps
+    seconds = float((end - first) * video.time_base)
+    audio, _ = _fit(audio, np.ones(len(audio), bool), round(seconds * sample_rate))
+    source.seek(0)
+    with _atomic(out_path) as temp, _writing(out_name), av.open(temp, "w", format=container_format) as output:
+        copy = output.add_stream_from_template(video)
+        sound = output.add_stream("aac", rate=sample_rate, layout="mono")
+        _encode_audio(output, sound, audio, sample_rate, round(max(0.0, start_seconds) * sample_rate))
+        for packet in source.demux(video):
+            if packet.dts is None:  # the flush packet at the end carries no data
+                continue
+            packet.stream = copy
+            output.mux(packet)
+
+
+def reencode_with_audio(
+    video_path: str | os.PathLike, audio: np.ndarray, sample_rate: int, out_path: str | os.PathLike,
+    max_fps: float | None = None, max_side: int | None = None,
+) -> None:
+    """Write `out_path`: the video of `video_path` re-encoded as H.264 (at its own rate and upright size, or at
+    most `max_fps` and `max_side` px, even sizes), with `audio` cut or padded to the video's length."""
+    info = probe(video_path)
+    if not info.has_video:
+        raise MediaError(f"{video_path}: no video stream")
+    fps = min(info.fps or 25.0, max_fps or math.inf)
+    scale = min(1.0, (max_side or math.inf) / max(info.width, info.height))
+    size = (2 * max(1, round(info.width * scale / 2)), 2 * max(1, round(info.height * scale / 2)))
+    clip = read_video(video_path, fps, size=size)
+    write_video(out_path, clip.frames, fps, audio, sample_rate)
