@@ -1,3 +1,4 @@
+import argparse
 import dataclasses
 import json
 import math
@@ -173,6 +174,15 @@ def test_load_vocoder_refusals(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="garbage.pt: cannot read"):
         load_vocoder(garbage, HIFIGAN_AUDIO)
+    # A file that pickles a class: refused in one line that names the file and the class, with no advice to
+    # turn weights_only off.
+    malicious = tmp_path / "malicious.pt"
+    torch.save({"generator": argparse.Namespace(run="code")}, malicious)
+    with pytest.raises(UserError) as err:
+        load_vocoder(malicious, HIFIGAN_AUDIO)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"{malicious}:") and "argparse.Namespace" in text
+    assert "weights_only=False" not in text
     # A tiny checkpoint without config.json is read as V1 and does not fit.
     path = _save_checkpoint(tmp_path / "noconf", TINY, _weight_norm_state(HiFiGAN(TINY)), with_config=False)
     with pytest.raises(UserError, match="not a HiFi-GAN generator matching the V1 config"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from avlink import weights
 from avlink.cli import UserError
 from avlink.eval.embed import common
 
@@ -109,12 +110,12 @@ def test_read_weights_allows_numpy_arrays_and_refuses_other_classes(tmp_path):
     """weights_only stays on: numpy arrays (as the PANNs sampler state) load, any other class does not."""
     allowed = tmp_path / "with_numpy.pth"
     torch.save({"w": torch.ones(2), "sampler": [np.arange(3), np.int64(4), np.float32(0.5)]}, allowed)
-    raw = common.read_weights(allowed, "Net")
+    raw = weights.read_weights(allowed, "Net")
     assert torch.equal(raw["w"], torch.ones(2)) and np.array_equal(raw["sampler"][0], np.arange(3))
     refused = tmp_path / "with_namespace.pth"
     torch.save({"w": torch.zeros(1), "args": argparse.Namespace(a=1)}, refused)
-    with pytest.raises(common.RefusedPickle, match="pickled argparse.Namespace, which is refused") as err:
-        common.read_weights(refused, "Net")
+    with pytest.raises(weights.RefusedPickle, match="pickled argparse.Namespace, which is refused") as err:
+        weights.read_weights(refused, "Net")
     text = str(err.value)
     # torch's message for this case carries terminal colour codes and advice to turn weights_only off
     assert text.startswith(f"{refused}: cannot read as a Net weight file with weights_only=True")
@@ -131,18 +132,18 @@ def test_read_weights_refuses_unreadable_files_and_torchscript_in_one_line(tmp_p
     for path, words in ((junk, "cannot read as a Net weight file"), (script, "TorchScript archive"),
                         (tmp_path, "cannot read")):
         with pytest.raises(UserError) as err:
-            common.read_weights(path, "Net")
+            weights.read_weights(path, "Net")
         text = str(err.value)
         assert text.startswith(str(path)) and words in text and "\n" not in text, text
-        assert not isinstance(err.value, common.RefusedPickle)
+        assert not isinstance(err.value, weights.RefusedPickle)
         assert "`False`" not in text  # torch's advice is not the reason
 
 
 def test_load_failure_keeps_torch_reason_not_its_advice():
     err = RuntimeError("Weights only load failed. Re-run with \x1b[1mweights_only=False\x1b[0m.\n"
                        "WeightsUnpickler error: \n\nUnsupported operand 110\n\nCheck the documentation")
-    assert common.load_failure(err) == "RuntimeError: Unsupported operand 110"
-    assert common.load_failure(ValueError("\x1b[31mbad\x1b[0m header\nmore")) == "ValueError: bad header"
+    assert weights.load_failure(err) == "RuntimeError: Unsupported operand 110"
+    assert weights.load_failure(ValueError("\x1b[31mbad\x1b[0m header\nmore")) == "ValueError: bad header"
 
 
 def test_state_dict_in_unwraps_training_checkpoints(tmp_path):

@@ -1,3 +1,4 @@
+import argparse
 import csv
 import json
 import math
@@ -406,3 +407,31 @@ def test_imagebind_and_desync_rows_pair_the_right_streams(av_reference, tmp_path
     names = {m.name for m in report.metrics}
     assert "fd_imagebind" in names and "fd_synchformer" not in names  # segment features are not FD features
     assert {m.name: m.better for m in report.metrics}["desync"] == "lower"
+
+
+def test_a_weight_file_given_with_weights_that_does_not_load_stops_the_run(syncbench, tmp_path):
+    """Never a silent skip and exit 0: the user named that file."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not weights")
+
+    def loader(name, weights=None):
+        if weights is not None:
+            raise cli.UserError(f"{weights}: cannot read as a VGGish weight file")
+        return fake_loader(name, weights)
+
+    settings = EvalSettings("v2a", metrics=("fd",), weights={"vggish": bad}, progress=False)
+    with pytest.raises(cli.UserError, match=r"^--weights vggish=.*bad.pth: .*bad.pth: cannot read"):
+        evaluate(gen, syncbench, settings, loader=loader)
+
+
+def test_eval_command_exits_non_zero_on_a_bad_weight_file(syncbench, tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    torch.save({"config": argparse.Namespace(depth=3)}, bad)  # a pickled class: refused, not run
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    code = cli.main(["eval", "--task", "v2a", "--generated", str(gen), "--reference", str(syncbench), "--out",
+                 str(tmp_path / "out"), "--metrics", "fd", "--weights", f"vggish={bad}"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and err.count("\n") == 0 and "bad.pth" in err and "argparse.Namespace" in err

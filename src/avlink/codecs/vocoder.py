@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avlink import weights
 from avlink.cli import UserError
 from avlink.codecs.mel import LOG_FLOOR, MelSpectrogram, istft, stft
 from avlink.seq import AudioGeometry
@@ -249,14 +250,14 @@ def load_hifigan(path: str | Path | None = None, device: torch.device | str = "c
 
 
 def _read_state(path: Path) -> dict[str, Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             return load_file(str(path))
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: one line naming it
-        raise UserError(f"{path}: cannot read as a checkpoint ({type(err).__name__}: {err})") from None
+        except Exception as err:  # safetensors' own error types: one line naming the file
+            raise UserError(f"{path}: not a readable safetensors file ({weights.load_failure(err)})") from None
+    raw = weights.read_weights(path, "HiFi-GAN")
     state = raw.get("generator", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"{path}: holds no generator state dict")

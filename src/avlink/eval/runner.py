@@ -177,7 +177,8 @@ def classifier_name(task: Task) -> str:
 
 def load_embedders(settings: EvalSettings, notes: list[str],
                    loader: Callable[..., Embedder] = load_embedder) -> dict[str, Embedder]:
-    """Every embedder the requested groups need, by name; each one that cannot load is skipped with a note."""
+    """Every embedder the requested groups need, by name; one that cannot load is skipped with a note, unless its
+    weights were given with --weights: then the run stops with one line naming the file."""
     if not any(settings.wants(g) for g in EMBEDDER_GROUPS):
         return {}
     names = list(settings.weights)
@@ -190,12 +191,16 @@ def load_embedders(settings: EvalSettings, notes: list[str],
     for name in dict.fromkeys(names):
         try:
             loaded[name] = loader(name, settings.weights.get(name))
-        except WeightsMissing as err:
+        except (UserError, OSError, ValueError, RuntimeError) as err:
+            if name in settings.weights:  # the user named this file: a bad one stops the run, never a silent skip
+                raise UserError(f"--weights {name}={settings.weights[name]}: {' '.join(str(err).split())}") from None
+            if isinstance(err, WeightsMissing):
+                notes.append(f"{name}: skipped, weights missing ({err})")
+            else:
+                notes.append(f"{name}: skipped, failed to load ({err})")
             notes.append(f"{name}: skipped, weights missing ({err})")
         except ImportError:
             notes.append(f"{name}: skipped, not available in this installation")
-        except (UserError, OSError, ValueError, RuntimeError) as err:
-            notes.append(f"{name}: skipped, failed to load ({err})")
     return loaded
 
 

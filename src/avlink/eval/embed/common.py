@@ -1,18 +1,11 @@
 """What the evaluation embedders share: the input contracts, resampling, frame conversion, reading a foreign
 weight file safely and loading it strictly by its published key names, and a few network pieces.
 
-Weight files: published networks come as pickled .pt / .pth files. They are read only with
-`torch.load(weights_only=True)`; the one kind of class allowed beyond tensors and containers is numpy's array
-and scalar reconstruction, which released files carry beside their weights (the VGGish PCA parameters, the
-PANNs sampler state) and which runs no stored code. A TorchScript archive is refused before torch.load sees
-it (torch would hand it to the TorchScript loader, which runs its code). Every failure is one line naming
-the file, with torch's own advice to turn weights_only off (and its terminal colour codes) left out.
+Weight files (published networks come as pickled .pt / .pth files) are read by `avlink.weights.read_weights`.
 """
 
 from __future__ import annotations
 
-import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +16,7 @@ from torch import Tensor, nn
 
 from avlink.cli import UserError
 from avlink.eval.embedders import Modality
+from avlink.weights import read_weights
 
 # ---------------------------------------------------------------- audio input
 
@@ -101,65 +95,6 @@ def center_crop(x: Tensor, size: int) -> Tensor:
 
 
 # ---------------------------------------------------------------- weight files
-
-
-class RefusedPickle(UserError):
-    """The file pickles a class other than tensors, containers and numpy arrays, which is not run."""
-
-
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _numpy_globals() -> list:
-    """What torch.save'd numpy arrays need to unpickle: array and scalar constructors and dtypes, under both
-    the numpy 1 (`numpy.core`) and numpy 2 (`numpy._core`) module names. None of them runs stored code."""
-    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed: list = [np.ndarray, np.dtype]
-    for name in ("_reconstruct", "scalar"):
-        allowed += [(getattr(core, name), f"numpy.core.multiarray.{name}"),
-                    (getattr(core, name), f"numpy._core.multiarray.{name}")]
-    kinds = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-             np.float16, np.float32, np.float64]
-    allowed += [type(np.dtype(kind)) for kind in kinds]  # numpy >= 1.25 dtype classes, rebuilt by BUILD
-    return allowed
-
-
-def is_torchscript(path: Path) -> bool:
-    """TorchScript archives hold a `<name>/code/` folder; a saved state dict holds only data."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def load_failure(err: Exception) -> str:
-    """One short reason for a failed torch.load, without torch's advice to turn weights_only off and without
-    the terminal colour codes its message carries."""
-    text = ANSI.sub("", str(err)).strip()
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if found:
-        return f"it holds a pickled {found.group(1)}, which is refused rather than run"
-    # torch's own reason follows this marker; the lines before it are the advice
-    _, marker, detail = text.partition("WeightsUnpickler error:")
-    lines = [line.strip() for line in (detail if marker else text).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0][:200] if lines else 'no reason given'}"
-
-
-def read_weights(path: Path, network: str) -> object:
-    """Whatever the file holds, read with torch.load(weights_only=True) and numpy arrays allowed; a file that
-    cannot be read so is refused in one line naming it (RefusedPickle if it pickles code-carrying classes)."""
-    if is_torchscript(path):  # checked first: torch.load would hand such a file to the TorchScript loader
-        raise UserError(f"{path}: a TorchScript archive, which cannot be loaded without running its code; "
-                        f"give {network} a plain state dict instead")
-    try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: one line naming it
-        reason = load_failure(err)
-        kind = RefusedPickle if reason.startswith("it holds a pickled") else UserError
-        raise kind(f"{path}: cannot read as a {network} weight file with weights_only=True "
-                   f"({reason})") from None
 
 
 def _all_tensors(d: dict) -> bool:

@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avlink.cli import UserError
-from avlink.eval.embed.common import check_waveforms, load_strict, pad_to, read_weights, resample
+from avlink.eval.embed.common import check_waveforms, load_strict, pad_to, resample
 from avlink.eval.embedders import Modality, require_weights
+from avlink.weights import read_weights
 
 CHANNELS = (64, 128, 256, 512, 1024, 2048)
 NUM_CLASSES = 527

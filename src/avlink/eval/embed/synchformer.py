@@ -56,7 +56,6 @@ from avlink.cli import UserError
 from avlink.eval.embed.common import (
     InProjAttention,
     Mlp,
-    RefusedPickle,
     as_tensor,
     center_crop,
     check_frames,
@@ -67,6 +66,7 @@ from avlink.eval.embed.common import (
     resize_short_side_bicubic,
 )
 from avlink.eval.embedders import Modality, require_weights
+from avlink.weights import RefusedPickle
 
 NETWORK = "Synchformer"
 WEIGHTS_FILE = "synchformer_state_dict.pth"

@@ -38,8 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from avlink.cli import UserError
-from avlink.eval.embed.common import check_waveforms, load_strict, pad_to, read_weights, resample
+from avlink.eval.embed.common import check_waveforms, load_strict, pad_to, resample
 from avlink.eval.embedders import Modality, require_weights
+from avlink.weights import read_weights
 
 # vggish_params.py
 SAMPLE_RATE = 16_000
