@@ -11,14 +11,17 @@ Parts that a folder lacks are left at their initial weights only when the caller
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from avlink.config import ModelConfig
+from avlink.config import ModelConfig, Task
 from avlink.files import atomic_write
+from avlink.fusion.linked import TASKS
+from avlink.weights import WeightsError, check_state, read_tensors
 
 PARTS = {"audio_dit": "audio", "video_dit": "video", "fusion": "fusion"}
 
@@ -29,10 +32,9 @@ def save_weights(path: Path, module: nn.Module, metadata: dict[str, str] | None 
 
 
 def load_weights(path: Path, module: nn.Module) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weight file not found")
-    module.load_state_dict(load_file(str(path)))
+    state = read_tensors(path)
+    check_state(path, state, module)
+    module.load_state_dict(state)
 
 
 def save_config(path: Path, cfg: ModelConfig) -> None:
@@ -43,8 +45,13 @@ def save_config(path: Path, cfg: ModelConfig) -> None:
 def load_config(path: Path) -> ModelConfig:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: model config not found")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+        raise WeightsError(f"{path}: model config not found")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, UnicodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{path}: not a readable JSON file ({' '.join(str(err).split())})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise WeightsError(f"{path}: not an avlink model config ({' '.join(str(err).split())})") from None
 
 
 def save_link(folder: Path, model: nn.Module) -> None:
@@ -54,12 +61,26 @@ def save_link(folder: Path, model: nn.Module) -> None:
         save_weights(folder / f"{name}.safetensors", getattr(model, attr))
 
 
+def fusion_tasks(keys: Iterable[str], cfg: ModelConfig) -> tuple[Task, ...]:
+    """The directions whose Fusion Blocks a fusion file's tensors hold: both for the shipped set, one for what
+    `avlink train fusion --task v2a|a2v` exports (its keys all start with that task)."""
+    held = {key.split(".", 1)[0] for key in keys}
+    return TASKS if cfg.fusion.shared else tuple(task for task in TASKS if task in held) or TASKS
+
+
 def load_link(folder: Path, device: torch.device | str = "cpu", strict: bool = True) -> nn.Module:
-    """The linked model of a checkpoint folder, frozen backbones in eval mode."""
+    """The linked model of a checkpoint folder, frozen backbones in eval mode. A fusion file with one
+    direction's blocks (a fine-tuned export) gives a model with that direction only (`AVLink.has_task`).
+    Every damaged file is refused in one line naming it (WeightsError)."""
     from avlink.params import build_model
 
     folder = Path(folder)
-    model = build_model(load_config(folder / "config.json"))
+    cfg = load_config(folder / "config.json")
+    fusion = folder / "fusion.safetensors"
+    tasks = TASKS
+    if fusion.is_file():
+        tasks = fusion_tasks(read_tensors(fusion).keys(), cfg)
+    model = build_model(cfg, tasks=tasks)
     for name, attr in PARTS.items():
         path = folder / f"{name}.safetensors"
         if path.is_file() or strict:

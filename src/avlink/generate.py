@@ -267,6 +267,8 @@ class LazyPipeline:
             vocoder = self.args.vocoder if self.args.task == "v2a" else "griffinlim"
             self.pipe = Pipeline.load(self.args.ckpt, device=self.args.device, vocoder=vocoder,
                                       precision=self.args.precision)
+            if self.args.fusion:  # before any input: a batch stops at once
+                self.pipe.check_task(self.args.task)
         return self.pipe
 
 

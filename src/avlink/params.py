@@ -8,11 +8,12 @@ import json
 import torch
 from torch import nn
 
-from avlink.config import PRESETS, ModelConfig, get_preset
+from avlink.config import PRESETS, ModelConfig, Task, get_preset
+from avlink.fusion.linked import TASKS
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """Frozen audio and video backbones linked by the fusion parameters of both tasks."""
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", tasks: tuple[Task, ...] = TASKS) -> nn.Module:
+    """Frozen audio and video backbones linked by the fusion parameters of `tasks` (both by default)."""
     from avlink.backbones.audio_dit import AudioDiT
     from avlink.backbones.video_dit import VideoDiT
     from avlink.fusion.linked import AVLink
@@ -20,7 +21,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modu
     with torch.device(device):
         audio = AudioDiT(cfg.audio, cfg.clip.audio)
         video = VideoDiT(cfg.video, cfg.clip.video)
-        return AVLink(cfg, audio, video)
+        return AVLink(cfg, audio, video, tasks=tasks)
 
 
 def count(module: nn.Module, trainable: bool | None = None) -> int:

@@ -116,6 +116,7 @@ class Pipeline:
         self.model, self.vae, self.vocoder = model.eval(), vae.eval(), vocoder.eval()
         self.device = torch.device(device)
         self.precision = precision
+        self.folder: Path | None = None  # the checkpoint folder it was loaded from
         self._text_encoder = None
 
     @classmethod
@@ -137,7 +138,16 @@ class Pipeline:
         model = load_link(folder, device)
         vae = load_vae(str(folder / "vae.safetensors"), clip).to(device)
         voc = load_vocoder(vocoder, clip.audio, device)
-        return cls(model, vae, voc, device, precision)
+        pipeline = cls(model, vae, voc, device, precision)
+        pipeline.folder = folder
+        return pipeline
+
+    def check_task(self, task: str) -> None:
+        """Refuse, in one line, a direction whose Fusion Blocks the checkpoint lacks (a one-direction export)."""
+        if not self.model.has_task(task):
+            held = ", ".join(t for t in ("v2a", "a2v") if self.model.has_task(t))
+            raise UserError(f"{self.folder}: its fusion.safetensors holds {held} Fusion Blocks only, none for {task} "
+                            f"(README, 'Using a fine-tuned export', says how to merge it with a full set)")
 
     # -- geometry -------------------------------------------------------------------------------------------
     @property
@@ -202,6 +212,8 @@ class Pipeline:
         """frames (T, H, W, 3) uint8 at fps/size -> (round(T / fps * sample_rate),) float32 wave in [-1, 1].
 
         fusion=False: the frozen T2A generator alone with the same prompt, seed and length."""
+        if fusion:
+            self.check_task("v2a")
         assert frames.ndim == 4 and frames.shape[1:] == (*self.size, 3) and frames.dtype == np.uint8, (
             f"frames must be uint8 (T, {self.size[0]}, {self.size[1]}, 3), got {frames.dtype} {frames.shape}")
         clip, audio = self.clip, self.clip.audio
@@ -247,6 +259,8 @@ class Pipeline:
         fusion=False: the frozen T2V generator alone with the same prompt, seed and length."""
         from avlink.codecs.mel import MelSpectrogram, fit_frames
 
+        if fusion:
+            self.check_task("a2v")
         assert wave.ndim == 1, f"wave must be mono (N,), got {wave.shape}"
         clip, audio, v = self.clip, self.clip.audio, self.clip.video
         n_frames = max(1, round(wave.shape[0] / self.sample_rate * self.fps))

@@ -1,4 +1,7 @@
-"""Reading weight files that someone else wrote: one place, safe, and one line when a file is refused.
+"""Reading weight files: one place, safe, and one line naming the file when one is refused.
+
+Our own weights are safetensors files: `read_tensors` reads one and `check_state` holds it against the module it
+is for (names, shapes, dtypes, finite values) before `load_state_dict` sees it.
 
 Published networks (vocoders, metric networks) come as pickled .pt / .pth files. They are read only with
 `torch.load(weights_only=True)`; the one kind of class allowed beyond tensors and containers is numpy's array
@@ -16,8 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
 from avlink.cli import UserError
+
+
+class WeightsError(UserError):
+    """A weight or config file we cannot use; str(err) is one line "<path>: <reason>"."""
 
 
 class RefusedPickle(UserError):
@@ -77,3 +86,40 @@ def read_weights(path: Path, network: str) -> object:
         kind = RefusedPickle if reason.startswith("it holds a pickled") else UserError
         raise kind(f"{path}: cannot read as a {network} weight file with weights_only=True "
                    f"({reason})") from None
+
+
+# ---------------------------------------------------------------- our own safetensors files
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one of our safetensors files, or one line naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weight file not found")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors' own error types: a pickle under our suffix, a cut-off file
+        raise WeightsError(f"{path}: not a readable safetensors file ({load_failure(err)})") from None
+
+
+def check_state(path: Path, state: dict[str, torch.Tensor], module: nn.Module) -> None:
+    """Refuse, in one line naming the file, what load_state_dict would refuse with a page of text or would load
+    silently: missing or unexpected tensors, another shape (another model size), integer tensors where the
+    module holds floats, NaN or infinite values."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+                 if missing else "",
+                 f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"
+                 if unexpected else ""]
+        raise WeightsError(f"{path}: tensors do not match the model: {'; '.join(p for p in parts if p)}")
+    for key, want in expected.items():
+        got = state[key]
+        if got.shape != want.shape:
+            raise WeightsError(f"{path}: tensor {key} has shape {tuple(got.shape)}, the config's model wants "
+                                  f"{tuple(want.shape)} (weights of another model size or layout?)")
+        if want.is_floating_point() and not got.is_floating_point():
+            raise WeightsError(f"{path}: tensor {key} is {got.dtype}, not floating point")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise WeightsError(f"{path}: tensor {key} holds NaN or infinite values")

@@ -181,7 +181,7 @@ def test_vae_latents_are_stored(syncbench_dir: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(sample["latent"], expected, atol=1e-5, rtol=1e-5)
 
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(cli.UserError, match="junk.safetensors: not a safetensors VAE checkpoint"):
+    with pytest.raises(cli.UserError, match="junk.safetensors: not a readable safetensors file"):
         prep.prepare(f"syncbench:{syncbench_dir}", tmp_path / "o2", vae=str(tmp_path / "junk.safetensors"))
 
 

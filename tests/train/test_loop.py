@@ -1,9 +1,11 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
+from avlink.cli import UserError
 from avlink.train.loop import LossOutput, TrainConfig, fit
 
 
@@ -87,3 +89,17 @@ def test_validation_sees_the_ema_weights(tmp_path):
         validate=validate, val_every=2, progress=False)
     assert len(seen) == 2
     assert not torch.equal(seen[-1], objective.trainable.weight.detach())  # EMA, not the live weights
+
+
+def test_resume_passes_over_a_damaged_checkpoint_to_the_one_before(tmp_path, capsys):
+    full = dict(fit(Regression(), batches, CFG, tmp_path / "full", progress=False).losses)
+    cut = tmp_path / "cut"
+    fit(Regression(), batches, replace(CFG, max_steps=12), cut, progress=False)  # checkpoints 10 and 12
+    (cut / "checkpoints" / "step_000000012" / "state.pt").write_bytes(b"\0" * 100)  # a damaged disk block
+    resumed = fit(Regression(), batches, CFG, cut, resume=True, progress=False)
+    assert "step_000000012: damaged" in capsys.readouterr().err
+    assert resumed.losses[0][0] == 11 and all(loss == full[step] for step, loss in resumed.losses)
+    for ckpt in (cut / "checkpoints").iterdir():  # now every checkpoint is damaged: one clear error
+        (ckpt / "weights.safetensors").write_bytes(b"junk")
+    with pytest.raises(UserError, match="no checkpoint reads back whole"):
+        fit(Regression(), batches, CFG, cut, resume=True, progress=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -201,23 +202,20 @@ def load_vae(path: str, clip: ClipGeometry) -> AudioVAE:
     from the tensor shapes; `load_state_dict(strict=True)` then proves the architecture matches.
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    from avlink.cli import UserError
+    from avlink.weights import WeightsError, check_state, read_tensors
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(path)
-    except Exception as err:  # safetensors raises its own error types for a file that is not one of its own
-        raise UserError(f"{path}: not a safetensors VAE checkpoint ({err})") from None
+    state = read_tensors(Path(path))
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
     try:
         hidden = int(meta.get("hidden", state["encoder.conv_in.weight"].shape[0]))
         levels = clip.audio.latent_downsample.bit_length() - 1
         blocks = {k.split(".")[2] for k in state if k.startswith("encoder.blocks.") and k.endswith("conv1.weight")}
         depth = int(meta.get("depth", len(blocks) // (levels + 1)))
         vae = AudioVAE(clip.audio, hidden=hidden, depth=depth)
-        vae.load_state_dict(state, strict=True)
-    except (KeyError, RuntimeError, ValueError) as err:
-        raise UserError(f"{path}: does not hold an AudioVAE for this preset's audio geometry ({err})") from None
+    except (KeyError, IndexError, ValueError) as err:
+        raise WeightsError(f"{path}: does not hold an AudioVAE ({type(err).__name__}: {err})") from None
+    check_state(Path(path), state, vae)  # names, shapes (another preset's audio geometry), dtypes, finite
+    vae.load_state_dict(state, strict=True)
     return vae.freeze()

@@ -389,10 +389,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 def prepare_run(args: argparse.Namespace) -> SweepRun:
     from avlink.codecs.vocoder import load_vocoder
 
-    try:
-        model = load_link(args.ckpt)
-    except FileNotFoundError as err:
-        raise UserError(str(err)) from None
+    model = load_link(args.ckpt)  # a damaged or missing file: one line (WeightsError)
     clip = model.cfg.clip
     vae = load_checkpoint_vae(args.ckpt, clip)
     vocoder = load_vocoder(args.vocoder, clip.audio) if args.task == "v2a" else None

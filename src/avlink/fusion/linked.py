@@ -170,6 +170,10 @@ class AVLink(nn.Module):
             if hasattr(backbone, "activation_checkpointing"):
                 backbone.activation_checkpointing = enabled
 
+    def has_task(self, task: Task) -> bool:
+        """Whether this link holds Fusion Blocks for `task` (a fine-tuned export may hold one direction)."""
+        return self.cfg.fusion.shared or task in self.fusion
+
     def fusion_set(self, task: Task) -> FusionSet:
         return self.fusion["joint"] if self.cfg.fusion.shared else self.fusion[task]
 

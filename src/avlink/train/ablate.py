@@ -200,15 +200,12 @@ def load_variant(ckpt: Path, run_dir: Path, task: Task, device: torch.device) ->
     from avlink.fusion.linked import AVLink
 
     export = run_dir / "export"
-    try:
-        cfg = load_config(export / "config.json")
-        audio, video = AudioDiT(cfg.audio, cfg.clip.audio), VideoDiT(cfg.video, cfg.clip.video)
-        load_weights(ckpt / "audio_dit.safetensors", audio)
-        load_weights(ckpt / "video_dit.safetensors", video)
-        model = AVLink(cfg, audio, video, tasks=(task,))
-        load_weights(export / "fusion.safetensors", model.fusion)
-    except FileNotFoundError as err:
-        raise UserError(str(err)) from None
+    cfg = load_config(export / "config.json")  # every damaged or missing file: one line (WeightsError)
+    audio, video = AudioDiT(cfg.audio, cfg.clip.audio), VideoDiT(cfg.video, cfg.clip.video)
+    load_weights(ckpt / "audio_dit.safetensors", audio)
+    load_weights(ckpt / "video_dit.safetensors", video)
+    model = AVLink(cfg, audio, video, tasks=(task,))
+    load_weights(export / "fusion.safetensors", model.fusion)
     return model.to(device).eval()
 
 

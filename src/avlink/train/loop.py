@@ -186,10 +186,10 @@ def fit(
 
     step, epoch, consumed = 0, 0, 0
     torch.manual_seed(cfg.seed + ctx.rank)
-    latest = manager.latest() if resume else None
+    latest = manager.latest_intact() if resume else None
     if latest is not None:
-        state = latest.state()
-        distributed.load_weights(module, latest.weights(ema=False))
+        _, state, weights = latest
+        distributed.load_weights(module, weights)
         ema.load_state_dict({**state["ema"], "shadow": distributed.shard_like(state["ema"]["shadow"], module)})
         distributed.load_optimizer_state(module, opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -16,6 +16,7 @@ import json
 import random
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from avlink.cli import UserError
 
 STEP_DIR = re.compile(r"^step_(\d{9})$")
 
@@ -83,6 +86,26 @@ class CheckpointManager:
     def latest(self) -> Checkpoint | None:
         found = self.list()
         return found[-1] if found else None
+
+    def latest_intact(self) -> tuple[Checkpoint, dict[str, Any], dict[str, torch.Tensor]] | None:
+        """(checkpoint, state, weights) of the newest checkpoint that reads back whole, or None when there is
+        none. A damaged one (a disk error, a file changed by hand) is passed over with one line on stderr, so a
+        resume goes back one checkpoint instead of stopping; if every one is damaged, one error line."""
+        found = self.list()
+        for ckpt in reversed(found):
+            try:
+                state, weights = ckpt.state(), ckpt.weights(ema=False)
+                ckpt.weights(ema=True)
+            except Exception as err:  # torch.load and safetensors raise many types for a damaged file
+                reason = " ".join(str(err).split())[:200] or type(err).__name__
+                print(f"{ckpt.path}: damaged ({type(err).__name__}: {reason}); trying the checkpoint before it",
+                      file=sys.stderr)
+                continue
+            return ckpt, state, weights
+        if found:
+            raise UserError(f"{self.run_dir}: no checkpoint reads back whole ({len(found)} damaged); "
+                            f"remove the folder to start over")
+        return None
 
     def save(self, step: int, weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
              state: dict[str, Any], config: dict[str, Any]) -> Checkpoint:
