@@ -11,6 +11,8 @@ import json
 import os
 import re
 import socket
+import struct
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+import soundfile
 
 from avlink import app as avapp
 from avlink import cli
@@ -308,3 +311,120 @@ def test_browser_requirement_is_reported(monkeypatch):
     monkeypatch.setenv("AVLINK_REQUIRE_BROWSER", "1")
     with pytest.raises(pytest.fail.Exception, match="AVLINK_REQUIRE_BROWSER=1"):
         browser_or_skip()
+
+
+# ------------------------------------------------------------------------------------------ hostile uploads
+
+
+def lying_mp4(path: Path, seconds: float, claimed: float, fps: int = 10) -> Path:
+    """An mp4 whose headers (mvhd, tkhd, mdhd) claim `claimed` s while it holds `seconds` s of frames and sound."""
+    frames = np.random.default_rng(0).integers(0, 256, (int(seconds * fps), 16, 16, 3), dtype=np.uint8)
+    t = np.arange(int(seconds * 16000)) / 16000
+    media.write_video(path, frames, fps, (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    data = bytearray(path.read_bytes())
+    movie_scale = struct.unpack(">I", data[data.find(b"mvhd") + 16:data.find(b"mvhd") + 20])[0]
+    for box, offset in ((b"mvhd", 20), (b"mdhd", 20), (b"tkhd", 24)):  # version 0 boxes: 32-bit durations
+        at = data.find(box)
+        while at >= 0:
+            scale = movie_scale if box == b"tkhd" else struct.unpack(">I", data[at + 16:at + 20])[0]
+            data[at + offset:at + offset + 4] = struct.pack(">I", int(claimed * scale))
+            at = data.find(box, at + 4)
+    path.write_bytes(bytes(data))
+    assert abs(media.probe(path).duration - claimed) < 0.1  # the header says so
+    return path
+
+
+def test_the_length_limit_counts_decoded_frames_and_stops_decoding_past_it(generator, tmp_path, monkeypatch):
+    upload = lying_mp4(tmp_path / "lie.mp4", seconds=30.0, claimed=2.0)
+    pushed = []
+    push = media._VideoSampler.push
+    monkeypatch.setattr(media._VideoSampler, "push", lambda self, frame: pushed.append(1) or push(self, frame))
+    with pytest.raises(gr.Error, match=r"lie.mp4: longer than the 3 s limit") as err:
+        generator.v2a(str(upload), "", 1, 0)
+    assert str(tmp_path) not in str(err.value.message)
+    assert len(pushed) < 10 * 4, f"{len(pushed)} frames decoded for a 3 s limit at 10 fps"
+    # A2V reads the sound no further than the limit, nor past the end that the header declares
+    assert media.probe(generator.a2v(str(upload), "", 1, 0)).duration <= 3.0 + 0.2
+
+
+@pytest.mark.parametrize("seed", [1e30, -1, float("nan"), 2.5])
+def test_odd_seeds_and_steps_are_refused_without_a_traceback_or_a_path(generator, tmp_path, seed):
+    upload = clip_file(tmp_path / "clip.mp4", 1.0)
+    with pytest.raises(gr.Error, match="seed must be a whole number from 0 to 4294967295") as err:
+        generator.v2a(str(upload), "", 1, seed)
+    assert "/" not in err.value.message
+    with pytest.raises(gr.Error, match="steps must be a whole number from 1 to 1024"):
+        generator.a2v(str(upload), "", float("nan"), 0)
+
+
+def test_a_sound_with_nan_is_refused_by_name(generator, tmp_path):
+    wave = np.zeros(22050, np.float32)
+    wave[10] = np.nan
+    upload = tmp_path / "odd.wav"
+    soundfile.write(str(upload), wave, 22050, subtype="FLOAT")
+    with pytest.raises(gr.Error) as err:
+        generator.a2v(str(upload), "", 1, 0)
+    assert err.value.message == "odd.wav: audio contains NaN or infinite samples"
+
+
+def test_results_and_uploads_are_deleted_by_the_next_request_and_when_the_session_ends(generator, tmp_path):
+    uploads = [make_sound(tmp_path / f"up{i}.wav", 1.0) for i in range(3)]
+    request = gr.Request(session_hash="visitor")
+    results = [Path(generator.a2v(str(path), "", 1, i, request=request)) for i, path in enumerate(uploads)]
+    runs = sorted(tmp_path.glob("run-*"))
+    assert len(runs) == 1 and results[-1].parent == runs[0], "earlier requests' results were swept"
+    other = make_sound(tmp_path / "other.wav", 1.0)
+    generator.a2v(str(other), "", 1, 0, request=gr.Request(session_hash="someone else"))
+    generator.end_session(gr.Request(session_hash="visitor"))
+    assert not any(path.exists() for path in uploads), "the session's uploads are gone"
+    assert other.exists() and not list(tmp_path.glob("run-*"))
+
+
+def make_sound(path: Path, seconds: float) -> Path:
+    t = np.arange(round(seconds * 22050)) / 22050
+    soundfile.write(str(path), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 22050)
+    return path
+
+
+class SlowPipeline:
+    """The test pipeline, with A2V held back so that requests pile up in the queue."""
+
+    def __init__(self, pipeline: Pipeline, seconds: float):
+        self.pipeline, self.seconds = pipeline, seconds
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+    def audio_to_video(self, *args, **kwargs):
+        time.sleep(self.seconds)
+        return self.pipeline.audio_to_video(*args, **kwargs)
+
+
+def test_a_full_queue_refuses_more_and_nothing_is_left_after_shutdown(pipeline, tmp_path, monkeypatch):
+    from gradio_client import Client, handle_file
+
+    cache = tmp_path / "gradio-cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    limits = avapp.Limits(max_seconds=3.0, max_megabytes=5.0, max_queue=1, max_age_minutes=60)
+    app = avapp.build_app(SlowPipeline(pipeline, 2.0), limits=limits, workdir=tmp_path / "work")
+    url = avapp.launch(app, limits=limits, port=avapp.free_port())
+    try:
+        client = Client(url, verbose=False)
+        sound = handle_file(str(make_sound(tmp_path / "beat.wav", 1.0)))
+        jobs = [client.submit(sound, "", 1, i, api_name="/a2v") for i in range(4)]
+        outcomes = []
+        for job in jobs:
+            try:
+                result = job.result(timeout=120)
+                outcomes.append(Path(result["video"] if isinstance(result, dict) else result).exists())
+            except Exception as err:  # gradio_client raises its own types
+                outcomes.append(str(err))
+        served = [o for o in outcomes if o is True]
+        refused = [o for o in outcomes if isinstance(o, str)]
+        assert served and refused and len(served) + len(refused) == 4, outcomes
+        assert all("queue is full" in o.lower() for o in refused), refused
+        files = [p for p in cache.rglob("*") if p.is_file()]
+        assert files, "the uploads and results were in gradio's cache while serving"
+    finally:
+        app.close()
+    assert [p for p in cache.rglob("*") if p.is_file()] == [], "gradio's cache is emptied when the app stops"

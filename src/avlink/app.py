@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Sequence
@@ -55,6 +56,8 @@ class Limits:
 
     max_seconds: float = 20.0
     max_megabytes: float = 50.0
+    max_queue: int = 8  # requests waiting for the model; one more is refused with "queue is full"
+    max_age_minutes: float = 60.0  # uploads and results older than this are deleted
 
     @property
     def max_bytes(self) -> int:
@@ -106,40 +109,53 @@ def render_examples(folder: Path, seconds: float, count: int = EXAMPLE_COUNT) ->
 
 
 class Generator:
-    """The app's two actions on one Pipeline; each writes its results into a fresh folder under `workdir`."""
+    """The app's two actions on one Pipeline; each writes its results into a fresh folder under `workdir`.
+
+    Files: a request's results live in its own folder until gradio has copied them into its cache; the folders
+    of finished requests are deleted when the next request starts (requests run one at a time), when the user's
+    session ends (with that session's uploads), and all of them when the app closes. Gradio deletes its own
+    cache (uploads, served results) past `Limits.max_age_minutes` and when the server stops."""
 
     def __init__(self, pipeline: Pipeline, limits: Limits, workdir: Path):
         self.pipeline, self.limits, self.workdir = pipeline, limits, workdir
+        self.uploads: dict[str, set[Path]] = {}  # session -> its uploaded files
 
-    def v2a(self, video: str | None, prompt: str, steps: float, seed: float) -> tuple[str, str]:
+    def v2a(self, video: str | None, prompt: str, steps: float, seed: float,
+            request: gr.Request | None = None) -> tuple[str, str]:
         """Uploaded video -> (mp4 with the generated sound, wav of it)."""
         if not video:
             raise _refusal("Upload a video first.")
+        self._remember(video, request)
         self._check(video, "video")
-        frames = _user_media(self.pipeline.read_video, video)  # (T, H, W, 3) at the model's fps and size
-        wave = self.pipeline.video_to_audio(frames, prompt=prompt.strip() or None, steps=_steps(steps),
-                                            seed=_seed(seed))
+        steps, seed = _steps(steps), _seed(seed)
+        # (T, H, W, 3) at the model's fps and size; decoding stops past the limit, whatever the header says
+        frames = _user_media(lambda p: self.pipeline.read_video(p, max_seconds=self.limits.max_seconds), video)
+        wave = self.pipeline.video_to_audio(frames, prompt=prompt.strip() or None, steps=steps, seed=seed)
         out = self._folder()
         sound, movie = out / "generated.wav", out / f"{Path(video).stem}.v2a.mp4"
-        media.write_audio(sound, wave, self.pipeline.sample_rate)
+        _user_media(lambda p: media.write_audio(sound, wave, self.pipeline.sample_rate), video)
         _with_sound(video, wave, self.pipeline.sample_rate, movie)
         return str(movie), str(sound)
 
-    def a2v(self, audio: str | None, prompt: str, steps: float, seed: float) -> str:
+    def a2v(self, audio: str | None, prompt: str, steps: float, seed: float,
+            request: gr.Request | None = None) -> str:
         """Uploaded sound -> mp4 of the generated video (upscaled for viewing) with that sound."""
         if not audio:
             raise _refusal("Upload a sound first.")
+        self._remember(audio, request)
         self._check(audio, "audio")
-        wave = _user_media(self.pipeline.read_audio, audio)  # (N,) at the model's rate
-        frames = self.pipeline.audio_to_video(wave, prompt=prompt.strip() or None, steps=_steps(steps),
-                                              seed=_seed(seed))
+        steps, seed = _steps(steps), _seed(seed)
+        wave = _user_media(lambda p: self.pipeline.read_audio(p, max_seconds=self.limits.max_seconds), audio)
+        frames = self.pipeline.audio_to_video(wave, prompt=prompt.strip() or None, steps=steps, seed=seed)
         factor = max(1, math.ceil(VIEW_SIDE / min(frames.shape[1:3])))
         movie = self._folder() / f"{Path(audio).stem}.a2v.mp4"
-        media.write_video(movie, upscale(frames, factor), self.pipeline.fps, wave, self.pipeline.sample_rate)
+        _user_media(lambda p: media.write_video(movie, upscale(frames, factor), self.pipeline.fps, wave,
+                                                self.pipeline.sample_rate), audio)
         return str(movie)
 
     def _check(self, path: str, stream: str) -> media.MediaInfo:
-        """Size, readability, stream and length of an upload, or a gr.Error saying what is wrong."""
+        """Size, readability, stream and declared length of an upload, or a gr.Error saying what is wrong. The
+        header can lie: the readers then stop decoding at the limit (Pipeline.read_video / read_audio)."""
         name = Path(path).name
         size = Path(path).stat().st_size
         if size > self.limits.max_bytes:
@@ -153,8 +169,28 @@ class Generator:
                            "limit; trim it and upload again.")
         return info
 
+    def _remember(self, upload: str, request: gr.Request | None) -> None:
+        if request is not None and request.session_hash:
+            self.uploads.setdefault(request.session_hash, set()).add(Path(upload))
+
     def _folder(self) -> Path:
+        self.sweep()  # requests run one at a time: every earlier folder is a finished request's
         return Path(tempfile.mkdtemp(prefix="run-", dir=self.workdir))
+
+    def sweep(self) -> int:
+        """Delete the result folders of finished requests; returns how many went."""
+        gone = 0
+        for folder in self.workdir.glob("run-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+            gone += 1
+        return gone
+
+    def end_session(self, request: gr.Request | None = None) -> None:
+        """The user closed or reloaded the page: that session's uploads and the finished results go."""
+        if request is not None:
+            for upload in self.uploads.pop(request.session_hash, set()):
+                upload.unlink(missing_ok=True)
+        self.sweep()
 
 
 def _refusal(message: str) -> gr.Error:
@@ -170,15 +206,22 @@ def _user_media(read, path: str):
         raise _refusal(str(err).replace(str(path), Path(path).name)) from None
 
 
-def _steps(value: float) -> int:
-    steps = int(value)
-    if steps < 1:
-        raise _refusal(f"steps must be at least 1, got {value}")
-    return steps
+MAX_STEPS = 1024
+MAX_SEED = 2**32 - 1
+
+
+def _steps(value: float | None) -> int:
+    if value is None or not math.isfinite(value) or not 1 <= value <= MAX_STEPS:
+        raise _refusal(f"steps must be a whole number from 1 to {MAX_STEPS}, got {value}")
+    return int(value)
 
 
 def _seed(value: float | None) -> int:
-    return 0 if value is None else int(value)
+    if value is None:
+        return 0
+    if not math.isfinite(value) or value != int(value) or not 0 <= value <= MAX_SEED:
+        raise _refusal(f"seed must be a whole number from 0 to {MAX_SEED}, got {value}")
+    return int(value)
 
 
 def _browser_plays(path: str) -> bool:
@@ -211,14 +254,18 @@ def build_app(pipeline: Pipeline, *, limits: Limits = Limits(), examples: Sequen
     height, width = pipeline.size
     about = (f"AV-Link on a {pipeline.clip_seconds:.2f} s window ({width}x{height} px at {pipeline.fps:g} "
              f"fps, {pipeline.sample_rate} Hz); longer inputs are generated window by window. "
-             f"Uploads: at most {limits.max_seconds:g} s and {limits.max_megabytes:g} MB.")
-    with gr.Blocks(title="avlink", analytics_enabled=False) as app:
+             f"Uploads: at most {limits.max_seconds:g} s and {limits.max_megabytes:g} MB; uploads and results "
+             f"are deleted when you leave the page, or after {limits.max_age_minutes:g} minutes.")
+    age = max(1, round(limits.max_age_minutes * 60))
+    with gr.Blocks(title="avlink", analytics_enabled=False, delete_cache=(min(age, 60), age)) as app:
         gr.Markdown(f"# avlink: video to audio, audio to video\n{about}")
         with gr.Tabs():
             with gr.Tab("Video -> Audio", id="v2a"):
                 _v2a_tab(generator, examples)
             with gr.Tab("Audio -> Video", id="a2v"):
                 _a2v_tab(generator, examples)
+        app.unload(generator.end_session)
+    app.queue(max_size=limits.max_queue, default_concurrency_limit=1)
     return app
 
 
@@ -299,24 +346,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"longest upload in seconds (default {Limits.max_seconds:g})")
     parser.add_argument("--max-upload-mb", type=float, default=Limits.max_megabytes,
                         help=f"largest upload in MB (default {Limits.max_megabytes:g})")
+    parser.add_argument("--max-queue", type=int, default=Limits.max_queue,
+                        help=f"requests that may wait for the model; more are refused (default {Limits.max_queue})")
+    parser.add_argument("--max-age-minutes", type=float, default=Limits.max_age_minutes,
+                        help="uploads and results older than this are deleted "
+                             f"(default {Limits.max_age_minutes:g}; all of them when the app stops)")
     parser.add_argument("--examples", type=Path, default=None,
                         help="folder for the example clips (default: a cache folder in your home)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_seconds <= 0 or args.max_upload_mb <= 0:
-        raise UserError("--max-seconds and --max-upload-mb must be positive")
+    if args.max_seconds <= 0 or args.max_upload_mb <= 0 or args.max_queue < 1 or args.max_age_minutes <= 0:
+        raise UserError("--max-seconds, --max-upload-mb, --max-queue and --max-age-minutes must be positive")
     pipeline = Pipeline.load(args.ckpt, device=args.device, vocoder=args.vocoder)
-    limits = Limits(args.max_seconds, args.max_upload_mb)
+    limits = Limits(args.max_seconds, args.max_upload_mb, args.max_queue, args.max_age_minutes)
     folder = args.examples or examples_folder(pipeline.clip_seconds)
     try:
         examples = render_examples(folder, pipeline.clip_seconds)
     except (OSError, UserError) as err:
         raise UserError(f"{folder}: cannot write the example clips ({err})") from None
-    app = build_app(pipeline, limits=limits, examples=examples)
-    url = launch(app, limits=limits, host=args.host, port=args.port or free_port(args.host), share=args.share,
-                 allowed_paths=[folder])
-    public = f" and {app.share_url}" if app.share_url else ""
-    print(f"avlink app: serving on {url}{public} (Ctrl+C stops it)", flush=True)
-    app.block_thread()
+    with tempfile.TemporaryDirectory(prefix="avlink-app-") as work:  # results: gone when the app stops
+        app = build_app(pipeline, limits=limits, examples=examples, workdir=work)
+        url = launch(app, limits=limits, host=args.host, port=args.port or free_port(args.host),
+                     share=args.share, allowed_paths=[folder])
+        public = f" and {app.share_url}" if app.share_url else ""
+        print(f"avlink app: serving on {url}{public} (Ctrl+C stops it)", flush=True)
+        try:
+            app.block_thread()
+        finally:
+            app.close()  # gradio deletes its cache of uploads and results (delete_cache)
     return 0

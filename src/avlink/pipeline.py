@@ -171,26 +171,35 @@ class Pipeline:
         return self.clip.num_frames / self.fps
 
     # -- media ----------------------------------------------------------------------------------------------
-    def read_video(self, path: str | Path) -> np.ndarray:
-        """(T, H, W, 3) uint8 frames of the whole file at the model's fps and size."""
+    def read_video(self, path: str | Path, max_seconds: float | None = None) -> np.ndarray:
+        """(T, H, W, 3) uint8 frames of the whole file at the model's fps and size. max_seconds: decoding stops
+        just past it and a longer file is refused, whatever its header says."""
         from avlink.data import media
 
         height, width = self.size
-        clip = media.read_video(path, self.fps, size=(width, height))
-        if clip.frames.shape[0] == 0:
+        limit = None if max_seconds is None else max_seconds + 1 / self.fps
+        clip = media.read_video(path, self.fps, size=(width, height), duration=limit)
+        frames = clip.frames[clip.mask]
+        if frames.shape[0] == 0:
             raise media.MediaError(f"{path}: no video frames")
-        return clip.frames
+        if max_seconds is not None and frames.shape[0] > math.ceil(max_seconds * self.fps - 1e-6):
+            raise media.MediaError(f"{path}: longer than the {max_seconds:g} s limit (counted by decoding it)")
+        return frames
 
-    def read_audio(self, path: str | Path) -> np.ndarray:
-        """(N,) float32 mono samples of the whole file at the model's rate."""
+    def read_audio(self, path: str | Path, max_seconds: float | None = None) -> np.ndarray:
+        """(N,) float32 mono samples of the whole file at the model's rate; max_seconds as in read_video."""
         from avlink.data import media
 
-        clip = media.read_audio(path, self.sample_rate)
-        if clip.samples.shape[0] < self.clip.audio.hop_length * self.clip.audio.latent_downsample:
+        limit = None if max_seconds is None else max_seconds + 0.05
+        clip = media.read_audio(path, self.sample_rate, duration=limit)
+        samples = clip.samples[clip.mask]
+        if samples.shape[0] < self.clip.audio.hop_length * self.clip.audio.latent_downsample:
             raise media.MediaError(f"{path}: audio too short")
-        if not np.isfinite(clip.samples).all():  # a float file can hold them; the model would spread them
+        if max_seconds is not None and samples.shape[0] > round(max_seconds * self.sample_rate):
+            raise media.MediaError(f"{path}: longer than the {max_seconds:g} s limit (counted by decoding it)")
+        if not np.isfinite(samples).all():  # a float file can hold them; the model would spread them
             raise media.MediaError(f"{path}: audio contains NaN or infinite samples")
-        return clip.samples.astype(np.float32)
+        return samples.astype(np.float32)
 
     # -- text -----------------------------------------------------------------------------------------------
     def _text(self, prompt: str | None, modality: str) -> TextCond:

@@ -435,3 +435,16 @@ def test_eval_command_exits_non_zero_on_a_bad_weight_file(syncbench, tmp_path, c
                  str(tmp_path / "out"), "--metrics", "fd", "--weights", f"vggish={bad}"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and err.count("\n") == 0 and "bad.pth" in err and "argparse.Namespace" in err
+
+
+@pytest.mark.parametrize("failure, note", [(WeightsMissing("no weight file given"), "weights missing"),
+                                           (RuntimeError("size mismatch"), "failed to load")])
+def test_an_embedder_not_named_by_weights_is_skipped_with_one_note(syncbench, tmp_path, failure, note):
+    gen = tmp_path / "gen"
+    gen.mkdir()
+
+    def loader(name, weights=None):
+        raise failure
+
+    report = evaluate(gen, syncbench, EvalSettings("v2a", metrics=("class_acc",), progress=False), loader=loader)
+    assert report.notes == [f"syncbench-audio: skipped, {note} ({failure})"]

@@ -67,6 +67,7 @@ def test_resume_after_sigkill(tmp_path):
     cut = check(tmp_path, steps=40, kills=2, seed=1)
     rows = [json.loads(line)["step"] for line in (cut / "scalars.jsonl").read_text().splitlines()]
     assert rows == list(range(1, 41)), "a resumed run keeps one scalar row per step"
+    assert not list(cut.rglob(".*")), "a killed write's temp file or folder outlives the run after it"
 
 
 def test_resume_right_after_a_checkpoint_repeats_every_later_loss_bit_for_bit(tmp_path):

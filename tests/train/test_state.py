@@ -1,9 +1,14 @@
+import os
 import random
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from avlink.files import TEMP_STALE_SECONDS
 from avlink.train.ema import EMA
 from avlink.train.state import CheckpointManager, rng_state, set_rng_state
 
@@ -56,3 +61,26 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path):
         manager.save(2, {"w": torch.ones(1)}, {}, {"step": 2}, {"bad": object()})
     assert [c.step for c in manager.list()] == [1]
     assert not list(tmp_path.glob(".step_*"))
+
+
+def test_a_save_removes_temp_folders_of_killed_saves_only(tmp_path):
+    """A save killed by SIGKILL leaves its temp folder; the next save removes it, but never the temp folder of a
+    save still running in another process, nor a hidden folder that is not a checkpoint writer's."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        killed = tmp_path / f".step_000000005.{dead.pid}-k1ll3d"
+        running = tmp_path / f".step_000000005.{alive.pid}-runn1ng"
+        forgotten = tmp_path / f".step_000000004.{alive.pid}-0ld"  # pid reused since: stale by its age
+        other = tmp_path / ".step_notes"
+        for folder in (killed, running, forgotten, other):
+            folder.mkdir()
+            (folder / "state.pt").write_bytes(b"half")
+        old = time.time() - TEMP_STALE_SECONDS - 60
+        os.utime(forgotten, (old, old))
+        CheckpointManager(tmp_path).save(6, {"w": torch.ones(1)}, {}, {"step": 6}, {})
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "step_000000006"])
+    finally:
+        alive.kill()
+        alive.wait()

@@ -198,7 +198,6 @@ def load_embedders(settings: EvalSettings, notes: list[str],
                 notes.append(f"{name}: skipped, weights missing ({err})")
             else:
                 notes.append(f"{name}: skipped, failed to load ({err})")
-            notes.append(f"{name}: skipped, weights missing ({err})")
         except ImportError:
             notes.append(f"{name}: skipped, not available in this installation")
     return loaded

@@ -6,18 +6,22 @@ A run folder holds `step_000001200/` folders, each complete before it gets its f
     state.pt               optimizer, scheduler, step, data position, RNG states (torch.save of tensors and
                            plain containers; read back with weights_only=True)
     config.json            the run's configuration
-A folder is written under a temporary name and renamed into place, so a kill leaves either the old set of
-checkpoints or the new one, never a half-written checkpoint under a final name.
+A folder is written under a temporary name (`.step_000001200.<pid>-<random>`) and renamed into place, so a kill
+leaves either the old set of checkpoints or the new one, never a half-written checkpoint under a final name. The
+next save removes the temp folders that killed saves left, once stale as `avlink.files` defines it (their process
+is gone, or they are older than TEMP_STALE_SECONDS); a save still running in another process keeps its own.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from avlink.cli import UserError
+from avlink.files import TEMP_STALE_SECONDS
+from avlink.files import _running as running
 
 STEP_DIR = re.compile(r"^step_(\d{9})$")
+TEMP_DIR = re.compile(r"^\.step_\d{9}\.(\d+)-\w+$")  # what save() writes before the rename
 
 
 def rng_state() -> dict[str, Any]:
@@ -111,7 +118,7 @@ class CheckpointManager:
              state: dict[str, Any], config: dict[str, Any]) -> Checkpoint:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         final = self.run_dir / f"step_{step:09d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.run_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", dir=self.run_dir))
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
             save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
@@ -129,5 +136,18 @@ class CheckpointManager:
     def _rotate(self) -> None:
         for old in self.list()[: -self.keep]:
             shutil.rmtree(old.path, ignore_errors=True)
-        for stale in self.run_dir.glob(".step_*"):  # temp folders of a killed save
-            shutil.rmtree(stale, ignore_errors=True)
+        for entry in self.run_dir.iterdir():
+            if _stale_temp(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _stale_temp(entry: Path) -> bool:
+    """Whether `entry` is the temp folder of a save that was killed (see the module docstring)."""
+    match = TEMP_DIR.match(entry.name)
+    if match is None or not entry.is_dir():
+        return False
+    try:
+        age = time.time() - entry.lstat().st_mtime
+    except OSError:  # removed meanwhile
+        return False
+    return not running(int(match.group(1))) or age > TEMP_STALE_SECONDS
