@@ -25,7 +25,8 @@ def _temp_pattern(name: str) -> re.Pattern[str]:
     return re.compile(rf"^\.{re.escape(name)}\.(\d+)-[A-Za-z0-9_]+\.tmp(\.\w+)?$")
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process `pid` runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -45,7 +46,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
             if match is None or int(match.group(1)) == os.getpid():
                 continue
             with suppress(OSError):
-                if not _running(int(match.group(1))) or now - entry.lstat().st_mtime > TEMP_STALE_SECONDS:
+                if not process_running(int(match.group(1))) or now - entry.lstat().st_mtime > TEMP_STALE_SECONDS:
                     entry.unlink()
                     removed.append(entry)
     return removed

@@ -31,8 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from avlink.cli import UserError
-from avlink.files import TEMP_STALE_SECONDS
-from avlink.files import _running as running
+from avlink.files import TEMP_STALE_SECONDS, process_running
 
 STEP_DIR = re.compile(r"^step_(\d{9})$")
 TEMP_DIR = re.compile(r"^\.step_\d{9}\.(\d+)-\w+$")  # what save() writes before the rename
@@ -150,4 +149,4 @@ def _stale_temp(entry: Path) -> bool:
         age = time.time() - entry.lstat().st_mtime
     except OSError:  # removed meanwhile
         return False
-    return not running(int(match.group(1))) or age > TEMP_STALE_SECONDS
+    return not process_running(int(match.group(1))) or age > TEMP_STALE_SECONDS
