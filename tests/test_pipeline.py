@@ -1,11 +1,14 @@
 import contextlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from avlink import pipeline as pipeline_module
 from avlink.cli import UserError
-from avlink.pipeline import Pipeline, bf16_matmul, check_precision, plan_windows, sampling_precision, upscale
+from avlink.data import media
+from avlink.pipeline import Pipeline, bf16_matmul, check_precision, plan_windows, sampling_precision
 from avlink.sample import Known, sample_backbone, sample_link
 
 from helpers import random_checkpoint, tiny_link
@@ -65,9 +68,80 @@ def test_missing_checkpoint_is_one_line(tmp_path):
         Pipeline.load(tmp_path)
 
 
-def test_upscale_even_sizes():
-    frames = np.zeros((2, 5, 7, 3), dtype=np.uint8)
-    assert upscale(frames, 3).shape == (2, 16, 22, 3)
+def test_frames_are_upscaled_while_written_to_even_sizes(tmp_path):
+    grey = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 1), dtype=np.uint8)
+    frames = grey.repeat(3, axis=-1)  # no colour: yuv420p's shared chroma cannot blur the block edges
+    media.write_video(tmp_path / "big.mp4", frames, 6.0, scale=3, crf=0)
+    info = media.probe(tmp_path / "big.mp4")
+    assert (info.height, info.width) == (16, 22)
+    big = media.read_video(tmp_path / "big.mp4", 6.0).frames
+    # nearest neighbour: each source pixel a 3x3 block of its value (up to the yuv round trip at crf 0)
+    assert np.abs(big[0, :15, :21].astype(int) - frames[0].repeat(3, 0).repeat(3, 1)).max() <= 3
+
+
+class FrameVocoder(torch.nn.Module):
+    """A stand-in vocoder with no context of its own: each mel frame's mean, held for a hop of samples."""
+
+    def __init__(self, hop: int):
+        super().__init__()
+        self.hop = hop
+
+    def forward(self, mel):
+        return mel.mean(1).repeat_interleave(self.hop, dim=-1)
+
+
+class LocalVAE:
+    """A stand-in VAE whose every output frame depends on its own input frame alone (the real one's GroupNorms
+    take statistics over the whole sequence): chunked and one-pass runs must then agree."""
+
+    def __init__(self, vae):
+        self.ds, self.n_mels, self.dim = vae.downsample, vae.n_mels, vae.latent_dim
+
+    def decode(self, z):  # (1, T, D) -> (1, n_mels, T * ds)
+        return torch.tanh(z.mean(-1))[:, None, :].repeat_interleave(self.ds, -1).expand(-1, self.n_mels, -1)
+
+    def encode(self, mel):  # (1, n_mels, F) -> .mean (1, F / ds, D)
+        pooled = mel.mean(1).unflatten(-1, (-1, self.ds)).mean(-1)
+        return SimpleNamespace(mean=pooled[..., None].expand(-1, -1, self.dim))
+
+    def scale_latent(self, z):
+        return z
+
+    unscale_latent = scale_latent
+
+
+@pytest.mark.parametrize("vocoder", ["frames", "hifigan"])
+def test_the_codec_window_by_window_matches_one_pass_for_a_local_codec(tmp_path, monkeypatch, vocoder):
+    """decode_audio / encode_audio run one window of tokens at a time (memory follows the window); with a codec
+    whose outputs are local, the seams do not show: the margin covers the STFT's and HiFi-GAN's context."""
+    pipe = Pipeline.load(random_checkpoint(tmp_path / "ckpt"), vocoder="griffinlim" if vocoder == "frames"
+                         else "hifigan")
+    hop, window = pipe.clip.audio.hop_length, pipe.clip.num_audio_tokens
+    pipe.vae = LocalVAE(pipe.vae)
+    if vocoder == "frames":
+        pipe.vocoder = FrameVocoder(hop)
+    tokens = 3 * window + 5
+    latent = torch.randn(1, tokens, pipe.clip.audio.latent_dim, generator=torch.Generator().manual_seed(0))
+    wave = (0.5 * np.sin(np.arange(tokens * 4 * hop) * 0.01)).astype(np.float32)
+    with torch.no_grad():
+        chunked = pipe.decode_audio(latent), pipe.encode_audio(wave, tokens)
+        chunks = pipeline_module.codec_chunks
+        monkeypatch.setattr(pipeline_module, "codec_chunks", lambda n, size, margin=None: chunks(n, n, margin))
+        whole = pipe.decode_audio(latent), pipe.encode_audio(wave, tokens)
+    assert len(list(chunks(tokens, window))) == 4
+    assert whole[0].shape == chunked[0].shape == (tokens * 4 * hop,)
+    # float32 arithmetic in another order; HiFi-GAN's context beyond the margin is negligible, not nothing
+    atol = 1e-5 if vocoder == "frames" else 1e-3 * np.abs(whole[0]).max()
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=0, atol=atol)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=1e-5)
+
+
+def test_one_window_is_decoded_in_one_pass(tmp_path):
+    pipe = Pipeline.load(random_checkpoint(tmp_path / "ckpt"), vocoder="griffinlim")
+    latent = torch.randn(1, pipe.clip.num_audio_tokens, pipe.clip.audio.latent_dim)
+    with torch.no_grad():
+        expected = pipe.vocoder(pipe.vae.decode(pipe.vae.unscale_latent(latent)))[0].numpy()
+        assert np.array_equal(pipe.decode_audio(latent), expected)
 
 
 # --- precision ----------------------------------------------------------------------------------------------

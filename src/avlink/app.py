@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from avlink.cli import UserError  # noqa: E402
 from avlink.data import media  # noqa: E402
-from avlink.pipeline import Pipeline, upscale  # noqa: E402
+from avlink.pipeline import Pipeline  # noqa: E402
 
 VIEW_SIDE = 256  # generated video is upscaled (nearest) until its shorter side reaches this
 REENCODE_SIDE = 640  # longest side of a re-encoded V2A result
@@ -149,8 +149,8 @@ class Generator:
         frames = self.pipeline.audio_to_video(wave, prompt=prompt.strip() or None, steps=steps, seed=seed)
         factor = max(1, math.ceil(VIEW_SIDE / min(frames.shape[1:3])))
         movie = self._folder() / f"{Path(audio).stem}.a2v.mp4"
-        _user_media(lambda p: media.write_video(movie, upscale(frames, factor), self.pipeline.fps, wave,
-                                                self.pipeline.sample_rate), audio)
+        _user_media(lambda p: media.write_video(movie, frames, self.pipeline.fps, wave, self.pipeline.sample_rate,
+                                                scale=factor), audio)
         return str(movie)
 
     def _check(self, path: str, stream: str) -> media.MediaInfo:

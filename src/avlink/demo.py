@@ -163,14 +163,13 @@ def generate(pipe: Any, clip: DemoClip, steps: int, seed: int) -> Generated:
 def write_outputs(out: Path, pipe: Any, clip: DemoClip, made: Generated) -> None:
     """The files to watch (OUT/<id>.<system>.mp4) and the exact outputs the evaluation reads."""
     from avlink.data import media
-    from avlink.pipeline import upscale
 
     for system, wave in made.waves.items():
         media.mux_audio(clip.path, wave, pipe.sample_rate, out / f"{clip.id}.{system}.mp4")
         media.write_audio(generated_folder(out, system) / f"{clip.id}.wav", wave, pipe.sample_rate)
     for system, frames in made.videos.items():
-        media.write_video(out / f"{clip.id}.{system}.mp4", upscale(frames, UPSCALE), pipe.fps,
-                          clip.clip.audio, clip.clip.sample_rate)
+        media.write_video(out / f"{clip.id}.{system}.mp4", frames, pipe.fps, clip.clip.audio,
+                          clip.clip.sample_rate, scale=UPSCALE)
         media.write_video(generated_folder(out, system) / f"{clip.id}.mp4", frames, pipe.fps)
 
 

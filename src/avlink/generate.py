@@ -225,21 +225,22 @@ def make_v2a(pipe, job: Job, settings: Settings, progress: bool) -> None:
     media.write_audio(job.wave, wave, pipe.sample_rate)
 
 
-def sound_to_keep(path: Path, model_rate: int) -> tuple[np.ndarray, int]:
-    """The user's sound as it goes into the A2V mp4: mono at the file's own rate where AAC takes it."""
+def sound_to_keep(path: Path, model_wave: np.ndarray, model_rate: int) -> tuple[np.ndarray, int]:
+    """The user's sound as it goes into the A2V mp4: mono at the file's own rate where AAC takes it (the model's
+    wave itself when that is the model's rate: one copy of a long sound, not two)."""
     from avlink.data import media
 
     rate = media.audio_rate(path)
-    rate = rate if rate in AAC_RATES else model_rate
+    if rate not in AAC_RATES or rate == model_rate:
+        return model_wave, model_rate
     return media.read_audio(path, rate).samples, rate
 
 
 def make_a2v(pipe, job: Job, settings: Settings, progress: bool) -> None:
     from avlink.data import media
-    from avlink.pipeline import upscale
 
     wave = pipe.read_audio(job.source)  # (N,) at the model's rate
-    sound, rate = sound_to_keep(job.source, pipe.sample_rate)
+    sound, rate = sound_to_keep(job.source, wave, pipe.sample_rate)
     # The frame in which the sound ends is generated too: pad the conditioning with silence to its end.
     n_frames = math.ceil(wave.shape[0] / pipe.sample_rate * pipe.fps - 1e-6)
     wave = fit_length(wave, max(wave.shape[0], round(n_frames / pipe.fps * pipe.sample_rate)))
@@ -247,7 +248,7 @@ def make_a2v(pipe, job: Job, settings: Settings, progress: bool) -> None:
                                  cfg_scale=settings.cfg_scale, method=settings.method, fusion=settings.fusion,
                                  progress=progress)  # (n_frames, H, W, 3)
     assert frames.shape[0] == n_frames, f"the pipeline gave {frames.shape[0]} frames for {n_frames}"
-    media.write_video(job.video, upscale(frames, settings.upscale), pipe.fps, audio=sound, sample_rate=rate)
+    media.write_video(job.video, frames, pipe.fps, audio=sound, sample_rate=rate, scale=settings.upscale)
 
 
 MAKERS = {"v2a": make_v2a, "a2v": make_a2v}

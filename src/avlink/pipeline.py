@@ -37,6 +37,13 @@ from avlink.seq import ClipGeometry
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
 PARTS = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "fusion.safetensors", "vae.safetensors")
 MIN_OVERLAP = 0.25  # of a window
+# The audio codec (mel, VAE, vocoder) runs over long inputs one model window of latent tokens at a time, each
+# with CODEC_MARGIN_TOKENS of context on both sides that is computed and dropped. Memory then follows the window,
+# not the input (a HiFi-GAN over 3 minutes of mel held gigabytes of activations), and the VAE sees what it was
+# trained on: its GroupNorms take statistics over the whole sequence, so a clip-length chunk is its training
+# condition and a 10-minute latent is not. The margin covers the convolutions' context (HiFi-GAN's, the STFT's,
+# the VAE's), so chunk seams do not show (tests hold a local codec in chunks to one pass over the whole).
+CODEC_MARGIN_TOKENS = 16
 PRECISIONS = ("fp32", "bf16")
 # cpuinfo's names (torch.cpu.get_capabilities) of native bf16 products: x86 AVX512-BF16 and AMX-BF16, Arm BF16.
 CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
@@ -179,7 +186,7 @@ class Pipeline:
         height, width = self.size
         limit = None if max_seconds is None else max_seconds + 1 / self.fps
         clip = media.read_video(path, self.fps, size=(width, height), duration=limit)
-        frames = clip.frames[clip.mask]
+        frames = clip.frames if clip.mask.all() else clip.frames[clip.mask]
         if frames.shape[0] == 0:
             raise media.MediaError(f"{path}: no video frames")
         if max_seconds is not None and frames.shape[0] > math.ceil(max_seconds * self.fps - 1e-6):
@@ -192,14 +199,14 @@ class Pipeline:
 
         limit = None if max_seconds is None else max_seconds + 0.05
         clip = media.read_audio(path, self.sample_rate, duration=limit)
-        samples = clip.samples[clip.mask]
+        samples = clip.samples if clip.mask.all() else clip.samples[clip.mask]
         if samples.shape[0] < self.clip.audio.hop_length * self.clip.audio.latent_downsample:
             raise media.MediaError(f"{path}: audio too short")
         if max_seconds is not None and samples.shape[0] > round(max_seconds * self.sample_rate):
             raise media.MediaError(f"{path}: longer than the {max_seconds:g} s limit (counted by decoding it)")
         if not np.isfinite(samples).all():  # a float file can hold them; the model would spread them
             raise media.MediaError(f"{path}: audio contains NaN or infinite samples")
-        return samples.astype(np.float32)
+        return samples.astype(np.float32, copy=False)
 
     # -- text -----------------------------------------------------------------------------------------------
     def _text(self, prompt: str | None, modality: str) -> TextCond:
@@ -254,10 +261,9 @@ class Pipeline:
                                         known=known)
             latent[:, span] = z.float()
             done[span] = True
-        mel = self.vae.decode(self.vae.unscale_latent(latent))  # (1, n_mels, F)
-        wave = self.vocoder(mel)[0].float().cpu().numpy()
-        wave = np.pad(wave, (0, max(0, n_samples - wave.shape[0])))[:n_samples]
-        return np.clip(wave, -1.0, 1.0).astype(np.float32)
+        wave = self.decode_audio(latent)
+        wave = wave[:n_samples] if wave.shape[0] >= n_samples else np.pad(wave, (0, n_samples - wave.shape[0]))
+        return np.clip(wave, -1.0, 1.0, out=wave)
 
     @torch.no_grad()
     def audio_to_video(self, wave: np.ndarray, *, prompt: str | None = None, steps: int = 64, seed: int = 0,
@@ -266,7 +272,6 @@ class Pipeline:
         """wave (N,) float32 mono at sample_rate -> (round(N / sample_rate * fps), H, W, 3) uint8 frames.
 
         fusion=False: the frozen T2V generator alone with the same prompt, seed and length."""
-        from avlink.codecs.mel import MelSpectrogram, fit_frames
 
         if fusion:
             self.check_task("a2v")
@@ -277,11 +282,7 @@ class Pipeline:
         frames_used = max(n_frames, win_frames)
         seconds = frames_used / self.fps
         total_tokens = max(audio.num_tokens(seconds), win_tokens)
-        samples = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).to(self.device)
-        samples = torch.nn.functional.pad(samples, (0, max(0, audio.num_samples(seconds) - samples.shape[0])))
-        mel = fit_frames(MelSpectrogram(audio).to(self.device)(samples[None]),
-                         total_tokens * audio.latent_downsample)  # (1, n_mels, F)
-        cond_latent = self.vae.scale_latent(self.vae.encode(mel).mean)  # (1, Ta, Da)
+        cond_latent = self.encode_audio(wave, total_tokens)  # (1, Ta, Da)
         windows = plan_windows(frames_used, win_frames, total_tokens, win_tokens, self.fps, audio.eta)
         text_a, text_v = self._text(prompt, "audio"), self._text(prompt, "video")
         video = torch.zeros(1, v.channels, frames_used, v.height, v.width, device=self.device)
@@ -303,6 +304,35 @@ class Pipeline:
         pixels = ((v.to_pixels(video[0, :, :n_frames]) + 1) * 127.5).round().to(torch.uint8)  # (C, T, H, W)
         return pixels.permute(1, 2, 3, 0).cpu().numpy()
 
+    # -- the audio codec, chunk by chunk ----------------------------------------------------------------------
+    def decode_audio(self, latent: torch.Tensor) -> np.ndarray:
+        """(1, Ta, Da) scaled latent -> (Ta * samples per token,) float32 wave, through the VAE decoder and the
+        vocoder one window of tokens at a time (see CODEC_MARGIN_TOKENS)."""
+        per_token = self.clip.audio.hop_length * self.clip.audio.latent_downsample
+        out = np.zeros(latent.shape[1] * per_token, np.float32)
+        for start, stop, lo, hi in codec_chunks(latent.shape[1], self.clip.num_audio_tokens):
+            mel = self.vae.decode(self.vae.unscale_latent(latent[:, lo:hi]))  # (1, n_mels, F)
+            wave = self.vocoder(mel)[0].float().cpu().numpy()[(start - lo) * per_token:(stop - lo) * per_token]
+            out[start * per_token:start * per_token + wave.shape[0]] = wave
+        return out
+
+    def encode_audio(self, wave: np.ndarray, tokens: int) -> torch.Tensor:
+        """(N,) float32 wave -> (1, tokens, Da) scaled latent (the VAE posterior mean) of its first `tokens`
+        tokens' span, silence past its end; mel and VAE encoder run one window of tokens at a time."""
+        from avlink.codecs.mel import MelSpectrogram, fit_frames
+
+        audio = self.clip.audio
+        per_token = audio.hop_length * audio.latent_downsample
+        mel_of = MelSpectrogram(audio).to(self.device)
+        latent = torch.zeros(1, tokens, audio.latent_dim, device=self.device)
+        for start, stop, lo, hi in codec_chunks(tokens, self.clip.num_audio_tokens):
+            piece = torch.from_numpy(np.ascontiguousarray(wave[lo * per_token:hi * per_token], dtype=np.float32))
+            piece = torch.nn.functional.pad(piece.to(self.device), (0, (hi - lo) * per_token - piece.shape[0]))
+            mel = fit_frames(mel_of(piece[None]), (hi - lo) * audio.latent_downsample)  # (1, n_mels, F)
+            z = self.vae.scale_latent(self.vae.encode(mel).mean)  # (1, hi - lo, Da)
+            latent[:, start:stop] = z[:, start - lo:stop - lo]
+        return latent
+
     @staticmethod
     def _progress(windows: list[Window], enabled: bool, desc: str):
         if not enabled or len(windows) == 1:
@@ -312,14 +342,12 @@ class Pipeline:
         return tqdm(windows, desc=desc, unit="window")
 
 
-def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest-neighbour upscaling of (T, H, W, 3) frames for viewing; sizes rounded up to even for H.264."""
-    assert factor >= 1, f"upscale factor must be >= 1, got {factor}"
-    big = frames.repeat(factor, axis=1).repeat(factor, axis=2)
-    pad_h, pad_w = big.shape[1] % 2, big.shape[2] % 2
-    if pad_h or pad_w:
-        big = np.pad(big, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    return big
+def codec_chunks(tokens: int, size: int, margin: int | None = None):
+    """(start, stop, lo, hi) per chunk of `size` tokens: [start, stop) is kept, [lo, hi) is computed."""
+    margin = CODEC_MARGIN_TOKENS if margin is None else margin
+    for start in range(0, tokens, size):
+        stop = min(tokens, start + size)
+        yield start, stop, max(0, start - margin), min(tokens, stop + margin)
 
 
 def windows_for(seconds: float, pipeline: Pipeline) -> int:

@@ -589,10 +589,13 @@ def write_video(
     audio: np.ndarray | None = None,
     sample_rate: int | None = None,
     crf: int = 18,
+    scale: int = 1,
 ) -> None:
     """Write uint8 RGB `frames` (T, H, W, 3) as H.264 yuv420p, with `audio` as mono AAC cut/padded to T/fps s.
 
-    yuv420p needs even sizes: an odd width or height gets one more column/row copied from the edge.
+    scale: nearest-neighbour upscaling of each frame as it is encoded (for viewing small generated frames; no
+    upscaled copy of the whole clip is held). yuv420p needs even sizes: an odd width or height gets one more
+    column/row copied from the edge.
     """
     name = str(path)
     container_format = _output_format(name)
@@ -602,19 +605,22 @@ def write_video(
             f"{name}: frames must be uint8 (T, H, W, 3), T > 0; got {frames.dtype} {frames.shape}"
         )
     assert math.isfinite(fps) and fps > 0, f"fps must be positive, got {fps}"
+    assert scale >= 1, f"scale must be >= 1, got {scale}"
     if audio is not None:
         assert sample_rate is not None and sample_rate > 0, "write_video needs sample_rate with audio"
         length = round(frames.shape[0] / fps * sample_rate)
         audio, _ = _fit(_mono(name, audio), np.ones(len(audio), bool), length)
-    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+    height, width = frames.shape[1] * scale, frames.shape[2] * scale
     rate = Fraction(fps).limit_denominator(1001)
     with _atomic(path) as temp, _writing(name), av.open(temp, "w", format=container_format) as container:
         stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf)})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
         # Every stream must exist before the first packet is muxed (the header is written then).
         sound = None if audio is None else container.add_stream("aac", rate=sample_rate, layout="mono")
-        for index, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        for index, small in enumerate(frames):
+            rgb = small.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else small
+            rgb = np.pad(rgb, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
             frame.pts, frame.time_base = index, 1 / rate
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
