@@ -229,28 +229,60 @@ def test_folder_lists_entries_that_are_no_files_without_opening_them(ckpt, tmp_p
     assert "broken symbolic link" in lines[0] and "loops" in lines[1] and "pipe" in lines[2] and "folder" in lines[3]
 
 
-def test_a_file_size_limit_leaves_that_input_out_and_the_batch_goes_on(ckpt, tmp_path: Path):
-    """A write that hits the limit (as a full disk would) is one line; nothing of that input stays behind."""
-    folder = tmp_path / "in"
+LIMIT = 25_000  # bytes a file may grow to; the outputs below are measured without a limit:
+LIMITED_FOLDER = [  # (input, frames, still): its outputs, and which of them passes the limit
+    ("a_short.mp4", 3, False),  # mp4 7 kB, wav 13 kB: written
+    ("b_long.mp4", 25, False),  # mp4 38 kB: the muxer fails (PyAV)
+    ("c_still.mp4", 12, True),  # mp4 13 kB, wav 53 kB: the wav writer fails (soundfile)
+    ("d_short.mp4", 3, False),  # written
+]
+
+
+def limited_folder(folder: Path) -> Path:
     folder.mkdir()
-    make_video(folder / "a_short.mp4", frames=3)  # outputs of a few kB
-    make_video(folder / "b_long.mp4", frames=60)  # its wav alone is over the limit
-    make_video(folder / "c_short.mp4", frames=3, seed=1)
-    limit = 60_000
+    for seed, (name, frames, still) in enumerate(LIMITED_FOLDER):
+        if still:
+            write_video(folder / name, np.full((frames, 20, 24, 3), 90, np.uint8), 10.0)
+        else:
+            make_video(folder / name, frames=frames, seed=seed)
+    return folder
+
+
+def check_limited_folder(folder: Path, code: int, out: str, err: str) -> None:
+    """A write that hits the limit (as a full disk would) is one line; nothing of that input stays behind."""
+    assert code == 3, err[-2000:]
+    assert "Traceback" not in err and "2 written" in out
+    assert err.strip().splitlines() == [
+        f"{folder / 'b_long.mp4'}: {folder / 'b_long.v2a.mp4'}: cannot write (File too large)",
+        f"{folder / 'c_still.mp4'}: {folder / 'c_still.v2a.wav'}: cannot write (File too large)"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "a_short.mp4", "a_short.v2a.mp4", "a_short.v2a.wav", "b_long.mp4", "c_still.mp4", "d_short.mp4",
+        "d_short.v2a.mp4", "d_short.v2a.wav"]
+
+
+def test_a_file_size_limit_leaves_that_input_out_and_the_batch_goes_on(ckpt, tmp_path: Path, capsys):
+    folder = limited_folder(tmp_path / "in")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, hard))  # this process only, for the run
+    try:
+        code = v2a(ckpt, str(folder))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    check_limited_folder(folder, code, *capsys.readouterr())
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_on_the_command_in_its_own_process(ckpt, tmp_path: Path):
+    """The same as the command a user runs under `ulimit -f`: the process is not killed (SIGXFSZ) and says so."""
+    folder = limited_folder(tmp_path / "in")
 
     def limited():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
 
     avlink = Path(sys.executable).with_name("avlink")
     done = subprocess.run([str(avlink), "v2a", str(folder), "--ckpt", str(ckpt), "--vocoder", "griffinlim", *FAST],
                           preexec_fn=limited, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 3, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and "2 written" in done.stdout
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(str(folder / "b_long.mp4")) and "cannot write" in lines[0]
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "a_short.mp4", "a_short.v2a.mp4", "a_short.v2a.wav", "b_long.mp4", "c_short.mp4", "c_short.v2a.mp4",
-        "c_short.v2a.wav"]
+    check_limited_folder(folder, done.returncode, done.stdout, done.stderr)
 
 
 def test_gif_gets_its_sound_in_an_h264_mp4(ckpt, geometry, tmp_path: Path):
@@ -306,3 +338,34 @@ def test_non_finite_input_sound_is_refused_naming_the_input(ckpt, tmp_path: Path
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{source}: audio contains NaN or infinite samples" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.wav"]
+
+
+def test_temps_of_killed_runs_are_removed_by_the_next_run_in_that_folder(ckpt, tmp_path: Path):
+    """kill -9 during a write leaves a hidden temp; the next run writing into that folder removes it, even when
+    the input it was for is gone, and leaves a running writer's temps and other files' alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = [f".gone.v2a.wav.{dead.pid}-abc123.tmp.wav", f".gone.v2a.mp4.{dead.pid}-k_9.tmp.mp4",
+              f".in.v2a.mp4.{dead.pid}-xyz.tmp.mp4"]
+    kept = [f".other.v2a.mp4.{os.getppid()}-live1.tmp.mp4",  # a process that runs: maybe writing now
+            f".notes.txt.{dead.pid}-abc123.tmp.txt",  # not an output of these commands
+            ".gone.v2a.wav.tmp"]  # not a temp name
+    for name in killed + kept:
+        (tmp_path / name).write_bytes(b"x")
+    source = make_video(tmp_path / "in.mp4", frames=3)
+    assert v2a(ckpt, str(source)) == 0
+    assert leftovers(tmp_path) == sorted(kept)
+
+
+@pytest.mark.parametrize(("out", "existing"), [("song.wav", "song.mp4"), ("song.mp4", "song.mp4"),
+                                               ("made", "made/in.v2a.wav"), (None, "in.v2a.mp4")])
+def test_one_file_refuses_each_existing_output(ckpt, tmp_path: Path, capsys, out, existing):
+    source = make_video(tmp_path / "in.mp4", frames=3)
+    (tmp_path / "made").mkdir()
+    (tmp_path / existing).write_bytes(b"mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert v2a(ckpt, str(source), *(["-o", str(tmp_path / out)] if out else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"avlink v2a: {tmp_path / existing}: exists (outputs of {source}); --overwrite replaces it"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / existing).read_bytes() == b"mine"

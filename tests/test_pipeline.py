@@ -7,8 +7,17 @@ import torch
 
 from avlink import pipeline as pipeline_module
 from avlink.cli import UserError
+from avlink.config import PRESETS
 from avlink.data import media
-from avlink.pipeline import Pipeline, bf16_matmul, check_precision, plan_windows, sampling_precision
+from avlink.pipeline import (
+    Pipeline,
+    bf16_matmul,
+    check_precision,
+    frame_windows,
+    plan_windows,
+    sampling_precision,
+    window_hop,
+)
 from avlink.sample import Known, sample_backbone, sample_link
 
 from helpers import random_checkpoint, tiny_link
@@ -61,6 +70,73 @@ def test_long_audio_windows_continue_each_other(pipe):
     wave = np.random.default_rng(2).standard_normal(round(seconds * pipe.sample_rate)).astype(np.float32) * 0.1
     frames = pipe.audio_to_video(wave, steps=2, prompt="a drum is hit")
     assert frames.shape == (round(seconds * pipe.fps), *pipe.size, 3) and frames.dtype == np.uint8
+
+
+# --- long inputs as they decode ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_windows_of_a_stream_are_those_of_the_whole(preset):
+    """frame_windows cuts, from frames as they come, the windows plan_windows places over the whole input, with
+    the same frames and audio tokens; each is cut as soon as the frame after it has come (no later)."""
+    clip = PRESETS[preset].clip
+    fps, eta, win, win_tokens = clip.video.fps, clip.audio.eta, clip.num_frames, clip.num_audio_tokens
+    hop = window_hop(win, fps, eta)
+    fake = SimpleNamespace(clip=clip, fps=fps)
+    for total in range(1, 5 * win):
+        taken = []
+
+        def source(total, taken):
+            for index in range(total):
+                taken.append(index)
+                yield np.full((1, 1, 1), index)
+
+        got = []
+        for w in frame_windows(source(total, taken), win, hop):
+            assert len(taken) == (w.frame + win + 1 if w.total is None else total)
+            got.append((w.frame, Pipeline._window_token(fake, w)[0]))
+            assert w.frames[:, 0, 0, 0].tolist() == [min(w.frame + i, total - 1) for i in range(win)]
+        used = max(total, win)
+        plan = plan_windows(used, win, max(clip.audio.num_tokens(used / fps), win_tokens), win_tokens, fps, eta)
+        assert got == [(w.frame, w.token) for w in plan], total
+
+
+def test_a_long_video_is_generated_holding_a_window_of_frames(pipe, monkeypatch):
+    """V2A of frames as they come holds at most a window and a hop of them at any time (each frame of the source
+    is a new array; those alive are counted at every window), whatever the input's length."""
+    import weakref
+
+    made, peak = [], []
+    win, total = pipe.clip.num_frames, 6 * pipe.clip.num_frames
+    hop = window_hop(win, pipe.fps, pipe.clip.audio.eta)
+
+    def source():
+        rng = np.random.default_rng(0)
+        for _ in range(total):
+            frame = rng.integers(0, 255, (*pipe.size, 3), dtype=np.uint8)
+            made.append(weakref.ref(frame))
+            yield frame
+
+    sample = pipeline_module.sample_link
+
+    def counting(*args, **kwargs):
+        peak.append(sum(ref() is not None for ref in made))
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "sample_link", counting)
+    wave = pipe.video_to_audio(source(), steps=1)
+    assert wave.shape == (round(total / pipe.fps * pipe.sample_rate),)
+    assert len(peak) == len(plan_windows(total, win, 1000, 1, pipe.fps, pipe.clip.audio.eta)) > 5
+    assert max(peak) <= win + hop + 1, peak
+
+
+def test_a_streamed_video_gives_the_sound_of_the_whole_read(pipe, tmp_path):
+    frames = np.random.default_rng(3).integers(0, 255, (2 * pipe.clip.num_frames + 5, *pipe.size, 3), np.uint8)
+    media.write_video(tmp_path / "in.mp4", frames, pipe.fps)
+    whole = pipe.read_video(tmp_path / "in.mp4")
+    assert whole.shape == frames.shape
+    assert np.array_equal(pipe.video_to_audio(pipe.stream_video(tmp_path / "in.mp4"), steps=1),
+                          pipe.video_to_audio(whole, steps=1))
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):

@@ -38,7 +38,8 @@ the same way, with the outputs it did write removed. A single bad input is refus
 as every command does.
 
 Writes are atomic (the media writers write a temp file beside the output and rename it), so an interrupted run
-leaves no half-written output for the next run to take as done.
+leaves no half-written output for the next run to take as done; the temps of a killed run are removed by the
+next run that writes into their folder (`remove_killed_temps`).
 
 Options passed through to the pipeline: --method, the ODE solver (euler, midpoint, heun); --vocoder (V2A),
 hifigan (the universal HiFi-GAN shipped in a package), griffinlim (no weights, fast, rough) or the path of a
@@ -55,6 +56,7 @@ import errno
 import math
 import stat
 import sys
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,7 +218,7 @@ def make_v2a(pipe, job: Job, settings: Settings, progress: bool) -> None:
     from avlink.data import media
 
     seconds = media.video_duration(job.source)  # before generating: a file without a video stream fails now
-    frames = pipe.read_video(job.source)  # (T, H, W, 3) at the model's fps and size, T / fps >= seconds
+    frames = pipe.stream_video(job.source)  # T frames as they decode, at the model's fps and size; T / fps >= seconds
     wave = pipe.video_to_audio(frames, prompt=settings.prompt, steps=settings.steps, seed=settings.seed,
                                cfg_scale=settings.cfg_scale, method=settings.method, fusion=settings.fusion,
                                progress=progress)  # (round(T / fps * sample_rate),)
@@ -300,6 +302,22 @@ def stamp(path: Path) -> tuple[int, int] | None:
     return info.st_ino, info.st_mtime_ns
 
 
+def remove_killed_temps(folders: set[Path]) -> None:
+    """Remove the temps that killed runs left in `folders` beside outputs of these commands, for any input
+    (`.<name>.<pid>-<random>.tmp<suffix>`, see avlink.files): a write removes those of its own name, but an
+    input that was since moved away is never written again. The rule is `remove_stale_temps`'s: the writer's
+    process is gone from this machine or the temp was not touched for an hour, so a running writer keeps its."""
+    from avlink.files import remove_stale_temps
+
+    for folder in folders:
+        with suppress(OSError):
+            names = {entry.name[1:].rpartition(".tmp")[0].rpartition(".")[0] for entry in folder.iterdir()
+                     if entry.name.startswith(".") and ".tmp" in entry.name}
+            for name in names:
+                if name and is_own_output(Path(name)):
+                    remove_stale_temps(folder / name)  # checks the exact temp pattern
+
+
 def existing_outputs(job: Job) -> list[Path]:
     return [path for path in job.outputs if path.exists()]
 
@@ -311,6 +329,7 @@ def run_single(args: argparse.Namespace, settings: Settings) -> int:
         names = " and ".join(str(path) for path in taken)
         raise UserError(f"{names}: {'exist' if len(taken) > 1 else 'exists'} (outputs of {args.input}); "
                         f"--overwrite replaces {'them' if len(taken) > 1 else 'it'}")
+    remove_killed_temps({job.video.parent})
     pipe = LazyPipeline(args).get()
     make(pipe, args.task, job, settings, progress=sys.stderr.isatty())
     print(f"wrote {', '.join(str(path) for path in job.outputs)}")
@@ -327,6 +346,7 @@ def run_batch(args: argparse.Namespace, settings: Settings) -> int:
     inputs, bad = batch_inputs(args.task, args.input)
     jobs, clashes = batch_jobs(args.task, inputs, args.out)
     bad += clashes
+    remove_killed_temps({job.video.parent for job in jobs})
     pipe, written, skipped = LazyPipeline(args), 0, 0
     for job in tqdm(jobs, desc=f"avlink {args.task}", unit="file", disable=None):
         if job.done() and not args.overwrite:

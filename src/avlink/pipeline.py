@@ -6,8 +6,10 @@ Long inputs: the model sees one window of `clip.duration` seconds. A longer inpu
 overlap by at least a quarter of a window; each window after the first is generated with its overlap fixed to
 what the window before generated (`sample.Known`: those tokens follow the straight path to the known values,
 so the model continues them instead of starting afresh). The windows are written into one latent (V2A) or one
-frame sequence (A2V), and V2A decodes that latent once through the VAE and the vocoder, so there is no seam to
-cross-fade. Cost grows linearly with length: one window's sampling per hop.
+frame sequence (A2V), and the audio codec runs over it one window of tokens at a time with a context margin
+(`codec_chunks`), so there is no seam to cross-fade. Cost grows linearly with length: one window's sampling per
+hop. V2A takes its frames as they decode (`stream_video`, `frame_windows`): it holds one window and a hop of
+frames, not the video.
 
 Precision: "fp32" (the default) or "bf16", where the linked model's network evaluations run under
 torch.autocast(bfloat16) with the fp32 weights. Only the sampling runs so; the solver's state stays fp32 (an
@@ -20,6 +22,7 @@ a result labelled bf16 must have been made in bf16. fp16 is never used (DESIGN.m
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +100,7 @@ def plan_windows(total_frames: int, window_frames: int, total_tokens: int, windo
     whole number of audio tokens, so that audio and video windows start at the same instant."""
     if total_frames <= window_frames:
         return [Window(0, 0)]
-    longest = max(1, int(window_frames * (1 - MIN_OVERLAP)))
-    hop = max(range(1, longest + 1), key=lambda h: (_misfit(h, fps, eta_a) < 0.1, h))
+    hop = window_hop(window_frames, fps, eta_a)
     starts = list(range(0, total_frames - window_frames, hop)) + [total_frames - window_frames]
     windows = []
     for frame in starts:
@@ -107,9 +109,43 @@ def plan_windows(total_frames: int, window_frames: int, total_tokens: int, windo
     return windows
 
 
+def window_hop(window_frames: int, fps: float, eta_a: float) -> int:
+    """Frames from one window's start to the next (plan_windows)."""
+    longest = max(1, int(window_frames * (1 - MIN_OVERLAP)))
+    return max(range(1, longest + 1), key=lambda h: (_misfit(h, fps, eta_a) < 0.1, h))
+
+
 def _misfit(hop: int, fps: float, eta_a: float) -> float:
     tokens = hop / fps * eta_a
     return abs(tokens - round(tokens))
+
+
+@dataclass(frozen=True)
+class FrameWindow:
+    frame: int  # first video frame of the window
+    frames: np.ndarray  # (window_frames, H, W, 3) uint8
+    total: int | None  # frames in the whole input, given with the last window (known once the input ends)
+
+
+def frame_windows(frames: Iterable[np.ndarray], window_frames: int, hop: int) -> Iterator[FrameWindow]:
+    """plan_windows' windows of a stream of frames, each cut as soon as it is known: a window is not the last
+    once the frame after its end has come, and the last one ends where the frames end. At most window_frames +
+    hop frames are held. A stream shorter than a window is one window that holds its last frame to the end."""
+    held: list[np.ndarray] = []  # the frames from `first` on
+    first = start = total = 0
+    for frame in frames:
+        held.append(frame)
+        total += 1
+        if total > start + window_frames:
+            yield FrameWindow(start, np.stack(held[start - first:start - first + window_frames]), None)
+            start += hop
+            drop = min(start, total - window_frames) - first  # the last window may start before `start`
+            del held[:drop]
+            first += drop
+    assert total > 0, "no frames"
+    last = held[max(0, total - window_frames) - first:]
+    last += [last[-1]] * (window_frames - len(last))
+    yield FrameWindow(max(0, total - window_frames), np.stack(last), total)
 
 
 class Pipeline:
@@ -179,19 +215,25 @@ class Pipeline:
 
     # -- media ----------------------------------------------------------------------------------------------
     def read_video(self, path: str | Path, max_seconds: float | None = None) -> np.ndarray:
-        """(T, H, W, 3) uint8 frames of the whole file at the model's fps and size. max_seconds: decoding stops
-        just past it and a longer file is refused, whatever its header says."""
+        """(T, H, W, 3) uint8 frames of the whole file at the model's fps and size; max_seconds as in
+        stream_video."""
+        return np.stack(list(self.stream_video(path, max_seconds)))
+
+    def stream_video(self, path: str | Path, max_seconds: float | None = None) -> Iterator[np.ndarray]:
+        """read_video's frames one at a time as they decode (video_to_audio takes them so). max_seconds:
+        decoding stops at the first frame past it and the file is refused, whatever its header says."""
         from avlink.data import media
 
         height, width = self.size
-        limit = None if max_seconds is None else max_seconds + 1 / self.fps
-        clip = media.read_video(path, self.fps, size=(width, height), duration=limit)
-        frames = clip.frames if clip.mask.all() else clip.frames[clip.mask]
-        if frames.shape[0] == 0:
+        limit = math.inf if max_seconds is None else math.ceil(max_seconds * self.fps - 1e-6)
+        count = 0
+        for frame in media.stream_video(path, self.fps, size=(width, height)):
+            count += 1
+            if count > limit:
+                raise media.MediaError(f"{path}: longer than the {max_seconds:g} s limit (counted by decoding it)")
+            yield frame
+        if count == 0:
             raise media.MediaError(f"{path}: no video frames")
-        if max_seconds is not None and frames.shape[0] > math.ceil(max_seconds * self.fps - 1e-6):
-            raise media.MediaError(f"{path}: longer than the {max_seconds:g} s limit (counted by decoding it)")
-        return frames
 
     def read_audio(self, path: str | Path, max_seconds: float | None = None) -> np.ndarray:
         """(N,) float32 mono samples of the whole file at the model's rate; max_seconds as in read_video."""
@@ -222,35 +264,33 @@ class Pipeline:
 
     # -- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def video_to_audio(self, frames: np.ndarray, *, prompt: str | None = None, steps: int = 64, seed: int = 0,
-                       cfg_scale: float = 1.0, method: str = "euler", fusion: bool = True,
+    def video_to_audio(self, frames: Iterable[np.ndarray], *, prompt: str | None = None, steps: int = 64,
+                       seed: int = 0, cfg_scale: float = 1.0, method: str = "euler", fusion: bool = True,
                        progress: bool = False) -> np.ndarray:
-        """frames (T, H, W, 3) uint8 at fps/size -> (round(T / fps * sample_rate),) float32 wave in [-1, 1].
+        """frames (T, H, W, 3) uint8 at fps/size, an array or frames as they come (stream_video) -> (round(T / fps
+        * sample_rate),) float32 wave in [-1, 1]. A stream is taken one window at a time (frame_windows).
 
         fusion=False: the frozen T2A generator alone with the same prompt, seed and length."""
         if fusion:
             self.check_task("v2a")
-        assert frames.ndim == 4 and frames.shape[1:] == (*self.size, 3) and frames.dtype == np.uint8, (
-            f"frames must be uint8 (T, {self.size[0]}, {self.size[1]}, 3), got {frames.dtype} {frames.shape}")
         clip, audio = self.clip, self.clip.audio
-        total = frames.shape[0]
-        n_samples = round(total / self.fps * self.sample_rate)
-        win_frames = clip.num_frames
-        if total < win_frames:  # one window; the missing end is the last frame held
-            frames = np.concatenate([frames, np.repeat(frames[-1:], win_frames - total, 0)])
-        pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (C, T, H, W)
-        video = clip.video.to_model(pixels)
-        frames_used = video.shape[1]
-        win_tokens = clip.num_audio_tokens
-        total_tokens = max(audio.num_tokens(frames_used / self.fps), win_tokens)
-        windows = plan_windows(frames_used, win_frames, total_tokens, win_tokens, self.fps, audio.eta)
+        win_frames, win_tokens = clip.num_frames, clip.num_audio_tokens
         text_a, text_v = self._text(prompt, "audio"), self._text(prompt, "video")
-        latent = torch.zeros(1, total_tokens, audio.latent_dim, device=self.device)
-        done = torch.zeros(total_tokens, dtype=torch.bool, device=self.device)
+        latent = torch.zeros(1, 0, audio.latent_dim, device=self.device)  # grows with the windows
+        done = torch.zeros(0, dtype=torch.bool, device=self.device)
+        windows = frame_windows(frames, win_frames, window_hop(win_frames, self.fps, audio.eta))
         for i, w in enumerate(self._progress(windows, progress, "v2a windows")):
-            span = slice(w.token, w.token + win_tokens)
+            assert w.frames.shape[1:] == (*self.size, 3) and w.frames.dtype == np.uint8, (
+                f"frames must be uint8 (T, {self.size[0]}, {self.size[1]}, 3), got {w.frames.dtype} {w.frames.shape}")
+            token, total_tokens = self._window_token(w)
+            if total_tokens > latent.shape[1]:
+                grow = total_tokens - latent.shape[1]
+                latent = torch.cat([latent, latent.new_zeros(1, grow, audio.latent_dim)], 1)
+                done = torch.cat([done, done.new_zeros(grow)])
+            span = slice(token, token + win_tokens)
             known = Known(latent[:, span], done[span][None, :, None]) if done[span].any() else None
-            x_cond = video[None, :, w.frame:w.frame + win_frames]
+            pixels = torch.from_numpy(w.frames).to(self.device).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+            x_cond = clip.video.to_model(pixels)[None]  # (1, C, T, H, W)
             with sampling_precision(self.precision, self.device):
                 if fusion:
                     z = sample_link(self.model, "v2a", x_cond, text_gen=text_a, text_cond=text_v, steps=steps,
@@ -261,9 +301,24 @@ class Pipeline:
                                         known=known)
             latent[:, span] = z.float()
             done[span] = True
+        n_samples = round(w.total / self.fps * self.sample_rate)
         wave = self.decode_audio(latent)
         wave = wave[:n_samples] if wave.shape[0] >= n_samples else np.pad(wave, (0, n_samples - wave.shape[0]))
         return np.clip(wave, -1.0, 1.0, out=wave)
+
+    def _window_token(self, w: FrameWindow) -> tuple[int, int]:
+        """plan_windows' first audio token of a window, and the audio tokens known so far: all of them at the
+        last window; before it, those of the frames that have come (at least one past the window)."""
+        clip, audio = self.clip, self.clip.audio
+        frames = clip.num_frames + 1 + w.frame if w.total is None else max(w.total, clip.num_frames)
+        total_tokens = max(audio.num_tokens(frames / self.fps), clip.num_audio_tokens)
+        token = round(w.frame / self.fps * audio.eta)
+        if w.total is not None:
+            return min(token, total_tokens - clip.num_audio_tokens), total_tokens
+        # Before the last window plan_windows never clamps (true of every preset, tested), so a window's token
+        # does not depend on frames still to come.
+        assert token + clip.num_audio_tokens <= total_tokens, f"window at frame {w.frame} would be clamped"
+        return token, total_tokens
 
     @torch.no_grad()
     def audio_to_video(self, wave: np.ndarray, *, prompt: str | None = None, steps: int = 64, seed: int = 0,
@@ -334,8 +389,8 @@ class Pipeline:
         return latent
 
     @staticmethod
-    def _progress(windows: list[Window], enabled: bool, desc: str):
-        if not enabled or len(windows) == 1:
+    def _progress(windows: Iterable, enabled: bool, desc: str):
+        if not enabled or (isinstance(windows, list) and len(windows) == 1):
             return windows
         from tqdm.auto import tqdm
 

@@ -18,6 +18,7 @@ from avlink.data.media import (
     read_audio,
     read_clip,
     read_video,
+    stream_video,
     write_audio,
     write_video,
 )
@@ -253,6 +254,29 @@ def test_frames_follow_presentation_time(corpus, name: str, fps: int):
     assert got == shown_at(times, Fraction(0), Fraction(fps), count)
 
 
+@pytest.mark.parametrize("name", RESAMPLED + CONTAINERS + ["rotated90.mp4"])
+def test_a_stream_gives_the_frames_of_a_whole_read(corpus, name: str):
+    path, _ = corpus[name]
+    whole = read_video(path, fps=10, size=(20, 12)).frames
+    streamed = list(stream_video(path, fps=10, size=(20, 12)))
+    assert np.array_equal(np.stack(streamed), whole)
+
+
+def test_a_stream_decodes_as_it_is_read(corpus, monkeypatch):
+    """Frames come out while the file decodes, not after it: the first frame is there before most of the file
+    is decoded, so a reader that stops early (a length limit) stops the decoding."""
+    from avlink.data import media
+
+    decoded, push = [], media._VideoSampler.push
+    monkeypatch.setattr(media._VideoSampler, "push", lambda self, frame: (decoded.append(frame.pts), push(self, frame)))
+    path, times = corpus["24fps_aac.mp4"]
+    stream = stream_video(path, fps=24)
+    assert picture_index(next(stream)) == 0
+    assert 0 < len(decoded) < len(times) // 2, f"{len(decoded)} of {len(times)} frames decoded for the first"
+    stream.close()
+    assert sum(1 for _ in stream_video(path, fps=24)) > 0 and len(decoded) >= len(times)
+
+
 @pytest.mark.parametrize("name", ["24fps_aac.mp4", "vfr.mp4", "60fps.mp4"])
 def test_window_cuts_and_pads_with_mask(corpus, name: str):
     path, times = corpus[name]
@@ -411,6 +435,7 @@ READERS = {
     "video": lambda path: read_video(path, fps=6),
     "audio": lambda path: read_audio(path, 16000),
     "clip": lambda path: read_clip(path, fps=6, size=(8, 8), sample_rate=16000),
+    "stream": lambda path: list(stream_video(path, fps=6)),
 }
 
 
@@ -428,7 +453,7 @@ def test_broken_files_are_refused_in_one_line(corpus, name: str, reader: str):
     assert_refused(corpus[name][0], READERS[reader])
 
 
-@pytest.mark.parametrize("reader", ["video", "audio", "clip"])
+@pytest.mark.parametrize("reader", ["video", "audio", "clip", "stream"])
 def test_truncated_data_with_intact_index_is_refused(corpus, reader: str):
     assert_refused(corpus["truncated_faststart.mp4"][0], READERS[reader], "truncated")
 
@@ -441,6 +466,7 @@ def test_truncated_file_still_serves_the_part_that_is_there(corpus):
 def test_missing_streams_are_named(corpus):
     assert_refused(corpus["60fps.mp4"][0], READERS["audio"], "no audio stream")
     assert_refused(corpus["8k_mono.wav"][0], READERS["video"], "no video stream")
+    assert_refused(corpus["8k_mono.wav"][0], READERS["stream"], "no video stream")
     assert_refused(corpus["24fps_aac.mp4"][0], lambda p: read_video(p, fps=6, start=5.0), "past the end")
 
 
@@ -526,3 +552,90 @@ def test_mux_audio_refuses_without_leaving_output(corpus, tmp_path: Path):
     )
     assert_refused(corpus["random.mp4"][0], lambda p: mux_audio(p, np.zeros(100), 16000, out))
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+# A child process that writes with each writer under a file-size limit (a full disk fails the same way: the OS
+# refuses the write) and prints what each raised. The targets hold old content that must survive.
+_LIMITED_WRITES = """
+import sys
+import numpy as np
+from avlink.data.media import MediaError, mux_audio, write_audio, write_video
+folder, source = sys.argv[1], sys.argv[2]
+noise = np.random.default_rng(0).integers(0, 256, (40, 48, 64, 3), dtype=np.uint8)
+sound = np.random.default_rng(1).uniform(-0.5, 0.5, 4 * 22050).astype(np.float32)
+writes = {
+    "a.wav": lambda path: write_audio(path, sound, 22050),
+    "a.flac": lambda path: write_audio(path, sound, 22050),
+    "v.mp4": lambda path: write_video(path, noise, 10, audio=sound, sample_rate=22050),
+    "m.mp4": lambda path: mux_audio(source, sound, 22050, path),
+}
+for name, write in writes.items():
+    try:
+        write(f"{folder}/{name}")
+        print(f"{name}: written")
+    except MediaError as err:
+        print(err)
+"""
+
+
+def test_writes_past_a_file_size_limit_are_one_line_and_keep_the_old_file(tmp_path: Path):
+    import resource
+    import subprocess
+    import sys
+
+    source = tmp_path / "source.mp4"
+    write_video(source, np.random.default_rng(2).integers(0, 256, (40, 48, 64, 3), dtype=np.uint8), 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ("a.wav", "a.flac", "v.mp4", "m.mp4")
+    for name in names:
+        (out / name).write_bytes(b"old")
+    limit = 20_000  # every output is larger (measured: 4 s of noise is >= 45 kB in each format)
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-c", _LIMITED_WRITES, str(out), str(source)], preexec_fn=limited,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines == [f"{out / name}: cannot write (File too large)" for name in names]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == dict.fromkeys(names, b"old")
+
+
+@pytest.mark.parametrize("step", ["mkstemp", "replace"])
+def test_a_full_disk_when_the_temp_is_made_or_renamed_is_one_line(tmp_path: Path, monkeypatch, step: str):
+    import errno
+    import os
+
+    import avlink.files
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if step == "mkstemp":
+        monkeypatch.setattr(avlink.files.tempfile, "mkstemp", full)
+    else:
+        monkeypatch.setattr(avlink.files.os, "replace", full)
+    frames = np.zeros((2, 16, 16, 3), np.uint8)
+    for path, write in [(tmp_path / "a.wav", lambda p: write_audio(p, np.zeros(100), 16000)),
+                        (tmp_path / "v.mp4", lambda p: write_video(p, frames, 6))]:
+        assert_refused(path, write, "cannot write (No space left on device)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_video_outputs_get_the_permissions_of_the_umask(tmp_path: Path, umask: int):
+    import os
+    import stat
+
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    old = os.umask(umask)
+    try:
+        write_video(tmp_path / "v.mp4", frames, 6)
+        mux_audio(tmp_path / "v.mp4", np.zeros(8000, np.float32), 16000, tmp_path / "m.mov")
+        write_audio(tmp_path / "a.flac", np.zeros(100, np.float32), 16000)
+    finally:
+        os.umask(old)
+    for name in ("v.mp4", "m.mov", "a.flac"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name

@@ -230,6 +230,7 @@ class _VideoSampler:
         self.stream, self.fps, self.size, self.start, self.count = stream, fps, size, start, count
         self.origin = _origin(stream.container)
         self.picks: list[np.ndarray] = []
+        self.taken = 0  # picks handed out by drain() before those in self.picks
         self.current: av.VideoFrame | None = None  # the frame on screen at the newest decoded time
         # A frame shown for several outputs converts once.
         self.converted: tuple[av.VideoFrame, np.ndarray] | None = None
@@ -244,10 +245,24 @@ class _VideoSampler:
 
     @property
     def done(self) -> bool:
-        return self.count is not None and len(self.picks) >= self.count
+        return self.count is not None and self.taken + len(self.picks) >= self.count
 
     def _next_time(self) -> float:
-        return self.start + len(self.picks) / self.fps
+        return self.start + (self.taken + len(self.picks)) / self.fps
+
+    def drain(self) -> list[np.ndarray]:
+        """The frames picked since the last drain, in order (for a stream that hands them out as they come)."""
+        picks, self.picks = self.picks, []
+        self.taken += len(picks)
+        return picks
+
+    def drain_rest(self, name: str) -> list[np.ndarray]:
+        """The last frames of the whole stream, once it has decoded: those while the last frame is on screen."""
+        if self.current is None:
+            raise MediaError(f"{name}: no decodable video frames")
+        while self._next_time() < self.end - self.tolerance:
+            self._pick(self.current)
+        return self.drain()
 
     def _pick(self, frame: av.VideoFrame) -> None:
         if self.converted is None or self.converted[0] is not frame:
@@ -286,7 +301,7 @@ class _VideoSampler:
         else:  # a fixed length: past the end the last frame repeats, masked out below
             while not self.done:
                 self._pick(self.current)
-        times = self.start + np.arange(len(self.picks)) / self.fps
+        times = self.start + (self.taken + np.arange(len(self.picks))) / self.fps
         mask = times < self.end - self.tolerance
         if not mask.any():
             raise MediaError(
@@ -332,6 +347,7 @@ class _AudioCollector:
         if self.rate is None or self.length == 0:
             raise MediaError(f"{name}: no decodable audio")
         source = np.concatenate(self.chunks)  # (n,) at self.rate, from self.first_time
+        self.chunks.clear()  # a long sound is held once or twice here, not four times
         if declared_end is not None:  # decoders emit codec padding past the stream's declared end (AAC)
             source = source[: max(0, round((declared_end - self.first_time) * self.rate))]
         offset = round((self.start - self.first_time) * self.rate)
@@ -341,7 +357,7 @@ class _AudioCollector:
             real = real[: max(0, round((self.stop - self.start) * self.rate) - lead)]
         if real.shape[0] == 0:
             raise MediaError(f"{name}: start {self.start:.3f} s is at or past the end of the audio")
-        samples = np.concatenate([np.zeros(lead, np.float32), real])
+        samples = np.concatenate([np.zeros(lead, np.float32), real]) if lead else real
         if self.rate != sample_rate:
             samples = soxr.resample(samples, self.rate, sample_rate).astype(np.float32, copy=False)
         ratio = sample_rate / self.rate
@@ -349,7 +365,7 @@ class _AudioCollector:
         mask[round(lead * ratio) : round((lead + real.shape[0]) * ratio)] = True
         if self.stop is not None:
             samples, mask = _fit(samples, mask, round((self.stop - self.start) * sample_rate))
-        return AudioClip(samples=np.clip(samples, -1.0, 1.0), sample_rate=sample_rate, mask=mask)
+        return AudioClip(samples=np.clip(samples, -1.0, 1.0, out=samples), sample_rate=sample_rate, mask=mask)
 
 
 def _downmix(frame: av.AudioFrame) -> np.ndarray:
@@ -372,7 +388,13 @@ def _fit(samples: np.ndarray, mask: np.ndarray, length: int) -> tuple[np.ndarray
 
 
 def _decode(container: av.container.InputContainer, sinks: dict[int, _Sink], start: float) -> None:
-    """Demux the sinks' streams from about `start` and feed each sink its frames until every sink is done.
+    """Demux the sinks' streams from about `start` and feed each sink its frames until every sink is done."""
+    for _ in _decoding(container, sinks, start):
+        pass
+
+
+def _decoding(container: av.container.InputContainer, sinks: dict[int, _Sink], start: float) -> Iterator[None]:
+    """_decode one packet per step: a stream's reader takes the sinks' output between steps.
 
     A packet that does not decode is skipped, as FFmpeg's own tools do; a file that stops demuxing ends there.
     """
@@ -400,11 +422,13 @@ def _decode(container: av.container.InputContainer, sinks: dict[int, _Sink], sta
             continue
         for frame in frames:
             sink.push(frame)
+        yield
     for index, sink in sinks.items():  # flush the decoders of a file that stopped demuxing
         if not sink.done:
             with suppress(av.error.FFmpegError):
                 for frame in container.streams[index].decode(None):
                     sink.push(frame)
+    yield
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -518,16 +542,35 @@ def read_audio(
     return clip
 
 
+def stream_video(path: str | os.PathLike, fps: float, size: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+    """read_video's frames of the whole file, (H, W, 3) uint8 one at a time as they decode: a reader of a long
+    video holds what it keeps, not the video. The file stays open until the stream ends or is closed. Errors are
+    read_video's, raised when they show: a stream cut short is refused after its last frame."""
+    _check_args(fps, size, None, 0.0, None)
+    with _opened(path) as (name, container):
+        stream = _video_stream(container)
+        if stream is None:
+            raise MediaError(f"{name}: no video stream")
+        stream.thread_type = "AUTO"
+        sampler = _VideoSampler(stream, fps, size, 0.0, None)
+        for _ in _decoding(container, {stream.index: sampler}, 0.0):
+            yield from sampler.drain()
+        if sampler.current is not None:
+            _check_complete(name, "video", sampler.end, stream, math.inf)
+        yield from sampler.drain_rest(name)
+
+
 # ------------------------------------------------------------------------------------------ writing
 
 
 @contextmanager
 def _atomic(path: str | os.PathLike) -> Iterator[str]:
-    """A temp path beside `path` that replaces it only if the block succeeds (avlink.files.atomic_path)."""
+    """A temp path beside `path` that replaces it only if the block succeeds (avlink.files.atomic_path). Every
+    error on the way, in making the temp and renaming it too, is one line naming `path` (`_writing`)."""
     target = Path(path)
     if not target.parent.is_dir():
         raise MediaError(f"{target}: folder does not exist")
-    with atomic_path(target) as temp:
+    with _writing(str(target)), atomic_path(target) as temp:
         yield str(temp)
 
 
@@ -539,6 +582,23 @@ def _writing(name: str) -> Iterator[None]:
         yield
     except (av.error.FFmpegError, OSError, ValueError, soundfile.SoundFileError) as err:
         raise MediaError(f"{name}: cannot write ({_reason(err)})") from None
+
+
+class _SoundSink(io.FileIO):
+    """The file soundfile writes through. libsndfile reports a failed write as "System error" (and soundfile
+    asserts on a short one), so the OS's own error (no space left on device, file too large) is kept here, the
+    rest of the data dropped, and the writer raises it when soundfile is done."""
+
+    error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        while view and self.error is None:
+            try:
+                view = view[super().write(view):]  # a write can be short (up to a size limit), then fail
+            except OSError as err:
+                self.error = err
+        return len(data)
 
 
 def _mono(name: str, samples: np.ndarray) -> np.ndarray:
@@ -559,8 +619,10 @@ def write_audio(
     if audio_format is None:
         raise MediaError(f"{name}: audio can be written as .wav or .flac, not '{Path(path).suffix}'")
     samples = _mono(name, samples)
-    with _atomic(path) as temp, _writing(name):
-        soundfile.write(temp, samples, sample_rate, subtype=subtype, format=audio_format)
+    with _atomic(path) as temp, _SoundSink(temp, "w+") as sink:
+        soundfile.write(sink, samples, sample_rate, subtype=subtype, format=audio_format)
+        if sink.error is not None:
+            raise sink.error
 
 
 def _output_format(name: str) -> str:
@@ -612,7 +674,7 @@ def write_video(
         audio, _ = _fit(_mono(name, audio), np.ones(len(audio), bool), length)
     height, width = frames.shape[1] * scale, frames.shape[2] * scale
     rate = Fraction(fps).limit_denominator(1001)
-    with _atomic(path) as temp, _writing(name), av.open(temp, "w", format=container_format) as container:
+    with _atomic(path) as temp, av.open(temp, "w", format=container_format) as container:
         stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf)})
         stream.width, stream.height, stream.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
         # Every stream must exist before the first packet is muxed (the header is written then).
@@ -691,12 +753,11 @@ def mux_audio(
 
 def _copy_with_audio(source, video, first: int, end: int, audio: np.ndarray, sample_rate: int,
                      out_path: str | os.PathLike, container_format: str) -> None:
-    out_name = str(out_path)
     start_seconds = float(first * video.time_base)  # absolute: the copied packets keep their timestamps
     seconds = float((end - first) * video.time_base)
     audio, _ = _fit(audio, np.ones(len(audio), bool), round(seconds * sample_rate))
     source.seek(0)
-    with _atomic(out_path) as temp, _writing(out_name), av.open(temp, "w", format=container_format) as output:
+    with _atomic(out_path) as temp, av.open(temp, "w", format=container_format) as output:
         copy = output.add_stream_from_template(video)
         sound = output.add_stream("aac", rate=sample_rate, layout="mono")
         _encode_audio(output, sound, audio, sample_rate, round(max(0.0, start_seconds) * sample_rate))
