@@ -24,9 +24,9 @@ import soundfile
 
 from avlink import app as avapp
 from avlink import cli
-from avlink.cli import UserError
 from avlink.data import media
 from avlink.data.syncbench import render_clip
+from avlink.errors import UserError
 from avlink.pipeline import Pipeline
 
 from helpers import random_checkpoint

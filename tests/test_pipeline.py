@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from avlink import pipeline as pipeline_module
-from avlink.cli import UserError
 from avlink.config import PRESETS
 from avlink.data import media
+from avlink.errors import UserError
 from avlink.pipeline import (
     Pipeline,
     bf16_matmul,

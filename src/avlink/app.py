@@ -38,8 +38,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from avlink.cli import UserError  # noqa: E402
 from avlink.data import media  # noqa: E402
+from avlink.errors import UserError  # noqa: E402
 from avlink.pipeline import Pipeline  # noqa: E402
 
 VIEW_SIDE = 256  # generated video is upscaled (nearest) until its shorter side reaches this

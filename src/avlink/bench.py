@@ -98,8 +98,8 @@ import numpy as np
 import torch
 
 from avlink.backbones.protocol import TextCond
-from avlink.cli import UserError
 from avlink.config import PRESETS, DiTConfig, FusionConfig, ModelConfig, Task, get_preset
+from avlink.errors import UserError
 from avlink.fusion.linked import TASKS, AVLink, fusion_points
 from avlink.params import build_model, count
 from avlink.sample import generated_shape, initial_noise, sample_link

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from avlink.errors import UserError
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("avlink.demo", "the main job on the embedded default (needs the shipped checkpoints)"),
@@ -25,10 +27,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("avlink.train.ablate", "rerun the paper's Table 2 ablations: train each fusion variant, score it"),
     "app": ("avlink.app", "a local web app for V2A and A2V (Gradio, offline, 127.0.0.1 by default)"),
 }
-
-
-class UserError(Exception):
-    """A problem with what the user gave us: printed as one line, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +65,5 @@ def console() -> None:
     sys.exit(code)
 
 
-if __name__ == "__main__":
-    # Under `python -m avlink.cli` (and torchrun -m) this file runs as __main__, whose UserError is not the one
-    # the command modules raise: run the imported module's entry point instead.
-    from avlink.cli import console as package_console
-
-    package_console()
+if __name__ == "__main__":  # python -m avlink.cli, torchrun -m avlink.cli
+    console()

@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from avlink.cli import UserError
 from avlink.config import Task
 from avlink.data.syncbench import SPLIT_SEEDS, SPLIT_SIZE, SyncClip, clip_id, render_clip
+from avlink.errors import UserError
 from avlink.files import atomic_write
 
 # First seed of the demo clips: past every split's range, so no split (and no training run) has them.

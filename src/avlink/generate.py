@@ -62,8 +62,8 @@ from pathlib import Path
 
 import numpy as np
 
-from avlink.cli import UserError
 from avlink.config import Task
+from avlink.errors import UserError
 from avlink.flow.solvers import SOLVERS
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv",

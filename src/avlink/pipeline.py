@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from avlink.backbones.protocol import TextCond
-from avlink.cli import UserError
 from avlink.codecs.vae import AudioVAE
+from avlink.errors import UserError
 from avlink.fusion.linked import AVLink
 from avlink.sample import Known, sample_backbone, sample_link
 from avlink.seq import ClipGeometry

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 
 
 class WeightsError(UserError):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from avlink.backbones.protocol import TextCond
-from avlink.cli import UserError
 from avlink.codecs.text import MiniLMEncoder, T5Encoder, TextEncoder, load_text_encoder
+from avlink.errors import UserError
 
 SENTENCE = "a red ball bounces on the floor blue cube slides and hits wall"
 WORDS = ["<pad>", "</s>", "<unk>", *SENTENCE.split(" ")]

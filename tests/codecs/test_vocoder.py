@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from avlink.cli import UserError
 from avlink.codecs.mel import MelSpectrogram
 from avlink.codecs.vocoder import (
     GriffinLim,
@@ -22,6 +21,7 @@ from avlink.codecs.vocoder import (
     mel_to_magnitude,
 )
 from avlink.config import HIFIGAN_AUDIO, PAPER_AUDIO
+from avlink.errors import UserError
 
 TINY = HiFiGANConfig(upsample_rates=(4, 4), upsample_kernel_sizes=(8, 8), upsample_initial_channel=16,
                      resblock_kernel_sizes=(3, 5), resblock_dilation_sizes=((1, 3), (1, 3)), num_mels=80,

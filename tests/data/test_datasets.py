@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from avlink.cli import UserError
 from avlink.config import get_preset
 from avlink.data.datasets import (
     ClipDataset,
@@ -22,6 +21,7 @@ from avlink.data.datasets import (
     vggsound_dataset,
 )
 from avlink.data.media import MediaError, write_video
+from avlink.errors import UserError
 
 CLIP = get_preset("tiny").clip
 

@@ -20,6 +20,7 @@ from avlink.config import get_preset
 from avlink.data import prepare as prep
 from avlink.data.datasets import ItemRef, syncbench_dataset
 from avlink.data.shards import ShardDataset, ShardError, collate, read_records
+from avlink.errors import UserError
 
 CLIP = get_preset("tiny").clip
 NUM_CLIPS = 5
@@ -128,7 +129,7 @@ def test_injected_failure_leaves_no_corrupt_shard(syncbench_dir: Path, tmp_path:
 def test_changed_settings_are_refused(prepared: Path, syncbench_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(prepared, out)
-    with pytest.raises(cli.UserError, match="different data set or settings"):
+    with pytest.raises(UserError, match="different data set or settings"):
         prep.prepare(f"syncbench:{syncbench_dir}", out, shard_size=3, workers=1, progress=False)
 
 
@@ -181,7 +182,7 @@ def test_vae_latents_are_stored(syncbench_dir: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(sample["latent"], expected, atol=1e-5, rtol=1e-5)
 
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(cli.UserError, match="junk.safetensors: not a readable safetensors file"):
+    with pytest.raises(UserError, match="junk.safetensors: not a readable safetensors file"):
         prep.prepare(f"syncbench:{syncbench_dir}", tmp_path / "o2", vae=str(tmp_path / "junk.safetensors"))
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from avlink import cli
-from avlink.cli import UserError
 from avlink.data import media
 from avlink.data import syncbench as sb
+from avlink.errors import UserError
 
 TINY = 16 / 6  # the tiny preset's clip duration
 READ_FPS, READ_SIZE = 6.0, 16

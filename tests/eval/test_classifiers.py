@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 
 from avlink import cli
-from avlink.cli import UserError
 from avlink.config import get_preset
 from avlink.data import media
 from avlink.data.shards import ShardDataset, collate
 from avlink.data.syncbench import CLASSES
+from avlink.errors import UserError
 from avlink.eval import classifiers as clf
 from avlink.eval.embed import syncbench as sb_embed
 from avlink.eval.embedders import Embedder, WeightsMissing, load_embedder

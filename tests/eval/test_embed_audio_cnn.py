@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.eval.embed import panns, vggish
 from avlink.eval.embedders import Embedder, WeightsMissing, load_embedder
 

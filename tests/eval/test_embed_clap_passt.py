@@ -10,7 +10,7 @@ import pytest
 import soxr
 import torch
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.eval.embed import clap, common, passt
 from avlink.eval.embedders import Embedder, WeightsMissing, load_embedder
 

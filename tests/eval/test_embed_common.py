@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from avlink import weights
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.eval.embed import common
 
 # ---------------------------------------------------------------- audio input

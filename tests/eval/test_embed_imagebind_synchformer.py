@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.eval.embed import imagebind as ib
 from avlink.eval.embed import synchformer as sf
 from avlink.eval.embedders import Embedder, WeightsMissing, load_embedder

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.eval.embed import i3d, inception
 from avlink.eval.embedders import Embedder, WeightsMissing, load_embedder
 

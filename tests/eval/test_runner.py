@@ -15,6 +15,7 @@ from avlink.checkpoint import save_link, save_weights
 from avlink.codecs.vae import AudioVAE
 from avlink.data import media
 from avlink.data.syncbench import CLASSES, load_metadata, synth
+from avlink.errors import UserError
 from avlink.eval import runner
 from avlink.eval.embed import imagebind, synchformer
 from avlink.eval.embedders import WeightsMissing, load_embedder
@@ -418,11 +419,11 @@ def test_a_weight_file_given_with_weights_that_does_not_load_stops_the_run(syncb
 
     def loader(name, weights=None):
         if weights is not None:
-            raise cli.UserError(f"{weights}: cannot read as a VGGish weight file")
+            raise UserError(f"{weights}: cannot read as a VGGish weight file")
         return fake_loader(name, weights)
 
     settings = EvalSettings("v2a", metrics=("fd",), weights={"vggish": bad}, progress=False)
-    with pytest.raises(cli.UserError, match=r"^--weights vggish=.*bad.pth: .*bad.pth: cannot read"):
+    with pytest.raises(UserError, match=r"^--weights vggish=.*bad.pth: .*bad.pth: cannot read"):
         evaluate(gen, syncbench, settings, loader=loader)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.train.distributed import Dist, block_units, check_sharding, frozen_modules, wrap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

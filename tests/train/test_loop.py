@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.train.loop import LossOutput, TrainConfig, fit
 
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from avlink.checkpoint import load_link, save_config
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.train import recipe
 from avlink.train.recipe import SETTINGS, Budget, budget_overrides, collect, run_recipe, size_overrides
 from avlink.train.scorecard import markdown

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from avlink.backbones.protocol import TextCond
-from avlink.cli import UserError
+from avlink.errors import UserError
 
 MAX_LENGTH = 77
 

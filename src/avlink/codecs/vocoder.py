@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avlink import weights
-from avlink.cli import UserError
 from avlink.codecs.mel import LOG_FLOOR, MelSpectrogram, istft, stft
+from avlink.errors import UserError
 from avlink.seq import AudioGeometry
 
 LRELU_SLOPE = 0.1

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from avlink.cli import UserError
 from avlink.data import media
 from avlink.data.media import MediaError
+from avlink.errors import UserError
 from avlink.seq import ClipGeometry
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.files import atomic_path
 
 # A seek that lands this far past `start` missed it (the sinks need data from `start` on).

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avlink.cli import UserError
 from avlink.codecs.vae import load_vae
 from avlink.config import get_preset
 from avlink.data.datasets import SPEC_HELP, AVDataset, ItemRef, Skipped, load_item, open_dataset
 from avlink.data.media import MediaError
+from avlink.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "avlink-shards/1"

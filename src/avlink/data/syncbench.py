@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 from scipy.signal import butter, sosfilt
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 
 log = logging.getLogger(__name__)
 Rng = np.random.Generator

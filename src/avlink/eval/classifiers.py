@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avlink.cli import UserError
 from avlink.codecs.mel import LOG_FLOOR, normalize
 from avlink.data.syncbench import CLASSES
+from avlink.errors import UserError
 from avlink.train.loop import LossOutput
 
 # `avlink train classifiers` defaults where the config and the command line leave them unset: a classifier

@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from avlink.cli import UserError
 from avlink.config import Task
+from avlink.errors import UserError
 from avlink.eval import distances, events, onset
 from avlink.eval import report as rep
 from avlink.eval.av_align import audio_peaks, av_align_score, video_peaks

@@ -53,8 +53,8 @@ from torch import Tensor
 
 from avlink.backbones.protocol import TextCond
 from avlink.checkpoint import load_link
-from avlink.cli import UserError
 from avlink.config import Task
+from avlink.errors import UserError
 from avlink.eval import report as rep
 from avlink.eval.runner import METRIC_GROUPS, EvalSettings, evaluate, parse_weights
 from avlink.files import atomic_write

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 import yaml
 
-from avlink.cli import UserError, main
+from avlink.cli import main
 from avlink.config import PRESETS, ModelConfig, Task
+from avlink.errors import UserError
 from avlink.train.recipe import Budget
 
 # name -> (row title, model.fusion overrides): the rows of the paper's Table 2 that this model can run.

@@ -37,8 +37,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from avlink.cli import UserError
 from avlink.config import PRESETS, ModelConfig, get_preset
+from avlink.errors import UserError
 from avlink.train.distributed import Dist, setup, teardown
 from avlink.train.loop import TrainConfig, fit
 

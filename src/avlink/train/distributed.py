@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 
 SHARDINGS = ("ddp", "fsdp")
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from avlink.cli import UserError, main
+from avlink.cli import main
+from avlink.errors import UserError
 from avlink.files import atomic_write
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.files import TEMP_STALE_SECONDS, process_running
 
 STEP_DIR = re.compile(r"^step_(\d{9})$")

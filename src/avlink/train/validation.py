@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from avlink.backbones.protocol import TextCond
-from avlink.cli import UserError
 from avlink.config import ModelConfig, Task
+from avlink.errors import UserError
 from avlink.eval import report as rep
 from avlink.eval.runner import EvalSettings, evaluate
 from avlink.eval.sweep import Conditioned, captions, load_conditions, write_output

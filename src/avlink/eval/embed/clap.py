@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.eval.embed.common import Mlp, check_waveforms, load_strict, read_state_dict, resample
 from avlink.eval.embedders import Modality, WeightsMissing, require_weights
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.eval.embedders import Modality
 from avlink.weights import read_weights
 

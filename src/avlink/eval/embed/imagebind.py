@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.eval.embed.common import (
     InProjAttention,
     Mlp,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.eval.embed.common import (
     Mlp,
     check_waveforms,

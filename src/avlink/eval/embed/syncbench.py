@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avlink.cli import UserError
 from avlink.config import get_preset
+from avlink.errors import UserError
 from avlink.eval.classifiers import load_classifiers, predicted_classes
 from avlink.eval.embed.common import check_frames, check_waveforms
 from avlink.eval.embedders import Modality, WeightsMissing

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from avlink.cli import UserError
+from avlink.errors import UserError
 from avlink.eval.embed.common import check_waveforms, load_strict, pad_to, resample
 from avlink.eval.embedders import Modality, require_weights
 from avlink.weights import read_weights
