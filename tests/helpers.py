@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from avlink.backbones.audio_dit import AudioDiT
-from avlink.backbones.video_dit import VideoDiT
 from avlink.config import ModelConfig, get_preset
 from avlink.fusion.linked import AVLink
+from avlink.system import build_model
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -32,11 +31,10 @@ def randomize_backbone(module: torch.nn.Module, seed: int = 0) -> None:
 def tiny_link(seed: int = 0, **overrides) -> AVLink:
     cfg = tiny_config(**overrides)
     torch.manual_seed(seed)
-    audio = AudioDiT(cfg.audio, cfg.clip.audio)
-    video = VideoDiT(cfg.video, cfg.clip.video)
-    randomize_backbone(audio, seed)
-    randomize_backbone(video, seed + 1)
-    return AVLink(cfg, audio, video)
+    model = build_model(cfg)
+    randomize_backbone(model.audio, seed)
+    randomize_backbone(model.video, seed + 1)
+    return model
 
 
 def tiny_batch(cfg: ModelConfig, b: int = 2, seed: int = 0):

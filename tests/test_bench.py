@@ -13,8 +13,8 @@ from avlink.bench import Flops, dit_block, dit_embed, dit_text, link_flops, rand
 from avlink.cli import main
 from avlink.config import DiTConfig, get_preset
 from avlink.fusion.linked import fusion_points
-from avlink.params import build_model
 from avlink.sample import generated_shape
+from avlink.system import build_model
 
 from helpers import tiny_config
 

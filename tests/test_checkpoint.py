@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from avlink.checkpoint import load_link, save_link
+from avlink.checkpoint import save_link
 from avlink.cli import main
 from avlink.data.media import write_video
+from avlink.system import load_link
 from avlink.weights import WeightsError
 
 from helpers import random_checkpoint, tiny_batch, tiny_link

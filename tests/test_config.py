@@ -5,6 +5,7 @@ import torch
 
 from avlink.config import PRESETS, ModelConfig, get_preset
 from avlink.seq import AudioGeometry, VideoGeometry
+from avlink.system import video_codec
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -58,12 +59,12 @@ def test_video_flow_runs_on_unit_variance_pixels():
     assert all((p.clip.video.shift, p.clip.video.scale) == (0.0, 1.0) for p in PRESETS.values())  # plain pixels
     video = VideoGeometry(shift=-0.43, scale=0.26)
     pixels = torch.rand(2, 3, 4, 16, 16) * 2 - 1
-    x = video.to_model(pixels)
+    codec = video_codec(video)
+    x = codec.encode(pixels)
     assert torch.allclose(x, (pixels + 0.43) / 0.26)
-    assert torch.allclose(video.to_pixels(x), pixels, atol=1e-6)
-    assert video.to_pixels(torch.full((1,), 100.0)).item() == 1.0  # out-of-range samples are clamped
-    plain = VideoGeometry()
-    assert torch.equal(plain.to_model(pixels), pixels)
+    assert torch.allclose(codec.decode(x), pixels, atol=1e-6)
+    assert codec.decode(torch.full((1,), 100.0)).item() == 1.0  # out-of-range samples are clamped
+    assert torch.equal(video_codec(VideoGeometry()).encode(pixels), pixels)
     with pytest.raises(ValueError, match="scale must be positive"):
         VideoGeometry(scale=0.0)
 

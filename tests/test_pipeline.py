@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from avlink import pipeline as pipeline_module
+from avlink.codecs import audio as audio_codec
 from avlink.config import PRESETS
 from avlink.data import media
 from avlink.errors import UserError
@@ -19,6 +20,7 @@ from avlink.pipeline import (
     window_hop,
 )
 from avlink.sample import Known, sample_backbone, sample_link
+from avlink.system import load_system
 
 from helpers import random_checkpoint, tiny_link
 
@@ -188,36 +190,39 @@ class LocalVAE:
 
 @pytest.mark.parametrize("vocoder", ["frames", "hifigan"])
 def test_the_codec_window_by_window_matches_one_pass_for_a_local_codec(tmp_path, monkeypatch, vocoder):
-    """decode_audio / encode_audio run one window of tokens at a time (memory follows the window); with a codec
-    whose outputs are local, the seams do not show: the margin covers the STFT's and HiFi-GAN's context."""
-    pipe = Pipeline.load(random_checkpoint(tmp_path / "ckpt"), vocoder="griffinlim" if vocoder == "frames"
+    """The audio codec runs one window of tokens at a time (memory follows the window); with a codec whose
+    outputs are local, the seams do not show: the margin covers the STFT's and HiFi-GAN's context."""
+    system = load_system(random_checkpoint(tmp_path / "ckpt"), vocoder="griffinlim" if vocoder == "frames"
                          else "hifigan")
-    hop, window = pipe.clip.audio.hop_length, pipe.clip.num_audio_tokens
-    pipe.vae = LocalVAE(pipe.vae)
+    hop, window = system.clip.audio.hop_length, system.clip.num_audio_tokens
+    codec = system.codec("audio")
+    codec.vae = LocalVAE(codec.vae)
     if vocoder == "frames":
-        pipe.vocoder = FrameVocoder(hop)
+        codec.vocoder = FrameVocoder(hop)
     tokens = 3 * window + 5
-    latent = torch.randn(1, tokens, pipe.clip.audio.latent_dim, generator=torch.Generator().manual_seed(0))
+    latent = torch.randn(1, tokens, system.clip.audio.latent_dim, generator=torch.Generator().manual_seed(0))
     wave = (0.5 * np.sin(np.arange(tokens * 4 * hop) * 0.01)).astype(np.float32)
     with torch.no_grad():
-        chunked = pipe.decode_audio(latent), pipe.encode_audio(wave, tokens)
-        chunks = pipeline_module.codec_chunks
-        monkeypatch.setattr(pipeline_module, "codec_chunks", lambda n, size, margin=None: chunks(n, n, margin))
-        whole = pipe.decode_audio(latent), pipe.encode_audio(wave, tokens)
+        chunked = system.decode("audio", latent)[0], system.encode("audio", wave, tokens)
+        chunks = audio_codec.codec_chunks
+        monkeypatch.setattr(audio_codec, "codec_chunks", lambda n, size, margin=None: chunks(n, n, margin))
+        whole = system.decode("audio", latent)[0], system.encode("audio", wave, tokens)
     assert len(list(chunks(tokens, window))) == 4
     assert whole[0].shape == chunked[0].shape == (tokens * 4 * hop,)
     # float32 arithmetic in another order; HiFi-GAN's context beyond the margin is negligible, not nothing
     atol = 1e-5 if vocoder == "frames" else 1e-3 * np.abs(whole[0]).max()
+    assert np.abs(whole[0]).max() > 0.01  # not silence (decode clips to [-1, 1])
     np.testing.assert_allclose(chunked[0], whole[0], rtol=0, atol=atol)
     torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=1e-5)
 
 
 def test_one_window_is_decoded_in_one_pass(tmp_path):
-    pipe = Pipeline.load(random_checkpoint(tmp_path / "ckpt"), vocoder="griffinlim")
-    latent = torch.randn(1, pipe.clip.num_audio_tokens, pipe.clip.audio.latent_dim)
+    system = load_system(random_checkpoint(tmp_path / "ckpt"), vocoder="griffinlim")
+    codec = system.codec("audio")
+    latent = torch.randn(1, system.clip.num_audio_tokens, system.clip.audio.latent_dim)
     with torch.no_grad():
-        expected = pipe.vocoder(pipe.vae.decode(pipe.vae.unscale_latent(latent)))[0].numpy()
-        assert np.array_equal(pipe.decode_audio(latent), expected)
+        expected = np.clip(codec.vocoder(codec.vae.decode(codec.vae.unscale_latent(latent)))[0].numpy(), -1, 1)
+        assert np.array_equal(system.decode("audio", latent)[0], expected)
 
 
 # --- precision ----------------------------------------------------------------------------------------------
@@ -248,7 +253,7 @@ def test_bf16_sampling_is_close_to_fp32_and_returns_fp32():
 
 @needs_bf16
 def test_pipeline_in_bf16_matches_fp32_loosely(pipe, tmp_path):
-    bf16 = Pipeline(pipe.model, pipe.vae, pipe.vocoder, precision="bf16")
+    bf16 = Pipeline(pipe.system, precision="bf16")
     wave = np.random.default_rng(3).standard_normal(round(pipe.clip_seconds * pipe.sample_rate))
     wave = (0.1 * wave).astype(np.float32)
     a, b = pipe.audio_to_video(wave, steps=3), bf16.audio_to_video(wave, steps=3)
@@ -271,7 +276,7 @@ def test_bf16_refused_in_one_line_without_bf16_matmul(monkeypatch, tmp_path):
 
 
 def test_frames_enter_and_leave_the_video_flow_through_its_scaling(tmp_path, monkeypatch):
-    """V2A conditions on clip.video.to_model(frames); A2V turns the flow's video back with to_pixels."""
+    """V2A conditions on the video codec's encoding of the frames; A2V turns the flow's video back with it."""
     import avlink.pipeline as pipeline_module
 
     pipe = Pipeline.load(random_checkpoint(tmp_path, **{"clip.video.shift": -0.5, "clip.video.scale": 0.25}),

@@ -101,8 +101,9 @@ from avlink.backbones.protocol import TextCond
 from avlink.config import PRESETS, DiTConfig, FusionConfig, ModelConfig, Task, get_preset
 from avlink.errors import UserError
 from avlink.fusion.linked import TASKS, AVLink, fusion_points
-from avlink.params import build_model, count
+from avlink.params import count
 from avlink.sample import generated_shape, initial_noise, sample_link
+from avlink.system import build_model
 from avlink.train.loop import autocast
 
 TIMESTEP_FEATURES = 256  # the sinusoid width of nn.layers.TimestepEmbedder

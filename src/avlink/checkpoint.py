@@ -14,7 +14,6 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -68,21 +67,17 @@ def fusion_tasks(keys: Iterable[str], cfg: ModelConfig) -> tuple[Task, ...]:
     return TASKS if cfg.fusion.shared else tuple(task for task in TASKS if task in held) or TASKS
 
 
-def load_link(folder: Path, device: torch.device | str = "cpu", strict: bool = True) -> nn.Module:
-    """The linked model of a checkpoint folder, frozen backbones in eval mode. A fusion file with one
-    direction's blocks (a fine-tuned export) gives a model with that direction only (`AVLink.has_task`).
-    Every damaged file is refused in one line naming it (WeightsError)."""
-    from avlink.params import build_model
+def read_fusion_tasks(folder: Path, cfg: ModelConfig) -> tuple[Task, ...]:
+    """fusion_tasks of a folder's fusion.safetensors (both directions where it has none)."""
+    fusion = Path(folder) / "fusion.safetensors"
+    return fusion_tasks(read_tensors(fusion).keys(), cfg) if fusion.is_file() else TASKS
 
-    folder = Path(folder)
-    cfg = load_config(folder / "config.json")
-    fusion = folder / "fusion.safetensors"
-    tasks = TASKS
-    if fusion.is_file():
-        tasks = fusion_tasks(read_tensors(fusion).keys(), cfg)
-    model = build_model(cfg, tasks=tasks)
+
+def load_parts(folder: Path, model: nn.Module, strict: bool = True) -> None:
+    """Fill a linked model (system.build_model) with a folder's generators and Fusion Blocks. strict False: a
+    part the folder lacks keeps its initial weights. Every damaged file is refused in one line naming it
+    (WeightsError)."""
     for name, attr in PARTS.items():
-        path = folder / f"{name}.safetensors"
+        path = Path(folder) / f"{name}.safetensors"
         if path.is_file() or strict:
             load_weights(path, getattr(model, attr))
-    return model.to(device).eval()

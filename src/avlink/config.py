@@ -21,6 +21,7 @@ TCondMode = Literal["fixed", "uniform"]
 class DiTConfig:
     """One frozen generator: a DiT with adaLN timestep, self-attention + RoPE, text cross-attention, MLP."""
 
+    kind: Literal["dit"] = "dit"  # the backbone kind (backbones/__init__.py BACKBONES): our own DiT
     dim: int = 128
     depth: int = 6
     heads: int = 4
@@ -47,6 +48,12 @@ class DiTConfig:
         """Split of the head dim between the (t, h, w) axes of 3D RoPE; each part even."""
         hw = 2 * (self.head_dim // 6)
         return self.head_dim - 2 * hw, hw, hw
+
+
+# kind -> the settings dataclass of that backbone kind; a config file names the kind of each stream
+# (`audio.kind`), and one written before kinds existed is a "dit".
+BACKBONE_CONFIGS: dict[str, type] = {"dit": DiTConfig}
+BackboneConfig = DiTConfig  # the union of BACKBONE_CONFIGS' classes, as kinds are added
 
 
 @dataclass(frozen=True)
@@ -84,8 +91,8 @@ class FusionConfig:
 class ModelConfig:
     name: str
     clip: ClipGeometry
-    audio: DiTConfig
-    video: DiTConfig
+    audio: BackboneConfig
+    video: BackboneConfig
     fusion: FusionConfig = field(default_factory=FusionConfig)
     text_encoder: str = "minilm"
 
@@ -100,8 +107,8 @@ class ModelConfig:
             name=d["name"],
             clip=_build(ClipGeometry, {**clip, "audio": _build(AudioGeometry, clip["audio"]),
                                        "video": _build(VideoGeometry, clip["video"])}),
-            audio=_build(DiTConfig, d["audio"]),
-            video=_build(DiTConfig, d["video"]),
+            audio=_backbone(d["audio"]),
+            video=_backbone(d["video"]),
             fusion=_build(FusionConfig, d.get("fusion", {})),
             text_encoder=d.get("text_encoder", "minilm"),
         )
@@ -112,6 +119,13 @@ class ModelConfig:
         for key, value in changes.items():
             cfg = _replace_path(cfg, key.split("."), value)
         return cfg
+
+
+def _backbone(d: dict[str, Any]) -> BackboneConfig:
+    kind = d.get("kind", "dit")
+    if kind not in BACKBONE_CONFIGS:
+        raise ValueError(f"unknown backbone kind {kind!r}; known: {', '.join(BACKBONE_CONFIGS)}")
+    return _build(BACKBONE_CONFIGS[kind], d)
 
 
 def _build(cls: type, d: dict[str, Any]) -> Any:

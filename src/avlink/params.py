@@ -5,23 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
 from torch import nn
 
-from avlink.config import PRESETS, ModelConfig, Task, get_preset
-from avlink.fusion.linked import TASKS
-
-
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", tasks: tuple[Task, ...] = TASKS) -> nn.Module:
-    """Frozen audio and video backbones linked by the fusion parameters of `tasks` (both by default)."""
-    from avlink.backbones.audio_dit import AudioDiT
-    from avlink.backbones.video_dit import VideoDiT
-    from avlink.fusion.linked import AVLink
-
-    with torch.device(device):
-        audio = AudioDiT(cfg.audio, cfg.clip.audio)
-        video = VideoDiT(cfg.video, cfg.clip.video)
-        return AVLink(cfg, audio, video, tasks=tasks)
+from avlink.config import PRESETS, ModelConfig, get_preset
+from avlink.system import build_model
 
 
 def count(module: nn.Module, trainable: bool | None = None) -> int:

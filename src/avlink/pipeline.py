@@ -7,8 +7,8 @@ overlap by at least a quarter of a window; each window after the first is genera
 what the window before generated (`sample.Known`: those tokens follow the straight path to the known values,
 so the model continues them instead of starting afresh). The windows are written into one latent (V2A) or one
 frame sequence (A2V), and the audio codec runs over it one window of tokens at a time with a context margin
-(`codec_chunks`), so there is no seam to cross-fade. Cost grows linearly with length: one window's sampling per
-hop. V2A takes its frames as they decode (`stream_video`, `frame_windows`): it holds one window and a hop of
+(codecs/audio.py), so there is no seam to cross-fade. Cost grows linearly with length: one window's sampling
+per hop. V2A takes its frames as they decode (`stream_video`, `frame_windows`): it holds one window and a hop of
 frames, not the video.
 
 Precision: "fp32" (the default) or "bf16", where the linked model's network evaluations run under
@@ -31,22 +31,14 @@ import numpy as np
 import torch
 
 from avlink.backbones.protocol import TextCond
-from avlink.codecs.vae import AudioVAE
 from avlink.errors import UserError
 from avlink.fusion.linked import AVLink
 from avlink.sample import Known, sample_backbone, sample_link
 from avlink.seq import ClipGeometry
+from avlink.system import System, load_system
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
-PARTS = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "fusion.safetensors", "vae.safetensors")
 MIN_OVERLAP = 0.25  # of a window
-# The audio codec (mel, VAE, vocoder) runs over long inputs one model window of latent tokens at a time, each
-# with CODEC_MARGIN_TOKENS of context on both sides that is computed and dropped. Memory then follows the window,
-# not the input (a HiFi-GAN over 3 minutes of mel held gigabytes of activations), and the VAE sees what it was
-# trained on: its GroupNorms take statistics over the whole sequence, so a clip-length chunk is its training
-# condition and a 10-minute latent is not. The margin covers the convolutions' context (HiFi-GAN's, the STFT's,
-# the VAE's), so chunk seams do not show (tests hold a local codec in chunks to one pass over the whole).
-CODEC_MARGIN_TOKENS = 16
 PRECISIONS = ("fp32", "bf16")
 # cpuinfo's names (torch.cpu.get_capabilities) of native bf16 products: x86 AVX512-BF16 and AMX-BF16, Arm BF16.
 CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
@@ -149,48 +141,36 @@ def frame_windows(frames: Iterable[np.ndarray], window_frames: int, hop: int) ->
 
 
 class Pipeline:
-    """A checkpoint folder loaded for generation: the linked model, the audio VAE, a vocoder, a text encoder
-    (loaded on the first prompt). Tests build a small random checkpoint with tests/helpers.py random_checkpoint.
-    """
+    """A loaded system (system.py: the linked model, its codecs, a text encoder) used for generation: inputs of
+    any length are cut into model windows here. Tests build a small random checkpoint with tests/helpers.py
+    random_checkpoint."""
 
-    def __init__(self, model: AVLink, vae: AudioVAE, vocoder: torch.nn.Module, device: str = "cpu",
-                 precision: str = "fp32"):
-        check_precision(precision, device)
-        self.model, self.vae, self.vocoder = model.eval(), vae.eval(), vocoder.eval()
-        self.device = torch.device(device)
-        self.precision = precision
-        self.folder: Path | None = None  # the checkpoint folder it was loaded from
-        self._text_encoder = None
+    def __init__(self, system: System, precision: str = "fp32"):
+        check_precision(precision, system.device)
+        self.system, self.precision = system, precision
 
     @classmethod
     def load(cls, ckpt: str | Path | None = None, device: str = "cpu", vocoder: str = "hifigan",
              precision: str = "fp32") -> Pipeline:
-        from avlink.checkpoint import load_config, load_link
-        from avlink.codecs.vae import load_vae
-        from avlink.codecs.vocoder import load_vocoder
-
         check_precision(precision, device)  # before anything is read
         folder = Path(ckpt) if ckpt is not None else DEFAULT_CHECKPOINT
-        missing = [name for name in PARTS if not (folder / name).is_file()]
-        if missing:
-            hint = " (make them with `make checkpoints`)" if folder == DEFAULT_CHECKPOINT else ""
-            raise UserError(f"{folder}: not a complete checkpoint folder, missing {', '.join(missing)}{hint}")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device here")
-        clip = load_config(folder / "config.json").clip
-        model = load_link(folder, device)
-        vae = load_vae(str(folder / "vae.safetensors"), clip).to(device)
-        voc = load_vocoder(vocoder, clip.audio, device)
-        pipeline = cls(model, vae, voc, device, precision)
-        pipeline.folder = folder
-        return pipeline
+        hint = " (make them with `make checkpoints`)" if folder == DEFAULT_CHECKPOINT else ""
+        return cls(load_system(folder, device, vocoder, hint), precision)
+
+    @property
+    def model(self) -> AVLink:
+        return self.system.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.system.device
+
+    @property
+    def folder(self) -> Path | None:
+        return self.system.folder
 
     def check_task(self, task: str) -> None:
-        """Refuse, in one line, a direction whose Fusion Blocks the checkpoint lacks (a one-direction export)."""
-        if not self.model.has_task(task):
-            held = ", ".join(t for t in ("v2a", "a2v") if self.model.has_task(t))
-            raise UserError(f"{self.folder}: its fusion.safetensors holds {held} Fusion Blocks only, none for {task} "
-                            f"(README, 'Using a fine-tuned export', says how to merge it with a full set)")
+        self.system.check_task(task)
 
     # -- geometry -------------------------------------------------------------------------------------------
     @property
@@ -252,15 +232,7 @@ class Pipeline:
 
     # -- text -----------------------------------------------------------------------------------------------
     def _text(self, prompt: str | None, modality: str) -> TextCond:
-        backbone = self.model.audio if modality == "audio" else self.model.video
-        if not prompt:
-            return backbone.null_text_cond(1)
-        if self._text_encoder is None:
-            from avlink.codecs.text import load_text_encoder
-
-            self._text_encoder = load_text_encoder(self.model.cfg.text_encoder, device=self.device)
-        text = self._text_encoder.encode([prompt])
-        return TextCond(text.tokens.to(self.device), text.mask.to(self.device))
+        return self.system.text(prompt, modality)
 
     # -- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -289,8 +261,7 @@ class Pipeline:
                 done = torch.cat([done, done.new_zeros(grow)])
             span = slice(token, token + win_tokens)
             known = Known(latent[:, span], done[span][None, :, None]) if done[span].any() else None
-            pixels = torch.from_numpy(w.frames).to(self.device).permute(3, 0, 1, 2).float() / 127.5 - 1.0
-            x_cond = clip.video.to_model(pixels)[None]  # (1, C, T, H, W)
+            x_cond = self.system.encode("video", w.frames)  # (1, C, T, H, W)
             with sampling_precision(self.precision, self.device):
                 if fusion:
                     z = sample_link(self.model, "v2a", x_cond, text_gen=text_a, text_cond=text_v, steps=steps,
@@ -302,7 +273,7 @@ class Pipeline:
             latent[:, span] = z.float()
             done[span] = True
         n_samples = round(w.total / self.fps * self.sample_rate)
-        wave = self.decode_audio(latent)
+        wave = self.system.decode("audio", latent)[0]
         wave = wave[:n_samples] if wave.shape[0] >= n_samples else np.pad(wave, (0, n_samples - wave.shape[0]))
         return np.clip(wave, -1.0, 1.0, out=wave)
 
@@ -337,7 +308,7 @@ class Pipeline:
         frames_used = max(n_frames, win_frames)
         seconds = frames_used / self.fps
         total_tokens = max(audio.num_tokens(seconds), win_tokens)
-        cond_latent = self.encode_audio(wave, total_tokens)  # (1, Ta, Da)
+        cond_latent = self.system.encode("audio", wave, total_tokens)  # (1, Ta, Da)
         windows = plan_windows(frames_used, win_frames, total_tokens, win_tokens, self.fps, audio.eta)
         text_a, text_v = self._text(prompt, "audio"), self._text(prompt, "video")
         video = torch.zeros(1, v.channels, frames_used, v.height, v.width, device=self.device)
@@ -356,37 +327,7 @@ class Pipeline:
                                         cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
             video[:, :, span] = x[:, :, :win_frames].float()
             done[span] = True
-        pixels = ((v.to_pixels(video[0, :, :n_frames]) + 1) * 127.5).round().to(torch.uint8)  # (C, T, H, W)
-        return pixels.permute(1, 2, 3, 0).cpu().numpy()
-
-    # -- the audio codec, chunk by chunk ----------------------------------------------------------------------
-    def decode_audio(self, latent: torch.Tensor) -> np.ndarray:
-        """(1, Ta, Da) scaled latent -> (Ta * samples per token,) float32 wave, through the VAE decoder and the
-        vocoder one window of tokens at a time (see CODEC_MARGIN_TOKENS)."""
-        per_token = self.clip.audio.hop_length * self.clip.audio.latent_downsample
-        out = np.zeros(latent.shape[1] * per_token, np.float32)
-        for start, stop, lo, hi in codec_chunks(latent.shape[1], self.clip.num_audio_tokens):
-            mel = self.vae.decode(self.vae.unscale_latent(latent[:, lo:hi]))  # (1, n_mels, F)
-            wave = self.vocoder(mel)[0].float().cpu().numpy()[(start - lo) * per_token:(stop - lo) * per_token]
-            out[start * per_token:start * per_token + wave.shape[0]] = wave
-        return out
-
-    def encode_audio(self, wave: np.ndarray, tokens: int) -> torch.Tensor:
-        """(N,) float32 wave -> (1, tokens, Da) scaled latent (the VAE posterior mean) of its first `tokens`
-        tokens' span, silence past its end; mel and VAE encoder run one window of tokens at a time."""
-        from avlink.codecs.mel import MelSpectrogram, fit_frames
-
-        audio = self.clip.audio
-        per_token = audio.hop_length * audio.latent_downsample
-        mel_of = MelSpectrogram(audio).to(self.device)
-        latent = torch.zeros(1, tokens, audio.latent_dim, device=self.device)
-        for start, stop, lo, hi in codec_chunks(tokens, self.clip.num_audio_tokens):
-            piece = torch.from_numpy(np.ascontiguousarray(wave[lo * per_token:hi * per_token], dtype=np.float32))
-            piece = torch.nn.functional.pad(piece.to(self.device), (0, (hi - lo) * per_token - piece.shape[0]))
-            mel = fit_frames(mel_of(piece[None]), (hi - lo) * audio.latent_downsample)  # (1, n_mels, F)
-            z = self.vae.scale_latent(self.vae.encode(mel).mean)  # (1, hi - lo, Da)
-            latent[:, start:stop] = z[:, start - lo:stop - lo]
-        return latent
+        return self.system.decode("video", video[:, :, :n_frames])[0]
 
     @staticmethod
     def _progress(windows: Iterable, enabled: bool, desc: str):
@@ -395,14 +336,6 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         return tqdm(windows, desc=desc, unit="window")
-
-
-def codec_chunks(tokens: int, size: int, margin: int | None = None):
-    """(start, stop, lo, hi) per chunk of `size` tokens: [start, stop) is kept, [lo, hi) is computed."""
-    margin = CODEC_MARGIN_TOKENS if margin is None else margin
-    for start in range(0, tokens, size):
-        stop = min(tokens, start + size)
-        yield start, stop, max(0, start - margin), min(tokens, stop + margin)
 
 
 def windows_for(seconds: float, pipeline: Pipeline) -> int:

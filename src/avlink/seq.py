@@ -25,6 +25,7 @@ class AudioGeometry:
     f_max: float | None = 8000.0
     latent_downsample: int = 4  # mel frames per latent token (1D VAE time stride)
     latent_dim: int = 8  # Da: channels of one latent token
+    codec: str = "mel-vae"  # what turns waves into tokens and back (system.py CODECS): mel, audio VAE, vocoder
 
     @property
     def mel_rate(self) -> float:
@@ -59,11 +60,12 @@ class AudioGeometry:
 class VideoGeometry:
     """RGB frames -> (pt, ph, pw) patches -> tokens.
 
-    The flow runs on (pixels - shift) / scale, pixels in [-1, 1], as the audio flow runs on the VAE's scaled
-    latents: against unit noise, dark low-contrast frames (SyncBench: mean -0.43, std 0.26) spend most of the path
-    at a low signal-to-noise ratio. Every preset keeps plain pixels (shift 0, scale 1, the paper's RGB model):
-    on SyncBench a tiny T2V trained 600 steps on scaled pixels (shift -0.43, scale 0.26) drew no better samples
-    (test class accuracy 0.03, with or without frame positions, against 0.14 on plain pixels with them).
+    The flow runs on (pixels - shift) / scale, pixels in [-1, 1] (codecs/pixels.py), as the audio flow runs on
+    the VAE's scaled latents: against unit noise, dark low-contrast frames (SyncBench: mean -0.43, std 0.26)
+    spend most of the path at a low signal-to-noise ratio. Every preset keeps plain pixels (shift 0, scale 1, the
+    paper's RGB model): on SyncBench a tiny T2V trained 600 steps on scaled pixels (shift -0.43, scale 0.26) drew
+    no better samples (test class accuracy 0.03, with or without frame positions, against 0.14 on plain pixels
+    with them).
     """
 
     fps: float = 6.0
@@ -73,6 +75,7 @@ class VideoGeometry:
     patch: tuple[int, int, int] = (1, 4, 4)  # (time, height, width)
     shift: float = 0.0  # pixel value the flow sees as 0
     scale: float = 1.0  # pixel spread the flow sees as 1
+    codec: str = "pixels"  # what turns frames into the flow's video and back (system.py CODECS)
 
     def __post_init__(self) -> None:
         pt, ph, pw = self.patch
@@ -80,14 +83,6 @@ class VideoGeometry:
             raise ValueError(f"frame {self.width}x{self.height} is not divisible by patch {ph}x{pw}")
         if not self.scale > 0:
             raise ValueError(f"video scale must be positive, got {self.scale}")
-
-    def to_model(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> what the video generator's flow runs on."""
-        return (pixels - self.shift) / self.scale
-
-    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """The flow's video -> pixels in [-1, 1] (clamped)."""
-        return (x * self.scale + self.shift).clamp(-1.0, 1.0)
 
     @property
     def eta(self) -> float:

@@ -328,7 +328,7 @@ def test_checkpoints_holding_the_unread_weights_still_load(injection):
 def test_the_shipped_checkpoint_loads():
     from safetensors.torch import load_file
 
-    from avlink.checkpoint import load_link
+    from avlink.system import load_link
 
     folder = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
     model = load_link(folder)  # strict

@@ -73,7 +73,7 @@ def test_fusion_objective_leaves_backbones_untouched(tmp_path, task):
 
 
 def test_video_flows_run_on_the_geometry_normalised_pixels(monkeypatch):
-    """Both the T2V objective and the fusion objective feed the flow clip.video.to_model(pixels)."""
+    """Both the T2V objective and the fusion objective feed the flow the video codec's encoding of the pixels."""
     from avlink.train import objectives
 
     cfg = tiny_config(**{"clip.video.shift": -0.5, "clip.video.scale": 0.25})

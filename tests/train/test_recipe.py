@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from avlink.checkpoint import load_link, save_config
+from avlink.checkpoint import save_config
 from avlink.errors import UserError
+from avlink.system import load_link
 from avlink.train import recipe
 from avlink.train.recipe import SETTINGS, Budget, budget_overrides, collect, run_recipe, size_overrides
 from avlink.train.scorecard import markdown

@@ -1,0 +1,32 @@
+"""Frozen generators behind the Backbone protocol (protocol.py), one file per kind, built by `build_backbone`.
+
+A new kind (an adapter to another pretrained generator) is its own file, its settings dataclass in config.py
+(`BACKBONE_CONFIGS`), and one line in `BACKBONES` below.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from avlink.backbones.audio_dit import AudioDiT
+from avlink.backbones.video_dit import VideoDiT
+from avlink.config import BackboneConfig
+from avlink.seq import AudioGeometry, VideoGeometry
+
+Modality = Literal["audio", "video"]
+
+# kind -> {modality: the class built from (its config, the clip geometry of that modality)}
+BACKBONES: dict[str, dict[Modality, type[nn.Module]]] = {
+    "dit": {"audio": AudioDiT, "video": VideoDiT},
+}
+
+
+def build_backbone(modality: Modality, cfg: BackboneConfig, geometry: AudioGeometry | VideoGeometry) -> nn.Module:
+    """The generator of one modality, of the kind its config names (`cfg.kind`), at its initial weights."""
+    kinds = BACKBONES.get(cfg.kind, {})
+    if modality not in kinds:
+        known = ", ".join(kind for kind, by in BACKBONES.items() if modality in by)
+        raise ValueError(f"no {modality} backbone of kind {cfg.kind!r}; known: {known}")
+    return kinds[modality](cfg, geometry)

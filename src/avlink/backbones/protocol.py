@@ -144,16 +144,25 @@ class StreamState:
 
 @runtime_checkable
 class Backbone(Protocol):
-    hidden_dim: int
-    num_blocks: int
-    eta: float  # token positions per second along time
+    hidden_dim: int  # width of the hidden tokens a Fusion Block reads and writes
+    num_blocks: int  # depth: fusion points are placed by fraction of it
+    eta: float  # token positions per second along time (the time-aligned RoPE of the Fusion Blocks)
 
     def embed(self, x_t: Tensor, t: Tensor, text: TextCond | PreparedText | None) -> StreamState:
-        """text: PreparedText only from the backbone's own `prepare_text` (optional, see the module docstring)."""
+        """x_t in the flow's space at flow time t (B,) (0 noise, 1 data) -> the state before block 0. text None:
+        the null text. PreparedText only from the backbone's own `prepare_text` (optional, module docstring)."""
 
-    def run_blocks(self, state: StreamState, start: int, stop: int) -> StreamState: ...
+    def run_blocks(self, state: StreamState, start: int, stop: int) -> StreamState:
+        """Blocks start .. stop - 1 on the state."""
 
-    def head(self, state: StreamState) -> Tensor: ...
+    def head(self, state: StreamState) -> Tensor:
+        """The final state -> the velocity (data minus noise), shaped as x_t."""
+
+    def null_text_cond(self, batch_size: int) -> TextCond:
+        """The learned text of no prompt (classifier-free guidance's unconditional branch, prompt-free use)."""
+
+    def token_times(self, grid: tuple[int, ...], device: torch.device) -> Tensor:
+        """(N,) start time in seconds (float64) of each token of a grid, as `StreamState.times` holds them."""
 
 
 def prepare_text(

@@ -52,13 +52,13 @@ import torch
 from torch import Tensor
 
 from avlink.backbones.protocol import TextCond
-from avlink.checkpoint import load_link
 from avlink.config import Task
 from avlink.errors import UserError
 from avlink.eval import report as rep
 from avlink.eval.runner import METRIC_GROUPS, EvalSettings, evaluate, parse_weights
 from avlink.files import atomic_write
 from avlink.flow.solvers import EVALS_PER_STEP, SOLVERS, steps_for_evals
+from avlink.system import load_link, video_codec
 
 DEFAULT_VALUES: dict[str, tuple[float, ...]] = {
     "t_cond": (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.96, 1.0),
@@ -96,7 +96,7 @@ class Conditioned:
     """One SyncBench clip ready to condition the generation."""
 
     id: str
-    x_cond: Tensor  # V2A: video (1, C, T, H, W) in the flow's space (to_model); A2V: scaled latent (1, Ta, Da)
+    x_cond: Tensor  # V2A: video (1, C, T, H, W) in the flow's space (the video codec); A2V: scaled latent (1, Ta, Da)
     audio: np.ndarray  # the clip's wave at the model's rate, muxed into A2V outputs
 
 
@@ -120,7 +120,7 @@ def load_conditions(data: Path, n: int | None, task: Task, clip: Any, vae: Any,
             print(f"skipped: {err}", file=sys.stderr)
             continue
         if task == "v2a":
-            x_cond = clip.video.to_model(av.video[None])  # (1, C, T, H, W)
+            x_cond = video_codec(clip.video).encode(av.video[None])  # (1, C, T, H, W)
         else:
             with torch.no_grad():
                 spec = fit_frames(mel(av.audio[None]), clip.num_mel_frames)  # (1, n_mels, F)
@@ -142,7 +142,7 @@ def write_output(task: Task, x: Tensor, cond: Conditioned, folder: Path, clip: A
         wave = vocoder(spec)[0].float().cpu().numpy()  # (F * hop,)
         media.write_audio(folder / f"{cond.id}.wav", np.clip(wave, -1.0, 1.0), clip.audio.sample_rate)
         return
-    pixels = ((clip.video.to_pixels(x[0]) + 1) * 127.5).round().to(torch.uint8)  # (C, T, H, W)
+    pixels = ((video_codec(clip.video).decode(x[0]) + 1) * 127.5).round().to(torch.uint8)  # (C, T, H, W)
     frames = pixels.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, C)
     media.write_video(folder / f"{cond.id}.mp4", frames, clip.video.fps, cond.audio, clip.audio.sample_rate)
 

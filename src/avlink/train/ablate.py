@@ -195,17 +195,14 @@ def train_variant(args: argparse.Namespace, base: ModelConfig, variant: str) -> 
 
 def load_variant(ckpt: Path, run_dir: Path, task: Task, device: torch.device) -> torch.nn.Module:
     """The checkpoint's frozen generators linked by the variant's trained fusion blocks (its export)."""
-    from avlink.backbones.audio_dit import AudioDiT
-    from avlink.backbones.video_dit import VideoDiT
     from avlink.checkpoint import load_config, load_weights
-    from avlink.fusion.linked import AVLink
+    from avlink.system import build_model
 
     export = run_dir / "export"
     cfg = load_config(export / "config.json")  # every damaged or missing file: one line (WeightsError)
-    audio, video = AudioDiT(cfg.audio, cfg.clip.audio), VideoDiT(cfg.video, cfg.clip.video)
-    load_weights(ckpt / "audio_dit.safetensors", audio)
-    load_weights(ckpt / "video_dit.safetensors", video)
-    model = AVLink(cfg, audio, video, tasks=(task,))
+    model = build_model(cfg, tasks=(task,))
+    load_weights(ckpt / "audio_dit.safetensors", model.audio)
+    load_weights(ckpt / "video_dit.safetensors", model.video)
     load_weights(export / "fusion.safetensors", model.fusion)
     return model.to(device).eval()
 

@@ -174,10 +174,9 @@ def load_part(path: Path | None, module: torch.nn.Module, what: str, flag: str) 
 
 def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Namespace, extra: dict[str, Any],
                     device: torch.device, data: str | None = None):
-    from avlink.backbones.audio_dit import AudioDiT
-    from avlink.backbones.video_dit import VideoDiT
+    from avlink.backbones import build_backbone
     from avlink.codecs.vae import AudioVAE
-    from avlink.fusion.linked import AVLink
+    from avlink.system import build_model
     from avlink.train.objectives import FusionObjective, GeneratorObjective, VAEObjective
 
     if part == "classifiers":  # the labels come from the prepared clips' metadata
@@ -194,16 +193,16 @@ def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Names
         module = AudioVAE(cfg.clip.audio, hidden=opts["hidden"], depth=opts["depth"]).to(device)
         return VAEObjective(module, opts["kl_weight"], device)
     if part == "audio":
-        return GeneratorObjective(AudioDiT(cfg.audio, cfg.clip.audio).to(device), "audio", vae, device=device)
+        audio = build_backbone("audio", cfg.audio, cfg.clip.audio).to(device)
+        return GeneratorObjective(audio, "audio", vae, device=device)
     if part == "video":
-        return GeneratorObjective(VideoDiT(cfg.video, cfg.clip.video).to(device), "video", device=device)
+        return GeneratorObjective(build_backbone("video", cfg.video, cfg.clip.video).to(device), "video", device=device)
     if task == "joint":
         cfg = cfg.override(**{"fusion.shared": True})
-    audio, video = AudioDiT(cfg.audio, cfg.clip.audio), VideoDiT(cfg.video, cfg.clip.video)
-    load_part(args.audio_dit, audio, "text-to-audio generator", "--audio-dit")
-    load_part(args.video_dit, video, "text-to-video generator", "--video-dit")
-    tasks = ("v2a", "a2v") if task == "joint" else (task,)
-    model = AVLink(cfg, audio, video, tasks=tasks).to(device)
+    model = build_model(cfg, tasks=("v2a", "a2v") if task == "joint" else (task,))
+    load_part(args.audio_dit, model.audio, "text-to-audio generator", "--audio-dit")
+    load_part(args.video_dit, model.video, "text-to-video generator", "--video-dit")
+    model = model.to(device)
     return FusionObjective(model, task, vae, device=device)
 
 

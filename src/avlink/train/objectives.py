@@ -16,6 +16,7 @@ from avlink.backbones.protocol import TextCond
 from avlink.codecs.vae import AudioVAE, vae_loss
 from avlink.flow.path import flow_matching_errors, logit_normal
 from avlink.fusion.linked import AVLink
+from avlink.system import video_codec
 from avlink.train.loop import LossOutput
 
 # Caption dropout for classifier-free guidance: the usual 10%.
@@ -70,7 +71,7 @@ class GeneratorObjective:
         if self.modality == "audio":
             x1 = audio_latents(batch, self.vae, self.device)
         else:
-            x1 = self.trainable.geometry.to_model(batch["video"].to(self.device))
+            x1 = video_codec(self.trainable.geometry).encode(batch["video"].to(self.device))
         b = x1.shape[0]
         text = with_dropout(batch_text(batch, self.device), self.trainable.null_text_cond(b), self.text_dropout)
         t = logit_normal(b, device=self.device)
@@ -122,7 +123,7 @@ class FusionObjective:
     def loss(self, batch: dict[str, Any]) -> LossOutput:
         task = self.draw_task() if self.task == "joint" else self.task
         audio = audio_latents(batch, self.vae, self.device)
-        video = self.model.cfg.clip.video.to_model(batch["video"].to(self.device))
+        video = video_codec(self.model.cfg.clip.video).encode(batch["video"].to(self.device))
         b = audio.shape[0]
         text = batch_text(batch, self.device)
         gen_bb, _ = self.model.backbones(task)

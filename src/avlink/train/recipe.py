@@ -242,7 +242,7 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
 
 
 def collect(out: Path, runs: Path) -> None:
-    """The exported parts, in the layout `checkpoint.load_link` reads; both fusion sets in one file."""
+    """The exported parts, in the layout `system.load_link` reads; both fusion sets in one file."""
     out.mkdir(parents=True, exist_ok=True)
     for part, name in (("vae", "vae"), ("audio", "audio_dit"), ("video", "video_dit"),
                        ("classifiers", "classifiers")):

@@ -21,13 +21,13 @@ from typing import Any
 import torch
 
 from avlink.backbones.protocol import TextCond
-from avlink.checkpoint import load_link
 from avlink.config import Task
 from avlink.eval import report as rep
 from avlink.eval.runner import EvalSettings, evaluate
 from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions, write_output
 from avlink.files import atomic_write
 from avlink.sample import sample_batches
+from avlink.system import load_link
 
 METRICS = ("onset", "events", "av_align", "class_acc")
 SYSTEMS = {"v2a": ("avlink", "t2a_alone"), "a2v": ("avlink", "t2v_alone")}

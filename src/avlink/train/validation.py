@@ -42,6 +42,7 @@ from avlink.eval.runner import EvalSettings, evaluate
 from avlink.eval.sweep import Conditioned, captions, load_conditions, write_output
 from avlink.files import atomic_write
 from avlink.sample import sample_backbone
+from avlink.system import video_codec
 from avlink.train.scorecard import BATCH, KEY_METRICS, METRICS, generate
 
 SUMMARY_FILE = "validation.json"
@@ -181,13 +182,13 @@ class GenerationCheck:
 
     def references(self) -> list[Sample]:
         """Each clip's own audio, and its video where the condition is video (all but A2V)."""
-        video = self.decoders.clip.video
-        return [Sample(c.id, audio=c.audio, video=None if c.x_cond.ndim != 5 else video.to_pixels(c.x_cond[0]).cpu())
+        video = video_codec(self.decoders.clip.video)
+        return [Sample(c.id, audio=c.audio, video=None if c.x_cond.ndim != 5 else video.decode(c.x_cond[0]).cpu())
                 for c in self.conds]
 
     def media(self, x: Tensor, cond: Conditioned, folder: Path) -> Sample:
         if self.task == "a2v":
-            return Sample(cond.id, video=self.decoders.clip.video.to_pixels(x[0].float()).cpu())
+            return Sample(cond.id, video=video_codec(self.decoders.clip.video).decode(x[0].float()).cpu())
         import soundfile
 
         wave, _ = soundfile.read(folder / f"{cond.id}.wav", dtype="float32")  # what was written, 16 bits
@@ -404,7 +405,7 @@ def reference_clips(data: ValData, clips: int, clip: Any, device: torch.device) 
     mel = MelSpectrogram(clip.audio)
     with torch.no_grad():
         mels = torch.cat([fit_frames(mel(torch.from_numpy(c.audio)[None]), clip.num_mel_frames) for c in conds])
-    videos = clip.video.to_pixels(torch.cat([c.x_cond for c in conds]))  # undo to_model: the classifiers read pixels
+    videos = video_codec(clip.video).decode(torch.cat([c.x_cond for c in conds]))  # the classifiers read pixels
     labels = torch.stack([multi_hot(clip_classes(rows[c.id])) for c in conds])
     return Reference([c.id for c in conds], [c.audio for c in conds], mels.to(device), videos.to(device), labels)
 

@@ -1,0 +1,182 @@
+"""The trained system: the one place that builds the linked model, loads a checkpoint folder, and turns media
+into the generators' tensors and back.
+
+    build_model(cfg)                 the frozen audio and video backbones (of the kinds the config names), linked
+                                     by Fusion Blocks: every caller builds the model here
+    load_system(folder, ...)         a checkpoint folder -> System (linked model, a codec per modality, text)
+    System.encode(modality, media)   waves (audio) or uint8 frames (video) -> the flow's space
+    System.decode(modality, x)       and back
+    make_codecs(clip, vae, vocoder)  the codecs the clip geometry names (`clip.audio.codec`, `clip.video.codec`)
+
+A checkpoint folder holds config.json, the two generators, the Fusion Blocks (checkpoint.py reads and writes
+those) and the audio VAE (vae.safetensors); the vocoder is chosen at load time (codecs/vocoder.py). A new codec is
+one class in codecs/ and one line in `CODECS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avlink.backbones import build_backbone
+from avlink.backbones.protocol import TextCond
+from avlink.checkpoint import load_config, load_parts, read_fusion_tasks
+from avlink.codecs.audio import AudioCodec
+from avlink.codecs.pixels import PixelCodec
+from avlink.codecs.vae import AudioVAE
+from avlink.config import ModelConfig, Task
+from avlink.errors import UserError
+from avlink.fusion.linked import TASKS, AVLink
+from avlink.seq import ClipGeometry, VideoGeometry
+
+Modality = Literal["audio", "video"]
+VAE_FILE = "vae.safetensors"
+FILES = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "fusion.safetensors", VAE_FILE)
+# codec kind -> class; audio codecs are built from (clip, vae, vocoder), video codecs from the video geometry
+CODECS: dict[str, type] = {"mel-vae": AudioCodec, "pixels": PixelCodec}
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", tasks: tuple[Task, ...] = TASKS) -> AVLink:
+    """Frozen audio and video backbones linked by the fusion parameters of `tasks` (both by default), at their
+    initial weights (`load_system` / checkpoint.load_link fill them)."""
+    with torch.device(device):
+        audio = build_backbone("audio", cfg.audio, cfg.clip.audio)
+        video = build_backbone("video", cfg.video, cfg.clip.video)
+        return AVLink(cfg, audio, video, tasks=tasks)
+
+
+def load_link(folder: str | Path, device: torch.device | str = "cpu", strict: bool = True) -> AVLink:
+    """The linked model of a checkpoint folder, frozen backbones in eval mode. A fusion file with one
+    direction's blocks (a fine-tuned export) gives a model with that direction only (`AVLink.has_task`).
+    Every damaged file is refused in one line naming it (WeightsError)."""
+    folder = Path(folder)
+    cfg = load_config(folder / "config.json")
+    model = build_model(cfg, tasks=read_fusion_tasks(folder, cfg))
+    load_parts(folder, model, strict)
+    return model.to(device).eval()
+
+
+def _codec_class(kind: str) -> type:
+    if kind not in CODECS:
+        raise ValueError(f"unknown codec {kind!r}; known: {', '.join(CODECS)}")
+    return CODECS[kind]
+
+
+def video_codec(geometry: VideoGeometry):
+    """The video codec the geometry names (`geometry.codec`)."""
+    return _codec_class(geometry.codec)(geometry)
+
+
+def make_codecs(clip: ClipGeometry, vae: AudioVAE | None, vocoder=None) -> dict[Modality, object]:
+    """The codec of each modality that the clip geometry names. vae None: no audio codec (a video-only use);
+    vocoder None: an audio codec that encodes but cannot decode to waves."""
+    codecs: dict[Modality, object] = {"video": video_codec(clip.video)}
+    if vae is not None:
+        codecs["audio"] = _codec_class(clip.audio.codec)(clip, vae, vocoder)
+    return codecs
+
+
+@dataclass
+class System:
+    """A linked model with its codecs and text encoder, on one device.
+
+    media, as System takes and gives it: audio (N,) or (B, N) float waves in [-1, 1] at clip.audio.sample_rate;
+    video (T, H, W, 3) or (B, T, H, W, 3) uint8 frames at clip.video's fps and size (numpy arrays or tensors).
+    """
+
+    model: AVLink
+    codecs: dict[Modality, object]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    folder: Path | None = None  # the checkpoint folder it was loaded from
+    text_encoder: object | None = None  # loaded on the first prompt
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def clip(self) -> ClipGeometry:
+        return self.model.cfg.clip
+
+    def codec(self, modality: Modality):
+        if modality not in self.codecs:
+            raise UserError(f"{self.folder}: no {modality} codec loaded")
+        return self.codecs[modality]
+
+    def encode(self, modality: Modality, media, tokens: int | None = None) -> Tensor:
+        """media (see the class) -> the flow's space: audio (B, Ta, Da) scaled latents (`tokens` of them, default
+        what the wave fills), video (B, C, T, H, W). One item without a batch axis gives a batch of one."""
+        data = torch.as_tensor(media)
+        single = data.ndim == (1 if modality == "audio" else 4)
+        data = (data[None] if single else data).to(self.device)
+        if modality == "audio":
+            return self.codec("audio").encode(data, tokens)
+        return self.codec("video").encode(frames_to_pixels(data))
+
+    @torch.no_grad()
+    def decode(self, modality: Modality, x: Tensor) -> np.ndarray:
+        """The flow's space -> media as numpy: audio (B, N) float32 waves clipped to [-1, 1], video (B, T, H, W, 3)
+        uint8 frames."""
+        if modality == "video":
+            return pixels_to_frames(self.codec("video").decode(x.float())).cpu().numpy()
+        out = self.codec("audio").decode(x).cpu().numpy()
+        return np.clip(out, -1.0, 1.0, out=out)
+
+    def text(self, prompts: list[str] | str | None, modality: Modality, batch_size: int = 1) -> TextCond:
+        """The text condition of a stream: the prompts' token states, or the backbone's learned null text for no
+        prompt (None or "")."""
+        backbone = self.model.audio if modality == "audio" else self.model.video
+        if isinstance(prompts, str):
+            prompts = [prompts] * batch_size
+        if not prompts or not any(prompts):
+            return backbone.null_text_cond(batch_size)
+        if self.text_encoder is None:
+            from avlink.codecs.text import load_text_encoder
+
+            self.text_encoder = load_text_encoder(self.cfg.text_encoder, device=self.device)
+        return self.text_encoder.encode(list(prompts)).to(self.device)
+
+    def check_task(self, task: Task) -> None:
+        """Refuse, in one line, a direction whose Fusion Blocks the checkpoint lacks (a one-direction export)."""
+        if not self.model.has_task(task):
+            held = ", ".join(t for t in TASKS if self.model.has_task(t))
+            raise UserError(f"{self.folder}: its fusion.safetensors holds {held} Fusion Blocks only, none for {task} "
+                            f"(README, 'Using a fine-tuned export', says how to merge it with a full set)")
+
+
+def frames_to_pixels(frames: Tensor) -> Tensor:
+    """uint8 frames (B, T, H, W, 3) -> pixels in [-1, 1] (B, C, T, H, W), float32."""
+    return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+def pixels_to_frames(pixels: Tensor) -> Tensor:
+    """Pixels in [-1, 1] (B, C, T, H, W) -> uint8 frames (B, T, H, W, 3), rounded."""
+    return ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+
+def load_system(folder: str | Path, device: torch.device | str = "cpu", vocoder: str | None = "hifigan",
+                hint: str = "") -> System:
+    """A checkpoint folder loaded for generation, frozen, in eval mode. vocoder: its name or path
+    (codecs/vocoder.py), None to load none (nothing will be decoded to a wave). Every damaged file is refused in
+    one line naming it (weights.WeightsError); a folder missing files in one line naming them (+ `hint`)."""
+    from avlink.codecs.vae import load_vae
+    from avlink.codecs.vocoder import load_vocoder
+
+    folder = Path(folder)
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{folder}: not a complete checkpoint folder, missing {', '.join(missing)}{hint}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here")
+    model = load_link(folder, device)
+    cfg = model.cfg
+    vae = load_vae(str(folder / VAE_FILE), cfg.clip)
+    voc = None if vocoder is None else load_vocoder(vocoder, cfg.clip.audio, device)
+    codecs = {name: codec.to(device) for name, codec in make_codecs(cfg.clip, vae, voc).items()}
+    return System(model, codecs, device, folder)

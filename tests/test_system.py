@@ -1,0 +1,73 @@
+"""The system layer: one model factory, one checkpoint loader, the codecs the config names."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from avlink.backbones import BACKBONES, build_backbone
+from avlink.checkpoint import load_config
+from avlink.config import BACKBONE_CONFIGS
+from avlink.pipeline import DEFAULT_CHECKPOINT
+from avlink.system import CODECS, build_model, load_system, make_codecs
+from avlink.weights import WeightsError
+from helpers import random_checkpoint, tiny_config
+
+
+def test_the_config_names_each_streams_backbone_kind_and_codec():
+    cfg = tiny_config()
+    assert (cfg.audio.kind, cfg.video.kind) == ("dit", "dit")
+    assert (cfg.clip.audio.codec, cfg.clip.video.codec) == ("mel-vae", "pixels")
+    assert set(BACKBONES) == set(BACKBONE_CONFIGS) and {cfg.clip.audio.codec, cfg.clip.video.codec} <= set(CODECS)
+    model = build_model(cfg)
+    assert isinstance(model.audio, BACKBONES["dit"]["audio"]) and isinstance(model.video, BACKBONES["dit"]["video"])
+
+
+def test_a_config_written_before_kinds_existed_loads_as_dit(tmp_path):
+    """The shipped checkpoint's config.json names no kinds or codecs: it keeps loading unchanged."""
+    text = (DEFAULT_CHECKPOINT / "config.json").read_text()
+    assert '"kind"' not in text and '"codec"' not in text
+    cfg = load_config(DEFAULT_CHECKPOINT / "config.json")
+    assert cfg.audio.kind == "dit" and cfg.clip.video.codec == "pixels"
+
+
+def test_an_unknown_backbone_kind_or_codec_is_refused_in_one_line(tmp_path):
+    folder = random_checkpoint(tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    config["video"]["kind"] = "wan"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"config.json: not an avlink model config \(unknown backbone kind 'wan'"):
+        load_config(folder / "config.json")
+    with pytest.raises(ValueError, match="no audio backbone of kind 'nope'"):
+        build_backbone("audio", tiny_config().audio.__class__(kind="nope"), tiny_config().clip.audio)
+    clip = tiny_config(**{"clip.video.codec": "latent"}).clip
+    with pytest.raises(ValueError, match="unknown codec 'latent'"):
+        make_codecs(clip, None)
+
+
+def test_system_encodes_and_decodes_media(tmp_path):
+    system = load_system(random_checkpoint(tmp_path / "ckpt"), vocoder="griffinlim")
+    clip = system.clip
+    frames = np.random.default_rng(0).integers(0, 256, (clip.num_frames, clip.video.height, clip.video.width, 3),
+                                               dtype=np.uint8)
+    x = system.encode("video", frames)
+    assert x.shape == (1, 3, clip.num_frames, clip.video.height, clip.video.width) and x.dtype == torch.float32
+    assert np.array_equal(system.decode("video", x)[0], frames)  # pixels: lossless at uint8
+    wave = (0.3 * np.sin(np.arange(clip.num_samples) * 0.05)).astype(np.float32)
+    latent = system.encode("audio", wave, clip.num_audio_tokens)
+    assert latent.shape == (1, clip.num_audio_tokens, clip.audio.latent_dim)
+    batch = system.encode("audio", np.stack([wave, wave]), clip.num_audio_tokens)
+    torch.testing.assert_close(batch[1:], latent, rtol=0, atol=1e-5)  # a batch encodes each item alike
+    sound = system.decode("audio", latent)
+    assert sound.shape == (1, clip.num_audio_tokens * clip.audio.hop_length * clip.audio.latent_downsample)
+    assert sound.dtype == np.float32 and np.abs(sound).max() <= 1.0
+
+
+def test_no_prompt_is_the_learned_null_text(tmp_path):
+    system = load_system(random_checkpoint(tmp_path / "ckpt"), vocoder=None)
+    for prompt in (None, "", [""]):
+        text = system.text(prompt, "video")
+        assert torch.equal(text.tokens, system.model.video.null_text_cond(1).tokens)
+    with pytest.raises(ValueError, match="without a vocoder"):
+        system.decode("audio", torch.zeros(1, 4, system.clip.audio.latent_dim))
