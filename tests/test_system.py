@@ -12,6 +12,7 @@ from avlink.config import BACKBONE_CONFIGS
 from avlink.pipeline import DEFAULT_CHECKPOINT
 from avlink.system import CODECS, build_model, load_system, make_codecs
 from avlink.weights import WeightsError
+
 from helpers import random_checkpoint, tiny_config
 
 
