@@ -59,8 +59,9 @@ class AudioCodec:
 
     @torch.no_grad()
     def encode(self, wave: Tensor, tokens: int | None = None) -> Tensor:
-        """(B, N) waves, on the codec's device -> (B, tokens, Da) scaled latents (the VAE posterior mean) of their first `tokens` tokens'
-        span (default: the tokens N samples fill, at least one), silence past their end."""
+        """(B, N) waves, on the codec's device -> (B, tokens, Da) scaled latents (the VAE posterior mean) of
+        their first `tokens` tokens' span (default: the tokens N samples fill, at least one), silence past their
+        end."""
         audio, per_token = self.clip.audio, self.samples_per_token
         tokens = max(1, -(-wave.shape[1] // per_token)) if tokens is None else tokens
         latent = torch.zeros(wave.shape[0], tokens, audio.latent_dim, device=wave.device)
