@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: setup
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
 
 test-all: setup
@@ -22,6 +23,7 @@ test-all: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/lint-imports
 
 demo: setup
 	$(VENV)/bin/avlink demo
