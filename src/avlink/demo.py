@@ -105,9 +105,9 @@ class Timer:
 
 def check_checkpoint(folder: Path) -> None:
     """One line saying how to get checkpoints, before anything is written, when the folder is not complete."""
-    from avlink.pipeline import PARTS
+    from avlink.system import FILES
 
-    missing = [name for name in PARTS if not (folder / name).is_file()]
+    missing = [name for name in FILES if not (folder / name).is_file()]
     if missing:
         what = (f"incomplete checkpoint (no {', '.join(missing)})" if folder.is_dir()
                 else "no checkpoint folder")
