@@ -215,7 +215,7 @@ def test_train_cli_exports_weights_the_embedders_load(shards: Path, tmp_path: Pa
 
 
 def test_runner_class_acc_counts_exact_sets() -> None:
-    from avlink.eval.runner import Features, Pair, RowScorer, Scored
+    from avlink.eval.scoring import Features, Pair, RowScorer, Scored
 
     class Fixed:
         classes = CLASSES

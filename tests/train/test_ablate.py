@@ -76,7 +76,7 @@ def test_captions_prompt_the_generation_and_match_the_scorecard(inputs: dict[str
     import soundfile as sf
     import torch
 
-    from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions
+    from avlink.eval.conditions import caption_texts, load_checkpoint_vae, load_conditions
     from avlink.train.scorecard import generate
 
     out = inputs["root"] / "prompts"
@@ -93,7 +93,7 @@ def test_captions_prompt_the_generation_and_match_the_scorecard(inputs: dict[str
     texts = caption_texts(model, inputs["syncbench"], conds)
     expected = generate(model, "v2a", "avlink", conds, texts, 2, 0, batch=2)
     from avlink.codecs.vocoder import load_vocoder
-    from avlink.eval.sweep import write_output
+    from avlink.eval.conditions import write_output
 
     mine = out / "mine"
     mine.mkdir()

@@ -222,7 +222,7 @@ def generate_variant(args: argparse.Namespace, model: Any, conds: list, texts: A
                      vocoder: Any, source: dict[str, Any]) -> None:
     """Write the variant's generated clips into folder/generated. A batch whose clips are all there from the same
     weights and sampling settings (folder/source.json) is kept, so a killed ablation does not redo it."""
-    from avlink.eval.sweep import write_output
+    from avlink.eval.conditions import write_output
     from avlink.files import atomic_write
     from avlink.train.scorecard import generate
 
@@ -316,8 +316,8 @@ def run(args: argparse.Namespace) -> int:
     # The evaluation harness and the vocoder (librosa and the rest), which training alone does not need.
     from avlink.codecs.vocoder import load_vocoder
     from avlink.eval import report as rep
-    from avlink.eval.runner import EvalSettings, classifier_name, evaluate
-    from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions
+    from avlink.eval.conditions import caption_texts, load_checkpoint_vae, load_conditions
+    from avlink.eval.scoring import EvalSettings, classifier_name, evaluate
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")

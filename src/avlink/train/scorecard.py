@@ -24,8 +24,8 @@ from avlink.backbones.protocol import TextCond
 from avlink.checkpoint import load_link
 from avlink.config import Task
 from avlink.eval import report as rep
-from avlink.eval.runner import EvalSettings, evaluate
-from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions, write_output
+from avlink.eval.conditions import caption_texts, load_checkpoint_vae, load_conditions, write_output
+from avlink.eval.scoring import EvalSettings, evaluate
 from avlink.files import atomic_write
 from avlink.sample import sample_batches
 

@@ -38,8 +38,8 @@ from avlink.backbones.protocol import TextCond
 from avlink.config import ModelConfig, Task
 from avlink.errors import UserError
 from avlink.eval import report as rep
-from avlink.eval.runner import EvalSettings, evaluate
-from avlink.eval.sweep import Conditioned, captions, load_conditions, write_output
+from avlink.eval.conditions import Conditioned, captions, load_conditions, write_output
+from avlink.eval.scoring import EvalSettings, evaluate
 from avlink.files import atomic_write
 from avlink.sample import sample_backbone
 from avlink.train.scorecard import BATCH, KEY_METRICS, METRICS, generate
@@ -364,7 +364,7 @@ def prompts(encoder: Any, data: ValData, ids: list[str], text_dim: int, device: 
 
 
 def on_cpu(module: nn.Module) -> nn.Module:
-    """The conditions are read and encoded on the CPU (eval.sweep.load_conditions); a frozen module on another
+    """The conditions are read and encoded on the CPU (eval.conditions.load_conditions); a frozen module on another
     device is copied there for it."""
     return module if next(module.parameters()).device.type == "cpu" else copy.deepcopy(module).cpu()
 
