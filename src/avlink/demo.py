@@ -17,9 +17,9 @@
    frames, its sound, both generated sounds and both generated videos on one time axis, with the true event
    times and the events detected in each generated row marked.
 4. Scores the exact model outputs (OUT/eval/<system>/generated/: the 16-bit wav, the video at model size)
-   with the evaluation runner against OUT/clips/: onset (V2A), events, AV-Align, and class accuracy where the
-   checkpoint folder has the SyncBench classifiers (classifiers.safetensors). The runner's own files
-   (metrics.json, metrics.md, per_clip.csv) stay beside each system's outputs.
+   with the evaluation (eval/scoring.py) against OUT/clips/: onset (V2A), events, AV-Align, and class accuracy
+   where the checkpoint folder has the SyncBench classifiers (classifiers.safetensors). The evaluation's own
+   files (metrics.json, metrics.md, per_clip.csv) stay beside each system's outputs.
 5. Writes OUT/report.md: per task a table with the ground-truth ceiling, AV-Link, no fusion and the
    shuffled-pairs floor, links to every file, and the measured wall time; then prints where to look.
 
@@ -217,8 +217,8 @@ def row_label(system: str) -> str:
 
 
 def eval_settings(task: Task, ckpt: Path, pipe: Any, duration: float, notes: list[str]) -> Any:
-    """The runner's settings: our metrics, plus class accuracy where the checkpoint has the classifiers."""
-    from avlink.eval.runner import EvalSettings, classifier_name
+    """The evaluation's settings: our metrics, plus class accuracy where the checkpoint has the classifiers."""
+    from avlink.eval.scoring import EvalSettings, classifier_name
 
     metrics, weights = METRICS[task], {}
     classifiers = ckpt / CLASSIFIERS_FILE
@@ -234,7 +234,7 @@ def score(out: Path, clips_dir: Path, ids: set[str], ckpt: Path, pipe: Any, dura
           notes: list[str]) -> dict[str, Any]:
     """Every system's EvalReport, by system; its files go to OUT/eval/<system>/."""
     from avlink.eval import report as rep
-    from avlink.eval.runner import evaluate
+    from avlink.eval.scoring import evaluate
 
     reports: dict[str, Any] = {}
     for task in ("v2a", "a2v"):

@@ -4,8 +4,9 @@ into the generators' tensors and back.
     build_model(cfg)                 the frozen audio and video backbones (of the kinds the config names), linked
                                      by Fusion Blocks: every caller builds the model here
     load_system(folder, ...)         a checkpoint folder -> System (linked model, a codec per modality, text)
+    load_link / load_codecs          the linked model alone, the codecs alone, of a folder
     System.encode(modality, media)   waves (audio) or uint8 frames (video) -> the flow's space
-    System.decode(modality, x)       and back
+    System.decode(modality, x)       and back (encode_media / decode_media where only codecs are at hand)
     make_codecs(clip, vae, vocoder)  the codecs the clip geometry names (`clip.audio.codec`, `clip.video.codec`)
 
 A checkpoint folder holds config.json, the two generators, the Fusion Blocks (checkpoint.py reads and writes
@@ -109,23 +110,12 @@ class System:
         return self.codecs[modality]
 
     def encode(self, modality: Modality, media, tokens: int | None = None) -> Tensor:
-        """media (see the class) -> the flow's space: audio (B, Ta, Da) scaled latents (`tokens` of them, default
-        what the wave fills), video (B, C, T, H, W). One item without a batch axis gives a batch of one."""
-        data = torch.as_tensor(media)
-        single = data.ndim == (1 if modality == "audio" else 4)
-        data = (data[None] if single else data).to(self.device)
-        if modality == "audio":
-            return self.codec("audio").encode(data, tokens)
-        return self.codec("video").encode(frames_to_pixels(data))
+        """encode_media with this system's codecs, on its device."""
+        return encode_media(self.codec(modality), modality, media, tokens, self.device)
 
-    @torch.no_grad()
     def decode(self, modality: Modality, x: Tensor) -> np.ndarray:
-        """The flow's space -> media as numpy: audio (B, N) float32 waves clipped to [-1, 1], video (B, T, H, W, 3)
-        uint8 frames."""
-        if modality == "video":
-            return pixels_to_frames(self.codec("video").decode(x.float())).cpu().numpy()
-        out = self.codec("audio").decode(x).cpu().numpy()
-        return np.clip(out, -1.0, 1.0, out=out)
+        """decode_media with this system's codecs."""
+        return decode_media(self.codec(modality), modality, x)
 
     def text(self, prompts: list[str] | str | None, modality: Modality, batch_size: int = 1) -> TextCond:
         """The text condition of a stream: the prompts' token states, or the backbone's learned null text for no
@@ -149,6 +139,30 @@ class System:
                             f"(README, 'Using a fine-tuned export', says how to merge it with a full set)")
 
 
+@torch.no_grad()
+def encode_media(codec, modality: Modality, media, tokens: int | None = None,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """media (System's docstring) -> the flow's space through the modality's codec: audio (B, Ta, Da) scaled
+    latents (`tokens` of them, default what the wave fills), video (B, C, T, H, W). One item without a batch axis
+    gives a batch of one."""
+    data = torch.as_tensor(media)
+    single = data.ndim == (1 if modality == "audio" else 4)
+    data = (data[None] if single else data).to(device)
+    if modality == "audio":
+        return codec.encode(data, tokens)
+    return codec.encode(frames_to_pixels(data))
+
+
+@torch.no_grad()
+def decode_media(codec, modality: Modality, x: Tensor) -> np.ndarray:
+    """The flow's space -> media as numpy through the modality's codec: audio (B, N) float32 waves clipped to
+    [-1, 1], video (B, T, H, W, 3) uint8 frames."""
+    if modality == "video":
+        return pixels_to_frames(codec.decode(x.float())).cpu().numpy()
+    out = codec.decode(x).cpu().numpy()
+    return np.clip(out, -1.0, 1.0, out=out)
+
+
 def frames_to_pixels(frames: Tensor) -> Tensor:
     """uint8 frames (B, T, H, W, 3) -> pixels in [-1, 1] (B, C, T, H, W), float32."""
     return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
@@ -159,14 +173,28 @@ def pixels_to_frames(pixels: Tensor) -> Tensor:
     return ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
 
 
+def load_codecs(folder: str | Path, clip: ClipGeometry, vocoder: str | None = "hifigan",
+                device: torch.device | str = "cpu") -> dict[Modality, object]:
+    """The codecs of a checkpoint folder: the audio VAE it holds (vae.safetensors: an AudioVAE state dict with
+    its architecture in the safetensors metadata, "hidden" and "depth"; loading is strict) with the vocoder
+    named (codecs/vocoder.py; None: none, nothing is decoded to a wave), and the video codec."""
+    from avlink.codecs.vae import load_vae
+    from avlink.codecs.vocoder import load_vocoder
+
+    path = Path(folder) / VAE_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not found; the checkpoint's audio VAE belongs there "
+                        f"(an AudioVAE state dict saved as safetensors with 'hidden' and 'depth' metadata)")
+    vae = load_vae(str(path), clip)
+    voc = None if vocoder is None else load_vocoder(vocoder, clip.audio, device)
+    return {name: codec.to(device) for name, codec in make_codecs(clip, vae, voc).items()}
+
+
 def load_system(folder: str | Path, device: torch.device | str = "cpu", vocoder: str | None = "hifigan",
                 hint: str = "") -> System:
     """A checkpoint folder loaded for generation, frozen, in eval mode. vocoder: its name or path
     (codecs/vocoder.py), None to load none (nothing will be decoded to a wave). Every damaged file is refused in
     one line naming it (weights.WeightsError); a folder missing files in one line naming them (+ `hint`)."""
-    from avlink.codecs.vae import load_vae
-    from avlink.codecs.vocoder import load_vocoder
-
     folder = Path(folder)
     missing = [name for name in FILES if not (folder / name).is_file()]
     if missing:
@@ -175,8 +203,4 @@ def load_system(folder: str | Path, device: torch.device | str = "cpu", vocoder:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here")
     model = load_link(folder, device)
-    cfg = model.cfg
-    vae = load_vae(str(folder / VAE_FILE), cfg.clip)
-    voc = None if vocoder is None else load_vocoder(vocoder, cfg.clip.audio, device)
-    codecs = {name: codec.to(device) for name, codec in make_codecs(cfg.clip, vae, voc).items()}
-    return System(model, codecs, device, folder)
+    return System(model, load_codecs(folder, model.cfg.clip, vocoder, device), device, folder)

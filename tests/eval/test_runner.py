@@ -16,10 +16,10 @@ from avlink.codecs.vae import AudioVAE
 from avlink.data import media
 from avlink.data.syncbench import CLASSES, load_metadata, synth
 from avlink.errors import UserError
-from avlink.eval import runner
+from avlink.eval import scoring
 from avlink.eval.embed import imagebind, synchformer
 from avlink.eval.embedders import WeightsMissing, load_embedder
-from avlink.eval.runner import EvalSettings, derangement, evaluate
+from avlink.eval.scoring import EvalSettings, derangement, evaluate
 
 from helpers import tiny_link
 
@@ -171,7 +171,7 @@ def test_plain_folders_pair_by_stem_across_suffixes(tmp_path):
     for path in (gen / "a.wav", gen / "sub" / "b.flac", gen / "sub" / "a.mp4", ref / "a.mp4", ref / "b.wav",
                  ref / "c.wav", ref / "notes.txt"):
         path.write_bytes(b"x")
-    pairing = runner.pair_files(gen, ref)
+    pairing = scoring.pair_files(gen, ref)
     assert [(p.stem, p.generated.name, p.reference.name) for p in pairing.pairs] == [
         ("a", "a.wav", "a.mp4"), ("b", "b.flac", "b.wav")]
     assert [Path(p.file).name for p in pairing.problems] == ["a.mp4"]  # second file named a
@@ -239,7 +239,7 @@ def test_sweep_without_a_vae_says_where_to_put_it(syncbench, tmp_path, capsys):
     assert run_cli("--sweep", "t_cond", "--ckpt", folder, "--data", syncbench, "--task", "v2a",
                    "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err
-    assert "vae.safetensors: not found" in err and err.count("\n") == 1
+    assert "not a complete checkpoint folder, missing vae.safetensors" in err and err.count("\n") == 1
 
 
 # --- ImageBind (IB-AI, IB-AV) and DeSync on tiny random-weight networks -----------------------------------
@@ -274,8 +274,8 @@ def av_clip(k: int, seconds: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_av(path: Path, duration: float, size: tuple[int, int] | None) -> dict[str, np.ndarray]:
-    """What the runner reads of a file for these two networks (25 fps, 16 kHz), through its own reader."""
-    reader = runner.Reader(path, duration, size)
+    """What the evaluation reads of a file for these two networks (25 fps, 16 kHz), through its own reader."""
+    reader = scoring.Reader(path, duration, size)
     out = {"video": reader.video(AV_FPS)} if media.probe(path).has_video else {}
     return out | ({"audio": reader.audio(AV_RATE)} if media.probe(path).has_audio else {})
 
@@ -371,7 +371,7 @@ def test_imagebind_and_desync_rows_pair_the_right_streams(av_reference, tmp_path
     settings = EvalSettings(task, metrics=("fd", "imagebind", "desync"), weights=weights, progress=False)
     report = evaluate(gen, root, settings, loader=tiny_loader)
 
-    gen_m, cond_m = runner.MODALITY[task]
+    gen_m, cond_m = scoring.MODALITY[task]
     ib, sync = (tiny_loader(name, weights[name]) for name in ("imagebind", "synchformer"))
     suffix = ".wav" if task == "v2a" else ".mp4"
     gens = [embedded(read_av(gen / f"clip{k}{suffix}", d, size), ib, sync) for k, d in enumerate(durations)]

@@ -76,7 +76,8 @@ def test_captions_prompt_the_generation_and_match_the_scorecard(inputs: dict[str
     import soundfile as sf
     import torch
 
-    from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions
+    from avlink.eval.conditions import caption_texts, load_conditions
+    from avlink.system import load_codecs
     from avlink.train.scorecard import generate
 
     out = inputs["root"] / "prompts"
@@ -89,17 +90,16 @@ def test_captions_prompt_the_generation_and_match_the_scorecard(inputs: dict[str
 
     model = ablate.load_variant(inputs["ckpt"], out / "runs" / "fusion", "v2a", torch.device("cpu"))
     cfg = load_config(inputs["ckpt"] / "config.json")
-    conds = load_conditions(inputs["syncbench"], 2, "v2a", cfg.clip, load_checkpoint_vae(inputs["ckpt"], cfg.clip))
+    codecs = load_codecs(inputs["ckpt"], cfg.clip, "griffinlim")
+    conds = load_conditions(inputs["syncbench"], 2, "v2a", cfg.clip, codecs)
     texts = caption_texts(model, inputs["syncbench"], conds)
     expected = generate(model, "v2a", "avlink", conds, texts, 2, 0, batch=2)
-    from avlink.codecs.vocoder import load_vocoder
-    from avlink.eval.sweep import write_output
+    from avlink.eval.conditions import write_output
 
     mine = out / "mine"
     mine.mkdir()
-    vae, vocoder = load_checkpoint_vae(inputs["ckpt"], cfg.clip), load_vocoder("griffinlim", cfg.clip.audio)
     for x, cond in zip(expected, conds, strict=True):
-        write_output("v2a", x, cond, mine, cfg.clip, vae, vocoder)
+        write_output("v2a", x, cond, mine, cfg.clip, codecs)
     assert all(np.array_equal(sf.read(mine / name)[0], wave) for name, wave in with_captions.items())
     bare = generate(model, "v2a", "avlink", conds, None, 2, 0, batch=2)
     assert not any(torch.allclose(a, b) for a, b in zip(expected, bare, strict=True))

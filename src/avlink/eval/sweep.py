@@ -32,8 +32,8 @@ seed + i), the scorecard's scheme, so `--prompts captions --batch 25` at 64 Eule
 row. `--precision bf16` runs the network evaluations under bf16 autocast (pipeline.sampling_precision); the
 decoders stay fp32.
 
-The audio side goes through the checkpoint's VAE (see `load_checkpoint_vae`): V2A decodes the generated latent
-to a mel and the vocoder (--vocoder) turns it into a wave; A2V encodes the conditioning audio to its latent.
+Media meets tensors through the checkpoint's codecs (system.load_system): V2A decodes the generated latent
+through the audio VAE and the vocoder (--vocoder); A2V encodes the conditioning audio to its latent.
 """
 
 from __future__ import annotations
@@ -41,24 +41,23 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from avlink.backbones.protocol import TextCond
 from avlink.config import Task
 from avlink.errors import UserError
 from avlink.eval import report as rep
-from avlink.eval.runner import METRIC_GROUPS, EvalSettings, evaluate, parse_weights
+from avlink.eval.conditions import Conditioned, caption_texts, load_conditions, write_output
+from avlink.eval.scoring import METRIC_GROUPS, EvalSettings, evaluate, parse_weights
 from avlink.files import atomic_write
 from avlink.flow.solvers import EVALS_PER_STEP, SOLVERS, steps_for_evals
-from avlink.system import load_link, video_codec
+from avlink.system import load_system
 
 DEFAULT_VALUES: dict[str, tuple[float, ...]] = {
     "t_cond": (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.96, 1.0),
@@ -69,82 +68,8 @@ DEFAULT_VALUES: dict[str, tuple[float, ...]] = {
 AXIS_LABELS = {"t_cond": "t_cond (conditioning flow time)", "steps": "sampling steps",
                "evals": "network evaluations (steps x evaluations per step)",
                "cfg": "guidance scale (classifier-free, generated stream's prompt)"}
-VAE_FILE = "vae.safetensors"
 # Drawn first when present; the sweep's JSON and table hold every metric.
 PLOT_METRICS = ("onset_acc", "onset_ap", "av_align", "event_f1", "class_acc")
-
-
-def load_checkpoint_vae(folder: Path, clip: Any) -> torch.nn.Module:
-    """The audio VAE of a checkpoint folder.
-
-    The folder holds it as `vae.safetensors`: the AudioVAE state dict, with its architecture in the file's
-    safetensors metadata ("hidden": channel width, "depth": residual blocks per level; read from the tensor
-    shapes when absent). Its mel and latent geometry is the linked model's (config.json, clip.audio): the one
-    the audio generator works in. Loading is strict: weights of another geometry or architecture are refused.
-    """
-    from avlink.codecs.vae import load_vae
-
-    path = Path(folder) / VAE_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: not found; the sweep needs the checkpoint's audio VAE there "
-                        f"(an AudioVAE state dict saved as safetensors with 'hidden' and 'depth' metadata)")
-    return load_vae(str(path), clip)
-
-
-@dataclass
-class Conditioned:
-    """One SyncBench clip ready to condition the generation."""
-
-    id: str
-    x_cond: Tensor  # V2A: video (1, C, T, H, W) in the flow's space (the video codec); A2V: scaled latent (1, Ta, Da)
-    audio: np.ndarray  # the clip's wave at the model's rate, muxed into A2V outputs
-
-
-def load_conditions(data: Path, n: int | None, task: Task, clip: Any, vae: Any,
-                    split: str | None = "test") -> list[Conditioned]:
-    """The first n clips of one split of a SyncBench folder (a folder made by `synth --split` holds train,
-    val and test; scoring a model on the clips it trained on would flatter it). split None: every clip."""
-    from avlink.codecs.mel import MelSpectrogram, fit_frames
-    from avlink.data.datasets import load_item, syncbench_dataset
-    from avlink.data.media import MediaError
-
-    dataset = syncbench_dataset(data, split)
-    if not dataset.items and split is not None:
-        raise UserError(f"{data}: no clips of split {split!r} (use --split all for a folder without splits)")
-    mel = MelSpectrogram(clip.audio)
-    out = []
-    for item in dataset.items[:n]:
-        try:
-            av = load_item(item, clip)
-        except MediaError as err:
-            print(f"skipped: {err}", file=sys.stderr)
-            continue
-        if task == "v2a":
-            x_cond = video_codec(clip.video).encode(av.video[None])  # (1, C, T, H, W)
-        else:
-            with torch.no_grad():
-                spec = fit_frames(mel(av.audio[None]), clip.num_mel_frames)  # (1, n_mels, F)
-                x_cond = vae.scale_latent(vae.encode(spec).mean)  # (1, Ta, Da)
-        out.append(Conditioned(item.id, x_cond, av.audio.numpy()))
-    if not out:
-        raise UserError(f"{data}: no usable clips")
-    return out
-
-
-@torch.no_grad()
-def write_output(task: Task, x: Tensor, cond: Conditioned, folder: Path, clip: Any, vae: Any,
-                 vocoder: Any) -> None:
-    """Decode one generated sample and write it as <id>.wav (V2A) or <id>.mp4 (A2V)."""
-    from avlink.data import media
-
-    if task == "v2a":
-        spec = vae.decode(vae.unscale_latent(x))  # (1, n_mels, F)
-        wave = vocoder(spec)[0].float().cpu().numpy()  # (F * hop,)
-        media.write_audio(folder / f"{cond.id}.wav", np.clip(wave, -1.0, 1.0), clip.audio.sample_rate)
-        return
-    pixels = ((video_codec(clip.video).decode(x[0]) + 1) * 127.5).round().to(torch.uint8)  # (C, T, H, W)
-    frames = pixels.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, C)
-    media.write_video(folder / f"{cond.id}.mp4", frames, clip.video.fps, cond.audio, clip.audio.sample_rate)
 
 
 @dataclass(frozen=True)
@@ -189,23 +114,6 @@ def plan(sweep: str, methods: list[str], values: list[float], steps: int) -> tup
     return points, notes
 
 
-def captions(data: Path, ids: list[str]) -> list[str]:
-    """Each clip's SyncBench caption ('' for a clip without one)."""
-    from avlink.data import syncbench
-
-    by_id = {str(row["id"]): str(row.get("caption", "")) for row in syncbench.load_metadata(data)}
-    return [by_id.get(i, "") for i in ids]
-
-
-def caption_texts(model: Any, data: Path, conds: list[Conditioned]) -> TextCond:
-    """The captions of all clips, encoded once by the checkpoint's text encoder: tokens (N, L, Dt)."""
-    from avlink.codecs.text import load_text_encoder
-
-    encoder = load_text_encoder(model.cfg.text_encoder)
-    text = encoder.encode(captions(data, [c.id for c in conds]))
-    return TextCond(text.tokens, text.mask)
-
-
 @dataclass
 class SweepRun:
     """What every point of a sweep shares, prepared once."""
@@ -215,8 +123,7 @@ class SweepRun:
     conds: list[Conditioned]
     texts: TextCond | None  # every clip's caption, tokens (N, L, Dt); None: no prompt
     settings: EvalSettings
-    vae: Any
-    vocoder: Any
+    codecs: dict[str, Any]  # system.System.codecs
     source: dict[str, Any]  # what decides a point's files besides the point itself (`point_source`)
     cache: dict = field(default_factory=dict)  # reference features, the same for every point
 
@@ -234,8 +141,7 @@ def generate(run: SweepRun, point: Point, folder: Path) -> None:
                              steps=point.steps, method=point.method, t_cond=point.t_cond, cfg_scale=point.cfg_scale)
     for start, x in batches:  # x: (B, ...) the generated modality, fp32 whatever the precision
         for i in range(x.shape[0]):
-            write_output(args.task, x[i:i + 1], run.conds[start + i], folder, run.model.cfg.clip, run.vae,
-                         run.vocoder)
+            write_output(args.task, x[i:i + 1], run.conds[start + i], folder, run.model.cfg.clip, run.codecs)
 
 
 def sample_one(model: Any, task: Task, x_cond: Tensor, steps: int, method: str, t_cond: float | None,
@@ -387,19 +293,16 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def prepare_run(args: argparse.Namespace) -> SweepRun:
-    from avlink.codecs.vocoder import load_vocoder
-
-    model = load_link(args.ckpt)  # a damaged or missing file: one line (WeightsError)
-    clip = model.cfg.clip
-    vae = load_checkpoint_vae(args.ckpt, clip)
-    vocoder = load_vocoder(args.vocoder, clip.audio) if args.task == "v2a" else None
+    # a damaged or missing file: one line (WeightsError, UserError)
+    system = load_system(args.ckpt, vocoder=args.vocoder if args.task == "v2a" else None)
+    model, clip = system.model, system.clip
     split = None if args.split == "all" else args.split
-    conds = load_conditions(args.data, args.n, args.task, clip, vae, split)
+    conds = load_conditions(args.data, args.n, args.task, clip, system.codecs, split)
     texts = caption_texts(model, args.data, conds) if args.prompts == "captions" else None
     settings = EvalSettings(task=args.task, metrics=tuple(args.metrics or METRIC_GROUPS),
                             weights=parse_weights(args.weights), fps=clip.video.fps, duration=clip.duration,
                             seed=args.seed)
-    return SweepRun(args, model, conds, texts, settings, vae, vocoder, run_source(args, conds, settings))
+    return SweepRun(args, model, conds, texts, settings, system.codecs, run_source(args, conds, settings))
 
 
 POINT_FILE = "point.json"  # how a point's files were made; written last, so only a finished point has it

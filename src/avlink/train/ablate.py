@@ -215,11 +215,11 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def generate_variant(args: argparse.Namespace, model: Any, conds: list, texts: Any, folder: Path, vae: Any,
-                     vocoder: Any, source: dict[str, Any]) -> None:
+def generate_variant(args: argparse.Namespace, model: Any, conds: list, texts: Any, folder: Path,
+                     codecs: dict[str, Any], source: dict[str, Any]) -> None:
     """Write the variant's generated clips into folder/generated. A batch whose clips are all there from the same
     weights and sampling settings (folder/source.json) is kept, so a killed ablation does not redo it."""
-    from avlink.eval.sweep import write_output
+    from avlink.eval.conditions import write_output
     from avlink.files import atomic_write
     from avlink.train.scorecard import generate
 
@@ -239,7 +239,7 @@ def generate_variant(args: argparse.Namespace, model: Any, conds: list, texts: A
                       None if texts is None else texts.rows(start, len(chunk)),
                       args.sample_steps, args.sample_seed + start, batch=args.batch)
         for x, cond in zip(xs, chunk, strict=True):
-            write_output(args.task, x.cpu(), cond, generated, model.cfg.clip, vae, vocoder)
+            write_output(args.task, x.cpu(), cond, generated, model.cfg.clip, codecs)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -311,18 +311,17 @@ def run(args: argparse.Namespace) -> int:
               f"to score them", file=sys.stderr)
         return 0
     # The evaluation harness and the vocoder (librosa and the rest), which training alone does not need.
-    from avlink.codecs.vocoder import load_vocoder
     from avlink.eval import report as rep
-    from avlink.eval.runner import EvalSettings, classifier_name, evaluate
-    from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions
+    from avlink.eval.conditions import caption_texts, load_conditions
+    from avlink.eval.scoring import EvalSettings, classifier_name, evaluate
+    from avlink.system import load_codecs
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     clip = base.clip
-    vae = load_checkpoint_vae(args.ckpt, clip)
-    vocoder = load_vocoder(args.vocoder, clip.audio) if args.task == "v2a" else None
+    codecs = load_codecs(args.ckpt, clip, args.vocoder if args.task == "v2a" else None)
     split = None if args.split == "all" else args.split
-    conds = load_conditions(args.syncbench, args.eval_clips, args.task, clip, vae, split=split)
+    conds = load_conditions(args.syncbench, args.eval_clips, args.task, clip, codecs, split=split)
     classifiers = args.ckpt / "classifiers.safetensors"  # class_acc's classifier, when the checkpoint ships one
     weights = {classifier_name(args.task): classifiers} if classifiers.is_file() else {}
     settings = EvalSettings(task=args.task, metrics=METRIC_GROUPS, weights=weights, fps=clip.video.fps,
@@ -339,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
                   "prompts": args.prompts, "batch": args.batch, "vocoder": args.vocoder,
                   "clips": [c.id for c in conds]}
         folder = run_dir / "eval"
-        generate_variant(args, model, conds, texts, folder, vae, vocoder, source)
+        generate_variant(args, model, conds, texts, folder, codecs, source)
         report = evaluate(folder / "generated", args.syncbench, settings, cache=cache, only={c.id for c in conds})
         rep.write_report(report, folder)
         reports[variant] = report

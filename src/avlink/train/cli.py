@@ -122,9 +122,9 @@ def load_settings(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, i
     if args.part == "fusion" and "lr" not in train:
         tc = replace(tc, lr=1e-4)  # the paper's fusion learning rate
     if args.part == "classifiers":
-        from avlink.eval.classifiers import train_defaults
+        from avlink.train.objectives import classifier_train_defaults
 
-        tc = replace(tc, **train_defaults(train, args.max_steps))
+        tc = replace(tc, **classifier_train_defaults(train, args.max_steps))
     batch = args.batch_size or int(extra.pop("batch_size", 32))
     return cfg, tc, batch, extra
 
@@ -177,12 +177,10 @@ def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Names
     from avlink.backbones import build_backbone
     from avlink.codecs.vae import AudioVAE
     from avlink.system import build_model
-    from avlink.train.objectives import FusionObjective, GeneratorObjective, VAEObjective
+    from avlink.train.objectives import FusionObjective, GeneratorObjective, VAEObjective, classifier_objective
 
     if part == "classifiers":  # the labels come from the prepared clips' metadata
-        from avlink.eval import classifiers
-
-        return classifiers.build_objective(data or args.data, device, n_mels=cfg.clip.audio.n_mels)
+        return classifier_objective(data or args.data, device, n_mels=cfg.clip.audio.n_mels)
     vae = None
     if args.vae is not None and part != "vae":
         from avlink.codecs.vae import load_vae

@@ -23,11 +23,11 @@ import torch
 from avlink.backbones.protocol import TextCond
 from avlink.config import Task
 from avlink.eval import report as rep
-from avlink.eval.runner import EvalSettings, evaluate
-from avlink.eval.sweep import caption_texts, load_checkpoint_vae, load_conditions, write_output
+from avlink.eval.conditions import caption_texts, load_conditions, write_output
+from avlink.eval.scoring import EvalSettings, evaluate
 from avlink.files import atomic_write
 from avlink.sample import sample_batches
-from avlink.system import load_link
+from avlink.system import load_system
 
 METRICS = ("onset", "events", "av_align", "class_acc")
 SYSTEMS = {"v2a": ("avlink", "t2a_alone"), "a2v": ("avlink", "t2v_alone")}
@@ -52,19 +52,15 @@ def generate(model: Any, task: Task, system: str, conds: list, text: TextCond | 
 def score_checkpoint(ckpt: Path, data: Path, out: Path, n: int | None = None, steps: int = 64, seed: int = 0,
                      vocoder: str = "hifigan-universal", progress: bool = True,
                      cfg_scale: float = 1.0) -> dict[str, Any]:
-    from avlink.codecs.vocoder import load_vocoder
-
     started = time.perf_counter()
-    model = load_link(ckpt)
-    clip = model.cfg.clip
-    vae = load_checkpoint_vae(ckpt, clip)
-    voc = load_vocoder(vocoder, clip.audio)
+    loaded = load_system(ckpt, vocoder=vocoder)
+    model, clip = loaded.model, loaded.clip
     classifier = ckpt / "classifiers.safetensors"
     weights = {"syncbench-audio": classifier, "syncbench-video": classifier} if classifier.is_file() else {}
     results: dict[str, Any] = {"steps": steps, "seed": seed, "cfg_scale": cfg_scale, "split": "test",
                                "vocoder": vocoder}
     for task in ("v2a", "a2v"):
-        conds = load_conditions(data, n, task, clip, vae, "test")
+        conds = load_conditions(data, n, task, clip, loaded.codecs, "test")
         ids = [c.id for c in conds]
         text = caption_texts(model, data, conds)
         settings = EvalSettings(task=task, metrics=METRICS, weights=weights, fps=clip.video.fps,
@@ -76,7 +72,7 @@ def score_checkpoint(ckpt: Path, data: Path, out: Path, n: int | None = None, st
             xs = generate(model, task, system, conds, text, steps, seed, cfg_scale=cfg_scale)
             (folder / "generated").mkdir(parents=True, exist_ok=True)
             for x, cond in zip(xs, conds, strict=True):
-                write_output(task, x, cond, folder / "generated", clip, vae, voc)
+                write_output(task, x, cond, folder / "generated", clip, loaded.codecs)
             report = evaluate(folder / "generated", data, settings, cache=cache, only=set(ids))
             rep.write_report(report, folder)
             rows[system] = report.rows["model"]

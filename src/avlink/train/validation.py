@@ -38,11 +38,11 @@ from avlink.backbones.protocol import TextCond
 from avlink.config import ModelConfig, Task
 from avlink.errors import UserError
 from avlink.eval import report as rep
-from avlink.eval.runner import EvalSettings, evaluate
-from avlink.eval.sweep import Conditioned, captions, load_conditions, write_output
+from avlink.eval.conditions import Conditioned, captions, load_conditions, write_output
+from avlink.eval.scoring import EvalSettings, evaluate
 from avlink.files import atomic_write
 from avlink.sample import sample_backbone
-from avlink.system import video_codec
+from avlink.system import make_codecs
 from avlink.train.scorecard import BATCH, KEY_METRICS, METRICS, generate
 
 SUMMARY_FILE = "validation.json"
@@ -135,11 +135,16 @@ def finite(values: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
 
 @dataclass
 class Decoders:
-    """What turns a generated tensor into a file: the model's clip geometry, the audio VAE, the vocoder."""
+    """What turns a generated tensor into a file: the model's clip geometry, the audio VAE, the vocoder, as the
+    codecs of system.py (`codecs`); the VAE's own check runs the vocoder on its reconstructed mels."""
 
     clip: Any
     vae: nn.Module | None
     vocoder: Any
+
+    @property
+    def codecs(self) -> dict[str, Any]:
+        return make_codecs(self.clip, self.vae, self.vocoder)
 
 
 @dataclass
@@ -171,7 +176,7 @@ class GenerationCheck:
         folder.mkdir(parents=True, exist_ok=True)
         d = self.decoders
         for x, cond in zip(xs, self.conds, strict=True):
-            write_output(self.task, x.float(), cond, folder, d.clip, d.vae, d.vocoder)
+            write_output(self.task, x.float(), cond, folder, d.clip, d.codecs)
         report = evaluate(folder, self.data.root, self.settings, cache=self.cache, only={c.id for c in self.conds})
         rep.write_report(report, folder)
         if report.clips == 0:
@@ -182,13 +187,13 @@ class GenerationCheck:
 
     def references(self) -> list[Sample]:
         """Each clip's own audio, and its video where the condition is video (all but A2V)."""
-        video = video_codec(self.decoders.clip.video)
+        video = self.decoders.codecs["video"]
         return [Sample(c.id, audio=c.audio, video=None if c.x_cond.ndim != 5 else video.decode(c.x_cond[0]).cpu())
                 for c in self.conds]
 
     def media(self, x: Tensor, cond: Conditioned, folder: Path) -> Sample:
         if self.task == "a2v":
-            return Sample(cond.id, video=video_codec(self.decoders.clip.video).decode(x[0].float()).cpu())
+            return Sample(cond.id, video=self.decoders.codecs["video"].decode(x[0].float()).cpu())
         import soundfile
 
         wave, _ = soundfile.read(folder / f"{cond.id}.wav", dtype="float32")  # what was written, 16 bits
@@ -365,14 +370,15 @@ def prompts(encoder: Any, data: ValData, ids: list[str], text_dim: int, device: 
 
 
 def on_cpu(module: nn.Module) -> nn.Module:
-    """The conditions are read and encoded on the CPU (eval.sweep.load_conditions); a frozen module on another
+    """The conditions are read and encoded on the CPU (eval.conditions.load_conditions); a frozen module on another
     device is copied there for it."""
     return module if next(module.parameters()).device.type == "cpu" else copy.deepcopy(module).cpu()
 
 
 def conditions(data: ValData, clips: int, task: Task, clip: Any, vae: nn.Module | None,
                device: torch.device) -> list[Conditioned]:
-    conds = load_conditions(data.root, clips, task, clip, None if vae is None else on_cpu(vae), data.split)
+    codecs = make_codecs(clip, None if vae is None else on_cpu(vae))
+    conds = load_conditions(data.root, clips, task, clip, codecs, data.split)
     return [Conditioned(c.id, c.x_cond.to(device), c.audio) for c in conds]
 
 
@@ -400,12 +406,13 @@ def reference_clips(data: ValData, clips: int, clip: Any, device: torch.device) 
     from avlink.data import syncbench
     from avlink.eval.classifiers import clip_classes, multi_hot
 
-    conds = load_conditions(data.root, clips, "v2a", clip, None, data.split)  # video and wave, no VAE needed
+    video = make_codecs(clip, None)["video"]
+    conds = load_conditions(data.root, clips, "v2a", clip, {"video": video}, data.split)  # video and wave only
     rows = {str(r["id"]): r for r in syncbench.load_metadata(data.root)}
     mel = MelSpectrogram(clip.audio)
     with torch.no_grad():
         mels = torch.cat([fit_frames(mel(torch.from_numpy(c.audio)[None]), clip.num_mel_frames) for c in conds])
-    videos = video_codec(clip.video).decode(torch.cat([c.x_cond for c in conds]))  # the classifiers read pixels
+    videos = video.decode(torch.cat([c.x_cond for c in conds]))  # the classifiers read pixels
     labels = torch.stack([multi_hot(clip_classes(rows[c.id])) for c in conds])
     return Reference([c.id for c in conds], [c.audio for c in conds], mels.to(device), videos.to(device), labels)
 
