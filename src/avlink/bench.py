@@ -431,9 +431,9 @@ def build_random(cfg: ModelConfig, device: torch.device) -> AVLink:
 def with_injection(model: AVLink, injection: str) -> AVLink:
     """The same weights linked with another injection ("fusion" and "static" share every parameter)."""
     tasks = tuple(k for k in model.fusion if k != "joint") or TASKS
-    with torch.device("meta"):  # its own fusion parameters are replaced at once: never allocate them
-        other = AVLink(model.cfg.override(**{"fusion.injection": injection}), model.audio, model.video, tasks)
-    other.fusion = model.fusion
+    # built on the meta device: its own parameters are replaced at once, never allocated
+    other = build_model(model.cfg.override(**{"fusion.injection": injection}), "meta", tasks)
+    other.audio, other.video, other.fusion = model.audio, model.video, model.fusion
     return other.eval()
 
 
