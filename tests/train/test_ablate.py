@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from avlink import cli
 from avlink.checkpoint import load_config
+from avlink.errors import UserError
 from avlink.train import ablate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -168,6 +170,28 @@ def test_ablate_refuses_missing_inputs_in_one_line(inputs: dict[str, Path], tmp_
     assert "fewer than one batch of 64" in capsys.readouterr().err
     assert cli.main(ablate_argv(inputs, tmp_path / "o", "--data", str(tmp_path))) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_variants_train_through_the_library_and_a_failure_names_the_variant(inputs: dict[str, Path],
+                                                                          tmp_path: Path, monkeypatch,
+                                                                          capsys) -> None:
+    """Training is a library call, not a second entry into `avlink`; the card and the log keep the equivalent
+    command line."""
+    def entry_point(argv=None):
+        raise AssertionError(f"a variant trained through avlink.cli.main: {argv}")
+
+    monkeypatch.setattr(cli, "main", entry_point)
+    parser = argparse.ArgumentParser()
+    ablate.add_arguments(parser)
+    args = parser.parse_args(ablate_argv(inputs, tmp_path / "o", "--variants", "fusion", "--train-only")[1:])
+    assert ablate.run(args) == 0
+    card = json.loads((tmp_path / "o" / "runs" / "fusion" / "export" / "fusion.card.json").read_text())
+    assert card["command"].startswith("avlink train fusion ") and "--resume" in card["command"]
+    assert f"avlink ablate: fusion: {card['command']}" in capsys.readouterr().out
+    bad = parser.parse_args([*ablate_argv(inputs, tmp_path / "bad", "--variants", "direct", "--train-only")[1:],
+                             "--set", "train.nope=1"])
+    with pytest.raises(UserError, match=r"^variant direct: bad config: .*nope"):
+        ablate.run(bad)
 
 
 def test_overrides_rebuild_the_checkpoint_config_with_the_variant() -> None:

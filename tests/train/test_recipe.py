@@ -1,12 +1,18 @@
+import argparse
 import json
+import shlex
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from avlink import cli
 from avlink.checkpoint import save_config
+from avlink.data import prepare as prepare_command
+from avlink.data import syncbench
 from avlink.errors import UserError
 from avlink.system import load_link
+from avlink.train import cli as train_command
 from avlink.train import recipe
 from avlink.train.recipe import SETTINGS, Budget, budget_overrides, collect, run_recipe, size_overrides
 from avlink.train.scorecard import markdown
@@ -62,8 +68,13 @@ def test_scores_say_which_guidance_made_them():
     assert "guidance 3)" in text.splitlines()[0] and "| AV-Link | 0.500 |" in text
 
 
-def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
+def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path, monkeypatch):
+    def entry_point(argv=None):
+        raise AssertionError(f"a recipe step went through avlink.cli.main: {argv}")
+
+    monkeypatch.setattr(cli, "main", entry_point)  # the steps call library functions
     summary = run_recipe(tmp_path / "out", tmp_path / "work", scale=0.005, progress=False)
+    assert all(s["command"].startswith("avlink ") for s in summary["steps"][:-1])
     names = [s["step"] for s in summary["steps"]]
     assert "model" not in summary  # the preset's sizes: nothing to record
     assert names.index("train classifiers") < names.index("train audio") and names[-1] == "score"
@@ -111,47 +122,96 @@ def test_budget_and_sizes_are_checked_before_anything_runs():
             size_overrides(bad, "tiny")
 
 
-def test_overrides_reach_every_training_and_the_work_folder_keeps_its_settings(tmp_path, monkeypatch):
-    calls = []
+def parsed(module, command: str) -> dict:
+    """What an `avlink COMMAND ...` line parses to with that command's own parser."""
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return vars(parser.parse_args(shlex.split(command)[2:]))
 
-    def fake_main(argv):
-        calls.append(argv)
-        return 0
 
-    class Stop(Exception):
-        pass
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_steps(monkeypatch):
+    """The library calls of the recipe's steps, recorded instead of run; the recipe stops at collect."""
+    calls = {"synth": [], "prepare": [], "train": []}
+
+    def fake_synth(out, progress=None, **options):
+        calls["synth"].append((out, options))
+        return []
+
+    def fake_prepare(spec, out, progress=True, **options):
+        calls["prepare"].append((spec, out, options))
+        return {"skipped": []}
+
+    def fake_train(args):
+        calls["train"].append(args)
+        return args.out / "export" / f"{args.part}.safetensors"
 
     def stop(*_):
         raise Stop
 
-    monkeypatch.setattr(recipe, "main", fake_main)
+    monkeypatch.setattr(syncbench, "synth", fake_synth)
+    monkeypatch.setattr(recipe, "prepare", fake_prepare)
+    monkeypatch.setattr(recipe, "train_part", fake_train)
     monkeypatch.setattr(recipe, "collect", stop)
+    return calls
+
+
+def test_overrides_reach_every_training_and_the_work_folder_keeps_its_settings(tmp_path, fake_steps, capsys):
     work = tmp_path / "work"
     sizes = ["model.video.dim=64", "model.fusion.dim=32"]
     with pytest.raises(Stop):
         run_recipe(tmp_path / "out", work, budget={"video_steps": 7}, model=sizes, progress=False)
-    trained = {argv[1]: argv for argv in calls if argv[0] == "train"}
+    trained = {args.part: args for args in fake_steps["train"]}
     assert set(trained) == {"classifiers", "vae", "audio", "video", "fusion"}
     for part in ("audio", "video", "fusion"):
-        assert all(item in trained[part] for item in sizes), part
+        assert all(item in trained[part].set for item in sizes), part
     for part in ("classifiers", "vae"):
-        assert not any(a.startswith("model.") for a in trained[part]), part
-    video = trained["video"]
-    assert video[video.index("--max-steps") + 1] == "7"
-    assert f"train.lr={Budget().video_lr}" in video
+        assert not any(a.startswith("model.") for a in trained[part].set), part
+    assert trained["video"].max_steps == 7 and f"train.lr={Budget().video_lr}" in trained["video"].set
+    assert trained["fusion"].video_dit == trained["video"].out / "export" / "video.safetensors"
+    # Each step announces the command line that does what its library call did.
+    printed = capsys.readouterr().out.splitlines()
+    commands = dict(line.removeprefix("avlink recipe: ").split(": ", 1) for line in printed
+                    if line.startswith("avlink recipe: "))
+    for (out, options), split in zip(fake_steps["synth"], ("train", "val", "test"), strict=True):
+        assert parsed(syncbench, commands[f"synth {split}"]) == {"out": out, **options}, split
+    for (spec, out, options), name in zip(fake_steps["prepare"], ("prepare mel", "prepare latents"), strict=True):
+        line = parsed(prepare_command, commands[name])
+        assert line["data"] == spec and line["out"] == str(out), name
+        assert all(line[k] == v for k, v in options.items()), name
+    for args in fake_steps["train"]:
+        assert parsed(train_command, args.command_line) == {k: v for k, v in vars(args).items() if k != "command_line"}
+        name = f"train fusion {args.task}" if args.part == "fusion" else f"train {args.part}"
+        assert commands[name] == args.command_line
     settings = json.loads((work / SETTINGS).read_text())
     assert settings["model"] == sizes and settings["budget"]["video_steps"] == 7
     # The same settings go on (every step resumes); other ones are refused before any step runs.
-    calls.clear()
+    fake_steps["train"].clear()
     with pytest.raises(Stop):
         run_recipe(tmp_path / "out", work, budget={"video_steps": 7}, model=sizes, progress=False)
-    assert calls
-    calls.clear()
+    assert fake_steps["train"]
+    fake_steps["train"].clear()
     with pytest.raises(UserError, match=r"budget\.video_steps.*another --work"):
         run_recipe(tmp_path / "out", work, budget={"video_steps": 8}, model=sizes, progress=False)
     with pytest.raises(UserError, match="model"):
         run_recipe(tmp_path / "out", work, budget={"video_steps": 7}, progress=False)
-    assert calls == []
+    assert fake_steps["train"] == []
+
+
+def test_a_failing_step_is_named_in_its_error(tmp_path, fake_steps, monkeypatch):
+    def refuse(args):
+        raise UserError(f"{args.data}: no shards")
+
+    monkeypatch.setattr(recipe, "train_part", refuse)
+    with pytest.raises(UserError, match=r"^step train classifiers: .*mel: no shards$"):
+        run_recipe(tmp_path / "out", tmp_path / "work", progress=False)
+    monkeypatch.setattr(recipe, "prepare", lambda spec, out, **_: {"skipped": [{"file": "a.mp4", "reason": "bad"}]})
+    with pytest.raises(UserError, match=r"^step prepare mel: 1 clips skipped \(a\.mp4: bad"):
+        run_recipe(tmp_path / "out", tmp_path / "work", progress=False)
 
 
 @pytest.mark.slow

@@ -75,3 +75,24 @@ def test_scientific_notation_is_a_number():
 
     assert scalar("1e-3") == 1e-3 and scalar("2E+2") == 200.0
     assert scalar("fusion") == "fusion" and scalar("nan") == "nan" and scalar(5) == 5
+
+
+def test_train_args_are_what_their_command_line_parses_to(tmp_path):
+    """Code that trains (the recipe, ablations) gets the parser's defaults, and a command line that rebuilds the
+    same arguments."""
+    import argparse
+    import shlex
+
+    from avlink.train.cli import add_arguments, train_args
+
+    args = train_args("fusion", data=tmp_path / "shards", out=tmp_path / "run", task="a2v", max_steps=3,
+                      set=["train.lr=1e-3", "model.fusion.dim=32"], resume=True, no_progress=False,
+                      vae=tmp_path / "my vae.safetensors", val_classifiers=None)
+    assert args.workers == 0 and args.val_clips == 4 and args.data == str(tmp_path / "shards")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = shlex.split(args.command_line)
+    assert argv[:3] == ["avlink", "train", "fusion"] and "--no-progress" not in argv
+    assert vars(parser.parse_args(argv[2:])) == {k: v for k, v in vars(args).items() if k != "command_line"}
+    with pytest.raises(TypeError, match="max_step"):
+        train_args("vae", data=tmp_path, out=tmp_path, max_step=3)

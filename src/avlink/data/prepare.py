@@ -46,6 +46,7 @@ FORMAT = "avlink-shards/1"
 EXIT_OK = 0
 EXIT_SKIPPED = 3  # some files were skipped; the manifest lists them
 TEXT_BATCH = 64
+WORKERS = min(4, os.cpu_count() or 1)  # encoding processes of `avlink prepare` without --workers
 
 
 def shard_name(index: int) -> str:
@@ -411,7 +412,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="SPEC", help="the data set to encode")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the shards and manifest.json")
     parser.add_argument("--preset", default="tiny", help="clip geometry and text encoder (default: tiny)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="K",
+    parser.add_argument("--workers", type=int, default=WORKERS, metavar="K",
                         help="encoding processes (default: %(default)s)")
     parser.add_argument("--shard-size", type=int, default=256, metavar="N", help="clips per shard (default: 256)")
     parser.add_argument("--audio", choices=("mel", "latent"), default=None,

@@ -5,7 +5,7 @@
                   [--variants fusion no_reinjection ...]
 
 Each variant is a set of `model.fusion` overrides (config.py FusionConfig). For every variant, fresh Fusion
-Blocks are trained between the checkpoint's frozen generators by `avlink train fusion --resume` into
+Blocks are trained between the checkpoint's frozen generators as by `avlink train fusion --resume` into
 OUT/runs/<variant>/ (so a killed ablation continues where it stopped), then they generate the other modality of
 the first --eval-clips clips of the SyncBench test split through the evaluation sweep's path (`sample_link`,
 the checkpoint's VAE, --vocoder), and `avlink eval` scores them in OUT/runs/<variant>/eval/. OUT/table2.md and
@@ -40,9 +40,9 @@ from typing import Any
 import torch
 import yaml
 
-from avlink.cli import main
 from avlink.config import PRESETS, ModelConfig, Task
 from avlink.errors import UserError
+from avlink.train.cli import parse_override, train_args, train_part
 from avlink.train.recipe import Budget
 
 # name -> (row title, model.fusion overrides): the rows of the paper's Table 2 that this model can run.
@@ -149,12 +149,10 @@ def trained_export(run_dir: Path, args: argparse.Namespace, overrides: dict[str,
         exported = flatten(json.loads((export / "config.json").read_text()))
     except (OSError, ValueError):
         return None
-    from avlink.train.cli import parse_override  # `avlink train --set`'s reading of an item
-
     train = card.get("train") or {}
     wanted = {"train": {**train, "lr": args.lr}, "model": {**exported, **overrides}}
     for item in args.set:  # --set train.X / model.X: the export must have been trained with them too
-        key, value = parse_override(item)
+        key, value = parse_override(item)  # `avlink train --set`'s reading of an item
         section, _, name = key.partition(".")
         if section in wanted:
             wanted[section][name] = value
@@ -165,8 +163,9 @@ def trained_export(run_dir: Path, args: argparse.Namespace, overrides: dict[str,
 
 
 def train_variant(args: argparse.Namespace, base: ModelConfig, variant: str) -> Path:
-    """`avlink train fusion` for one variant, resumed if it ran before; returns its run folder. An export of
-    the same variant and settings without its checkpoints (trained elsewhere) is kept as it is."""
+    """Train the variant's fusion blocks (as `avlink train fusion`), resumed if it ran before; returns its run
+    folder. An export of the same variant and settings without its checkpoints (trained elsewhere) is kept as it
+    is."""
     run_dir = args.out / "runs" / variant
     preset, overrides = model_overrides(base, variant)
     card = trained_export(run_dir, args, overrides)
@@ -177,16 +176,16 @@ def train_variant(args: argparse.Namespace, base: ModelConfig, variant: str) -> 
     config = run_dir / "ablation.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump({"train": {"lr": args.lr}, "model": overrides}, sort_keys=False))
-    argv = ["train", "fusion", "--task", args.task, "--preset", preset, "--data", str(args.data),
-            "--out", str(run_dir), "--config", str(config), "--vae", str(args.ckpt / "vae.safetensors"),
-            "--audio-dit", str(args.ckpt / "audio_dit.safetensors"),
-            "--video-dit", str(args.ckpt / "video_dit.safetensors"), "--max-steps", str(args.steps),
-            "--batch-size", str(args.batch_size), "--device", args.device, "--resume",
-            *(["--set", *args.set] if args.set else []), *(["--no-progress"] if args.no_progress else [])]
-    print(f"avlink ablate: {variant}: avlink {' '.join(argv)}", flush=True)
-    code = main(argv)
-    if code != 0:
-        raise UserError(f"variant {variant}: training failed (exit {code}); rerun to resume")
+    training = train_args("fusion", task=args.task, preset=preset, data=args.data, out=run_dir, config=config,
+                          vae=args.ckpt / "vae.safetensors", audio_dit=args.ckpt / "audio_dit.safetensors",
+                          video_dit=args.ckpt / "video_dit.safetensors", max_steps=args.steps,
+                          batch_size=args.batch_size, device=args.device, resume=True, set=args.set,
+                          no_progress=args.no_progress)
+    print(f"avlink ablate: {variant}: {training.command_line}", flush=True)
+    try:
+        train_part(training)
+    except UserError as err:
+        raise UserError(f"variant {variant}: {err}") from err
     return run_dir
 
 

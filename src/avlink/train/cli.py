@@ -14,6 +14,7 @@ vggsound:CSV:DIR, folder:DIR), which is prepared into OUT/prepared first (resuma
 `train:` (TrainConfig fields), `model:` (dotted preset overrides) and `batch_size`; --set overrides either, e.g.
 --set train.lr=1e-4 model.fusion.injection=static. The same command runs under torchrun (DDP).
 At the end the EMA weights are exported to OUT/export/<part>.safetensors with config.json and a model card.
+Code trains the same way through `train_part(train_args(part, data=..., out=..., max_steps=...))`.
 
 --val-data SYNCBENCH (DIR or syncbench:DIR[:SPLIT], split val by default) validates with the EMA weights every
 --val-every steps and at the last step (train/validation.py): K clips generated (or reconstructed, or
@@ -27,6 +28,7 @@ import argparse
 import itertools
 import json
 import re
+import shlex
 import subprocess
 import time
 from dataclasses import asdict, fields, replace
@@ -260,7 +262,44 @@ def build_validation(args: argparse.Namespace, objective, cfg: ModelConfig, tc: 
     return build_validator(args.part, args.task, objective, cfg, data, args.out, settings, ctx.device)
 
 
-def run(args: argparse.Namespace) -> int:
+def command_line(command: str, *positional: object, **options: object) -> str:
+    """The `avlink` command line that a call made in code stands for, for logs and cards: each option as its
+    flag (max_steps -> --max-steps), True as the bare flag, a list as the flag and its items; False, None and []
+    left out, as the command's defaults."""
+    argv = ["avlink", command, *map(str, positional)]
+    for key, value in options.items():
+        if value is None or value is False or (isinstance(value, list | tuple) and not value):
+            continue  # the command's default
+        argv.append("--" + key.replace("_", "-"))
+        if isinstance(value, list | tuple):
+            argv += map(str, value)
+        elif value is not True:
+            argv.append(str(value))
+    return shlex.join(argv)
+
+
+def train_args(part: str, *, data: str | Path, out: Path, **options: Any) -> argparse.Namespace:
+    """What `avlink train PART --data DATA --out OUT --OPTION VALUE ...` parses to, for a training started in
+    code (the recipe, ablations): the parser's default for every option not given, `command_line` for the card.
+    Options go by the parser's names (max_steps, set, val_data, ...), with values of the parser's types."""
+    parser = argparse.ArgumentParser(prog="avlink train")
+    add_arguments(parser)
+    args = parser.parse_args([part, "--data", str(data), "--out", str(out)])
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"avlink train has no option {', '.join(unknown)}")
+    vars(args).update(options)
+    args.command_line = command_line("train", part, data=data, out=out, **options)
+    return args
+
+
+def train_part(args: argparse.Namespace) -> Path:
+    """Train args.part and export its EMA weights; returns the exported weights file. A run resumed at its last
+    step keeps the export of the run that got there.
+
+    It takes the parsed namespace (the command line's, or train_args') rather than keyword arguments: the command
+    has some twenty options, and their defaults and types stay in one place, the parser, for the command line
+    and the code that trains alike."""
     cfg, tc, batch_size, extra = load_settings(args)
     ctx = setup(args.device)
     validator = None
@@ -307,4 +346,9 @@ def run(args: argparse.Namespace) -> int:
         if validator is not None:
             validator.close()
         teardown()
+    return args.out / "export" / f"{EXPORT_NAMES[args.part]}.safetensors"
+
+
+def run(args: argparse.Namespace) -> int:
+    train_part(args)
     return 0

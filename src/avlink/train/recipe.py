@@ -8,12 +8,13 @@ SyncBench on one machine, in one command.
 The generators and fusion blocks validate once, at their last step, on 4 clips of the val split (16 Euler
 steps, class accuracy by the classifiers just trained): samples under runs/<part>/samples/, numbers in the card.
 
-Every step goes through the same commands a user runs (`avlink synth`, `prepare`, `train`), each resumable, so a
-killed recipe picks up where it stopped. `--scale` multiplies clip counts and step counts, for a quick try.
-`--budget` changes `Budget` fields (video_steps=3600) and `--set` the generators' and fusion blocks' sizes
-(model.video.dim=256), for a machine with more to spend than the 2-core CPU the default is fitted to. The work
-folder remembers its settings (WORK/recipe-settings.json) and refuses others: a T2V trained longer under fusion
-blocks finished on the old one would leave them silently stale.
+Every step calls the library function behind a command a user runs (`avlink synth`, `prepare`, `train`), each
+resumable, so a killed recipe picks up where it stopped; OUT/recipe.json logs the command line of each step.
+`--scale` multiplies clip counts and step counts, for a quick try. `--budget` changes `Budget` fields
+(video_steps=3600) and `--set` the generators' and fusion blocks' sizes (model.video.dim=256), for a machine with
+more to spend than the 2-core CPU the default is fitted to. The work folder remembers its settings
+(WORK/recipe-settings.json) and refuses others: a T2V trained longer under fusion blocks finished on the old one
+would leave them silently stale.
 """
 
 from __future__ import annotations
@@ -22,14 +23,19 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
-from avlink.cli import main
+from avlink.data.prepare import MANIFEST, WORKERS, prepare
 from avlink.errors import UserError
 from avlink.files import atomic_write
+from avlink.train.cli import command_line, parse_override, train_args, train_part
 
 
 @dataclass(frozen=True)
@@ -123,11 +129,10 @@ def budget_overrides(items: list[str]) -> dict[str, int | float]:
 def size_overrides(items: list[str], preset: str) -> list[str]:
     """--set items for the generators and fusion blocks, checked against the preset before anything runs."""
     from avlink.config import get_preset
-    from avlink.train.cli import parse_override  # as every training will read them
 
     changes = {}
     for item in items:
-        key, value = parse_override(item)
+        key, value = parse_override(item)  # as every training will read them
         section, _, name = key.partition(".")
         if section != "model" or name.partition(".")[0] not in MODEL_SECTIONS or "." not in name:
             raise UserError(f"--set {item}: expected model.{{{','.join(MODEL_SECTIONS)}}}.KEY=VALUE")
@@ -165,13 +170,44 @@ def check_settings(work: Path, settings: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def step(name: str, argv: list[str], log: list[dict]) -> None:
+@contextmanager
+def step(name: str, command: str, log: list[dict]) -> Iterator[None]:
+    """One step of the recipe: announced with the `avlink` command line that does the same, a UserError in it
+    named after it, and logged with that command line and its wall time when it is done."""
     started = time.perf_counter()
-    print(f"avlink recipe: {name}: avlink {' '.join(argv)}", flush=True)
-    code = main(argv)
-    if code not in (0,):
-        raise UserError(f"step {name} failed (exit {code}): avlink {' '.join(argv)}")
-    log.append({"step": name, "command": "avlink " + " ".join(argv), "wall_s": round(time.perf_counter() - started, 1)})
+    print(f"avlink recipe: {name}: {command}", flush=True)
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"step {name}: {err}") from err
+    log.append({"step": name, "command": command, "wall_s": round(time.perf_counter() - started, 1)})
+
+
+def synth_step(name: str, out: Path, log: list[dict], progress: bool, **options: Any) -> None:
+    """`avlink synth --out OUT ...`: options are synth's keywords, which are the command's flags."""
+    from avlink.data.syncbench import synth  # here: it brings scipy, which `Budget`'s users do not need
+
+    quiet = None if progress else True  # tqdm's None: on a terminal only
+    with step(name, command_line("synth", out=out, **options), log), \
+            tqdm(total=options["n"], unit="clip", desc=name, disable=quiet) as bar:
+        synth(out, **options, progress=bar.update)
+
+
+def prepare_step(name: str, spec: str, out: Path, log: list[dict], progress: bool, **options: Any) -> None:
+    """`avlink prepare --data SPEC --out OUT ...`: options are prepare's keywords, which are the command's flags.
+    A skipped clip stops the recipe, as the command's exit status 3 did."""
+    with step(name, command_line("prepare", data=spec, out=out, **options), log):
+        skipped = prepare(spec, out, **options, progress=progress)["skipped"]
+        if skipped:
+            raise UserError(f"{len(skipped)} clips skipped ({skipped[0]['file']}: {skipped[0]['reason']}; all "
+                            f"listed in {out / MANIFEST})")
+
+
+def train_step(name: str, part: str, log: list[dict], **options: Any) -> Path:
+    """`avlink train PART ...` (options: train_args'); returns the exported weights."""
+    args = train_args(part, **options)
+    with step(name, args.command_line, log):
+        return train_part(args)
 
 
 def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, seed: int = 0,
@@ -185,36 +221,29 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
     log: list[dict] = []
     started = time.perf_counter()
     sb, shards = work / "syncbench", work / "shards"
-    quiet = [] if progress else ["--no-progress"]
     for split, n in (("train", b.train_clips), ("val", b.val_clips), ("test", b.test_clips)):
-        step(f"synth {split}", ["synth", "--out", str(sb), "--n", str(n), "--seed", str(seed), "--split", split,
-                                "--preset", preset, "--workers", "2"], log)
-    step("prepare mel", ["prepare", "--data", f"syncbench:{sb}:train", "--out", str(shards / "mel"),
-                         "--preset", preset, "--shard-size", "64"], log)
-    common = ["--preset", preset, "--batch-size", str(b.batch_size), "--resume", *quiet]
+        synth_step(f"synth {split}", sb, log, progress, n=n, seed=seed, split=split, preset=preset, workers=2)
+    encode = {"preset": preset, "shard_size": 64, "workers": WORKERS}
+    prepare_step("prepare mel", f"syncbench:{sb}:train", shards / "mel", log, progress, **encode)
+    common = {"preset": preset, "batch_size": b.batch_size, "resume": True, "no_progress": not progress}
     runs = work / "runs"
     # The classifiers first: every later part's last validation scores class accuracy with them.
-    step("train classifiers", ["train", "classifiers", "--data", str(shards / "mel"), "--out",
-                               str(runs / "classifiers"), "--max-steps", str(b.classifier_steps), *common], log)
-    classifiers = runs / "classifiers" / "export" / "classifiers.safetensors"
-    validate = ["--val-data", f"syncbench:{sb}:val", "--val-classifiers", str(classifiers)]
-    step("train vae", ["train", "vae", "--data", str(shards / "mel"), "--out", str(runs / "vae"),
-                       "--max-steps", str(b.vae_steps), "--set", f"train.lr={b.vae_lr}", *common], log)
-    vae = runs / "vae" / "export" / "vae.safetensors"
-    step("prepare latents", ["prepare", "--data", f"syncbench:{sb}:train", "--out", str(shards / "latent"),
-                             "--preset", preset, "--shard-size", "64", "--vae", str(vae)], log)
-    data = str(shards / "latent")
+    classifiers = train_step("train classifiers", "classifiers", log, data=shards / "mel",
+                             out=runs / "classifiers", max_steps=b.classifier_steps, **common)
+    validate = {"val_data": f"syncbench:{sb}:val", "val_classifiers": classifiers}
+    vae = train_step("train vae", "vae", log, data=shards / "mel", out=runs / "vae", max_steps=b.vae_steps,
+                     set=[f"train.lr={b.vae_lr}"], **common)
+    prepare_step("prepare latents", f"syncbench:{sb}:train", shards / "latent", log, progress, **encode, vae=str(vae))
+    data = shards / "latent"
+    generators = {}
     for part, steps, lr in (("audio", b.audio_steps, None), ("video", b.video_steps, b.video_lr)):
         sets = ([] if lr is None else [f"train.lr={lr}"]) + model
-        step(f"train {part}", ["train", part, "--data", data, "--out", str(runs / part), "--vae", str(vae),
-                               "--max-steps", str(steps), *(["--set", *sets] if sets else []), *validate, *common],
-             log)
-    t2a, t2v = runs / "audio" / "export" / "audio_dit.safetensors", runs / "video" / "export" / "video_dit.safetensors"
+        generators[part] = train_step(f"train {part}", part, log, data=data, out=runs / part, vae=vae,
+                                      max_steps=steps, set=sets, **validate, **common)
     for task in ("v2a", "a2v"):
-        step(f"train fusion {task}", ["train", "fusion", "--task", task, "--data", data, "--out", str(runs / task),
-                                      "--vae", str(vae), "--audio-dit", str(t2a), "--video-dit", str(t2v),
-                                      "--max-steps", str(b.fusion_steps), "--set", f"train.lr={b.fusion_lr}",
-                                      *model, *validate, *common], log)
+        train_step(f"train fusion {task}", "fusion", log, task=task, data=data, out=runs / task, vae=vae,
+                   audio_dit=generators["audio"], video_dit=generators["video"], max_steps=b.fusion_steps,
+                   set=[f"train.lr={b.fusion_lr}", *model], **validate, **common)
     collect(out, runs)
     # Imported here: the scorecard brings the evaluation harness (librosa and the rest), which `Budget`'s users
     # (`avlink ablate --train-only`) do not need.
