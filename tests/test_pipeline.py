@@ -103,6 +103,29 @@ def test_windows_of_a_stream_are_those_of_the_whole(preset):
         assert got == [(w.frame, w.token) for w in plan], total
 
 
+def test_guidance_without_a_prompt_is_not_run(pipe, monkeypatch):
+    """Guidance compares the prompt with the null text: with no prompt there is nothing to compare, so a scale
+    above 1 costs no second evaluation per step and gives the unguided sample."""
+    from avlink.fusion.linked import AVLink
+
+    batches = []
+    forward = AVLink.forward
+
+    def counting(self, x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AVLink, "forward", counting)
+    frames = np.random.default_rng(1).integers(0, 255, (pipe.clip.num_frames, *pipe.size, 3), dtype=np.uint8)
+    plain = pipe.video_to_audio(frames, steps=2)
+    assert batches == [1, 1]
+    guided = pipe.video_to_audio(frames, steps=2, cfg_scale=3.0)
+    assert batches == [1, 1, 1, 1] and np.array_equal(plain, guided)
+    wave = (0.1 * np.random.default_rng(2).standard_normal(pipe.sample_rate)).astype(np.float32)
+    video = pipe.audio_to_video(wave, steps=2, cfg_scale=3.0)
+    assert batches == [1] * 6 and np.array_equal(video, pipe.audio_to_video(wave, steps=2))
+
+
 def test_a_long_video_is_generated_holding_a_window_of_frames(pipe, monkeypatch):
     """V2A of frames as they come holds at most a window and a hop of them at any time (each frame of the source
     is a new array; those alive are counted at every window), whatever the input's length."""

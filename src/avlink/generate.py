@@ -382,7 +382,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=64, help="sampling steps (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every file (default 0)")
     parser.add_argument("--cfg", type=float, default=1.0,
-                        help="classifier-free guidance scale for the prompt (default 1: none)")
+                        help="classifier-free guidance scale for the prompt (default 1: none; without a prompt "
+                             "there is nothing to guide and it is not run)")
     parser.add_argument("--ckpt", type=Path, help="checkpoint folder (default: the shipped checkpoints/tiny)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     parser.add_argument("--method", choices=tuple(SOLVERS), default="euler", help="ODE solver (default euler)")

@@ -231,8 +231,11 @@ class Pipeline:
         return samples.astype(np.float32, copy=False)
 
     # -- text -----------------------------------------------------------------------------------------------
-    def _text(self, prompt: str | None, modality: str) -> TextCond:
-        return self.system.text(prompt, modality)
+    def _text(self, prompt: str | None, modality: str) -> TextCond | None:
+        """The prompt's text condition; None without a prompt: the backbones take their learned null text then,
+        and guidance, which compares the generated stream's prompt with the null text, is not run (it would
+        compare the null text with itself: twice the network evaluations for the same velocity)."""
+        return self.system.text(prompt, modality) if prompt else None
 
     # -- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
