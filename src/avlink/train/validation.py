@@ -27,6 +27,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -142,8 +143,8 @@ class Decoders:
     vae: nn.Module | None
     vocoder: Any
 
-    @property
-    def codecs(self) -> dict[str, Any]:
+    @cached_property
+    def codecs(self) -> dict[str, Any]:  # made once: every sample written at every validation goes through them
         return make_codecs(self.clip, self.vae, self.vocoder)
 
 
