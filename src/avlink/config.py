@@ -50,10 +50,24 @@ class DiTConfig:
         return self.head_dim - 2 * hw, hw, hw
 
 
+@dataclass(frozen=True)
+class PretrainedConfig:
+    """A generator that others trained, run through its published `diffusers` module by an adapter in
+    backbones/ (wan.py: Wan 2.x text-to-video; stable_audio.py: Stable Audio Open text-to-audio)."""
+
+    kind: str = "wan"
+    # A local diffusers folder of the model (model_index.json, transformer/, vae/, text_encoder/, tokenizer/), read
+    # with from_pretrained, safetensors only. "": the published architecture named below with random weights
+    # (parameter counts on the meta device, tests); nothing can be generated from it that means anything.
+    folder: str = ""
+    architecture: str = ""  # a published transformer config the adapter knows ("": the kind's default)
+    dtype: str = "float32"  # of the frozen weights once loaded ("bfloat16" on a GPU)
+
+
 # kind -> the settings dataclass of that backbone kind; a config file names the kind of each stream
 # (`audio.kind`), and one written before kinds existed is a "dit".
-BACKBONE_CONFIGS: dict[str, type] = {"dit": DiTConfig}
-BackboneConfig = DiTConfig  # the union of BACKBONE_CONFIGS' classes, as kinds are added
+BACKBONE_CONFIGS: dict[str, type] = {"dit": DiTConfig, "wan": PretrainedConfig, "stable-audio": PretrainedConfig}
+BackboneConfig = DiTConfig | PretrainedConfig  # the union of BACKBONE_CONFIGS' classes
 
 
 @dataclass(frozen=True)
@@ -114,10 +128,16 @@ class ModelConfig:
         )
 
     def override(self, **changes: Any) -> ModelConfig:
-        """Dotted overrides, e.g. override(**{"fusion.injection": "static", "audio.depth": 4})."""
+        """Dotted overrides, e.g. override(**{"fusion.injection": "static", "audio.depth": 4}). A stream's kind
+        (`video.kind=wan`) starts that stream's settings afresh as the new kind's defaults; later keys refine
+        them (`video.folder=...`)."""
         cfg = self
         for key, value in changes.items():
-            cfg = _replace_path(cfg, key.split("."), value)
+            path = key.split(".")
+            if len(path) == 2 and path[0] in ("audio", "video") and path[1] == "kind":
+                cfg = replace(cfg, **{path[0]: _backbone({"kind": value})})
+                continue
+            cfg = _replace_path(cfg, path, value)
         return cfg
 
 

@@ -29,12 +29,11 @@ def generated_shape(model: AVLink, task: Task, x_cond: Tensor) -> tuple[int, ...
     clip = model.cfg.clip
     if task == "v2a":
         assert x_cond.ndim == 5, f"V2A conditions on video (B, C, T, H, W), got {tuple(x_cond.shape)}"
-        tokens = matching_audio_tokens(clip.audio, clip.video, x_cond.shape[2])
+        tokens = matching_audio_tokens(clip.audio, clip.video, clip.video.frames_of(x_cond.shape[2]))
         return (x_cond.shape[0], tokens, clip.audio.latent_dim)
     assert x_cond.ndim == 3, f"A2V conditions on an audio latent (B, Ta, Da), got {tuple(x_cond.shape)}"
     frames = matching_frames(clip.audio, clip.video, x_cond.shape[1])
-    v = clip.video
-    return (x_cond.shape[0], v.channels, frames, v.height, v.width)
+    return (x_cond.shape[0], *clip.video.flow_shape(frames))
 
 
 @dataclass

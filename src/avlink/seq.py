@@ -76,6 +76,11 @@ class VideoGeometry:
     shift: float = 0.0  # pixel value the flow sees as 0
     scale: float = 1.0  # pixel spread the flow sees as 1
     codec: str = "pixels"  # what turns frames into the flow's video and back (system.py CODECS)
+    # The codec's compression: (frames per latent frame after the first, pixels per latent pixel). A causal video
+    # VAE (Wan, LTX-Video) encodes the first frame alone and each following `stride` frames into one latent
+    # frame, so a clip holds 1 + k * stride frames; plain pixels are (1, 1).
+    codec_stride: tuple[int, int] = (1, 1)
+    codec_channels: int = 0  # channels of the codec's latent; 0: the frames' own (`channels`)
 
     def __post_init__(self) -> None:
         pt, ph, pw = self.patch
@@ -83,6 +88,9 @@ class VideoGeometry:
             raise ValueError(f"frame {self.width}x{self.height} is not divisible by patch {ph}x{pw}")
         if not self.scale > 0:
             raise ValueError(f"video scale must be positive, got {self.scale}")
+        st, ss = self.codec_stride
+        if st < 1 or ss < 1 or self.height % ss or self.width % ss:
+            raise ValueError(f"frame {self.width}x{self.height} and codec stride {self.codec_stride} do not fit")
 
     @property
     def eta(self) -> float:
@@ -99,9 +107,36 @@ class VideoGeometry:
         return self.height // self.patch[1], self.width // self.patch[2]
 
     def num_frames(self, duration: float) -> int:
-        """Frames for a clip, rounded up to a whole number of temporal patches."""
+        """Frames for a clip, rounded up to a whole number of temporal patches (of latent frames, through a
+        causal codec: 1 + k * stride frames)."""
         frames = round(duration * self.fps)
-        return math.ceil(frames / self.patch[0]) * self.patch[0]
+        stride = self.codec_stride[0] * self.patch[0]
+        if self.codec_stride[0] == 1:
+            return math.ceil(frames / stride) * stride
+        return 1 + math.ceil(max(frames - 1, 0) / stride) * stride
+
+    @property
+    def flow_channels(self) -> int:
+        """Channels of the video the flow runs on (the codec's latent)."""
+        return self.codec_channels or self.channels
+
+    def flow_frames(self, num_frames: int) -> int:
+        """Frames along the flow's time axis for num_frames frames (latent frames through a causal codec)."""
+        stride = self.codec_stride[0]
+        if stride == 1:
+            return num_frames
+        assert (num_frames - 1) % stride == 0, f"{num_frames} frames is not 1 + k * {stride}"
+        return 1 + (num_frames - 1) // stride
+
+    def frames_of(self, flow_frames: int) -> int:
+        """Frames that flow_frames frames of the flow's video decode to (flow_frames' inverse)."""
+        stride = self.codec_stride[0]
+        return flow_frames if stride == 1 else 1 + (flow_frames - 1) * stride
+
+    def flow_shape(self, num_frames: int) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of the flow's video for num_frames frames: the frames themselves for plain pixels."""
+        space = self.codec_stride[1]
+        return self.flow_channels, self.flow_frames(num_frames), self.height // space, self.width // space
 
     def grid(self, num_frames: int) -> tuple[int, int, int]:
         """(T', H', W') token grid of a clip with num_frames frames."""
@@ -158,9 +193,8 @@ class ClipGeometry:
 
     @property
     def video_shape(self) -> tuple[int, int, int, int]:
-        """(C, T, H, W) of one video clip."""
-        v = self.video
-        return v.channels, self.num_frames, v.height, v.width
+        """(C, T, H, W) of one video clip as the flow sees it (the codec's latent; plain pixels: the frames)."""
+        return self.video.flow_shape(self.num_frames)
 
 
 def matching_audio_tokens(audio: AudioGeometry, video: VideoGeometry, num_frames: int) -> int:

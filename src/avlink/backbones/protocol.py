@@ -13,7 +13,7 @@ for a backbone without it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -116,22 +116,27 @@ class StreamState:
     t:      (B,) flow time of this stream
     c:      (B, D) adaLN conditioning of this backbone (its timestep embedding)
     times:  (N,) start time of each token in seconds (float64), used to align streams
-    angles: RoPE angles of the backbone's own self-attention, (N, head_dim / 2)
+    angles: the positions of the backbone's own self-attention, one per geometry (our DiTs: RoPE angles
+            (N, head_dim / 2); an adapter keeps what its module takes, e.g. cos and sin tables)
     text:   (B, L, D) text tokens projected to the backbone's width; text_mask (B, L)
     grid:   the token layout the head needs to rebuild the output, e.g. (T', H', W') or (Ta,)
     text_kv: per block, its text keys and values prepared once per sample (`PreparedText.kv`); None: each block
             projects `text` itself
+    extra:  per-sample tensors (batch first) that only the backbone's own blocks and head read: an adapter's
+            per-block timestep modulation, or tokens its blocks carry beside x (a prepended global token). The
+            Fusion Blocks read and write x alone.
     """
 
     x: Tensor
     t: Tensor
     c: Tensor
     times: Tensor = field(metadata={"batch": False})
-    angles: Tensor = field(metadata={"batch": False})
+    angles: Any = field(metadata={"batch": False})
     text: Tensor
     text_mask: Tensor
     grid: tuple[int, ...]
     text_kv: list[TextKV | None] | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     def with_x(self, x: Tensor) -> StreamState:
         assert x.shape == self.x.shape, f"stream shape changed: {tuple(self.x.shape)} -> {tuple(x.shape)}"
