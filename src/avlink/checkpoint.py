@@ -4,6 +4,7 @@ A checkpoint folder of a linked model holds
     config.json              the ModelConfig (a JSON round trip of `ModelConfig.to_dict()`)
     audio_dit.safetensors    the frozen text-to-audio generator
     video_dit.safetensors    the frozen text-to-video generator
+                             (neither of a published generator: the config names its own folder)
     fusion.safetensors       the fusion parameters of every task (keys "v2a.*", "a2v.*" or "joint.*")
 Parts that a folder lacks are left at their initial weights only when the caller says so (`strict=False`).
 """
@@ -23,6 +24,12 @@ from avlink.fusion.linked import TASKS
 from avlink.weights import WeightsError, check_state, read_tensors
 
 PARTS = {"audio_dit": "audio", "video_dit": "video", "fusion": "fusion"}
+
+
+def stored_parts(cfg: ModelConfig) -> dict[str, str]:
+    """The parts of PARTS a checkpoint folder of this config holds: the Fusion Blocks, and each generator that is
+    our own (kind "dit"); a published generator's weights stay in its own folder, which the config names."""
+    return {name: attr for name, attr in PARTS.items() if attr == "fusion" or getattr(cfg, attr).kind == "dit"}
 
 
 def save_weights(path: Path, module: nn.Module, metadata: dict[str, str] | None = None) -> None:
@@ -56,7 +63,7 @@ def load_config(path: Path) -> ModelConfig:
 def save_link(folder: Path, model: nn.Module) -> None:
     folder = Path(folder)
     save_config(folder / "config.json", model.cfg)
-    for name, attr in PARTS.items():
+    for name, attr in stored_parts(model.cfg).items():
         save_weights(folder / f"{name}.safetensors", getattr(model, attr))
 
 
@@ -76,8 +83,8 @@ def read_fusion_tasks(folder: Path, cfg: ModelConfig) -> tuple[Task, ...]:
 def load_parts(folder: Path, model: nn.Module, strict: bool = True) -> None:
     """Fill a linked model (system.build_model) with a folder's generators and Fusion Blocks. strict False: a
     part the folder lacks keeps its initial weights. Every damaged file is refused in one line naming it
-    (WeightsError)."""
-    for name, attr in PARTS.items():
+    (WeightsError). A published generator came with its weights when it was built (backbones/pretrained.py)."""
+    for name, attr in stored_parts(model.cfg).items():
         path = Path(folder) / f"{name}.safetensors"
         if path.is_file() or strict:
             load_weights(path, getattr(model, attr))

@@ -185,6 +185,19 @@ PAPER_AUDIO = AudioGeometry(
 # Paper: RGB 64x36 px at 6 fps, 5.16 s. Patch size is not stated; 1x4x4 keeps one token row per frame time.
 PAPER_VIDEO = VideoGeometry(fps=6.0, height=36, width=64, patch=(1, 4, 4))
 
+# Stable Audio Open 1.0's autoencoder: 44.1 kHz, 2048 samples per latent frame of 64 channels (its vae/config.json:
+# downsampling_ratios 2, 4, 4, 8, 8; decoder_input_channels 64). No mel is computed for it: the mel fields stay as
+# the analysis window the demo's plots use.
+SAO_AUDIO = AudioGeometry(
+    sample_rate=44100, n_fft=2048, hop_length=2048, win_length=2048, n_mels=64, f_max=None,
+    latent_downsample=1, latent_dim=64, codec="oobleck",
+)
+# Wan 2.1 text-to-video at 480p: 832x480 px at 16 fps, 81 frames (the Wan2.1-T2V-1.3B model card's setting); its
+# causal VAE makes one latent frame of the first frame and one of each 4 after it, 8x smaller in space, 16
+# channels; the transformer's patch is 1x2x2 latent pixels (16x16 px).
+WAN_VIDEO = VideoGeometry(fps=16.0, height=480, width=832, patch=(1, 16, 16), codec="wan-vae", codec_stride=(4, 8),
+                          codec_channels=16)
+
 PRESETS: dict[str, ModelConfig] = {
     # CPU: trains in minutes on SyncBench. 16x16 px at 6 fps for 16 frames (2.67 s).
     "tiny": ModelConfig(
@@ -211,6 +224,17 @@ PRESETS: dict[str, ModelConfig] = {
         video=DiTConfig(dim=1024, depth=24, heads=16, text_dim=4096),
         fusion=FusionConfig(dim=768, heads=12, num_blocks=8),
         text_encoder="t5",
+    ),
+    # Published generators linked (backbones/wan.py, backbones/stable_audio.py): Wan 2.1 T2V 1.3B and Stable Audio
+    # Open 1.0, each from the local diffusers folder set with `--set model.video.folder=... model.audio.folder=...`;
+    # without folders their published architectures are built with random weights (`avlink params`). The paper's
+    # Fusion Blocks: 8 of width 768.
+    "wan-sao": ModelConfig(
+        name="wan-sao",
+        clip=ClipGeometry(duration=81 / 16, audio=SAO_AUDIO, video=WAN_VIDEO),
+        audio=PretrainedConfig(kind="stable-audio"),
+        video=PretrainedConfig(kind="wan"),
+        fusion=FusionConfig(dim=768, heads=12, num_blocks=8),
     ),
 }
 

