@@ -32,8 +32,8 @@ from avlink.checkpoint import load_config, load_parts, read_fusion_tasks, stored
 from avlink.codecs.audio import AudioCodec
 from avlink.codecs.oobleck import OobleckCodec
 from avlink.codecs.pixels import PixelCodec
-from avlink.codecs.wan_vae import WanVideoCodec
 from avlink.codecs.vae import AudioVAE
+from avlink.codecs.wan_vae import WanVideoCodec
 from avlink.config import ModelConfig, PretrainedConfig, Task
 from avlink.errors import UserError
 from avlink.fusion.linked import TASKS, AVLink

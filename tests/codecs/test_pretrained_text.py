@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_text import tiny_text_encoder
 
 from avlink.codecs.text import PretrainedTextEncoder
 from avlink.errors import UserError
+from tiny_text import tiny_text_encoder
 
 
 @pytest.mark.parametrize("kind", ["t5", "umt5"])

@@ -42,6 +42,7 @@ from avlink.config import get_preset
 from avlink.data.datasets import SPEC_HELP, AVDataset, ItemRef, Skipped, load_item, open_dataset
 from avlink.data.media import MediaError
 from avlink.errors import UserError
+from avlink.seq import ClipGeometry
 
 MANIFEST = "manifest.json"
 FORMAT = "avlink-shards/1"
@@ -63,6 +64,11 @@ class EncodeSettings:
     text_encoder: str  # "minilm" or "t5:PATH" (see codecs.text.load_text_encoder)
     audio: str  # "mel" or "latent"
     vae: str | None = None
+    clip: ClipGeometry | None = None  # the model's own clip geometry where it is not its preset's (--set)
+
+    @property
+    def geometry(self) -> ClipGeometry:
+        return self.clip if self.clip is not None else get_preset(self.preset).clip
 
 
 @dataclass
@@ -99,7 +105,7 @@ class ClipEncoder:
         from avlink.codecs.mel import MelSpectrogram
         from avlink.codecs.text import load_text_encoder
 
-        self.clip = get_preset(settings.preset).clip
+        self.clip = settings.geometry
         self.mel = MelSpectrogram(self.clip.audio)
         self.text = load_text_encoder(settings.text_encoder)
         self.vae = load_vae(settings.vae, self.clip) if settings.vae is not None else None
@@ -244,7 +250,7 @@ def fingerprint(settings: EncodeSettings, shard_size: int, items: list[ItemRef])
         # By content: a re-export of the same weights (a resumed recipe) keeps the shards valid.
         vae = hashlib.sha256(Path(settings.vae).read_bytes()).hexdigest()
     content = {
-        "geometry": asdict(get_preset(settings.preset).clip), "preset": settings.preset, "audio": settings.audio,
+        "geometry": asdict(settings.geometry), "preset": settings.preset, "audio": settings.audio,
         "text_encoder": settings.text_encoder, "vae": vae, "shard_size": shard_size,
         "items": [[it.id, str(it.path.resolve()), it.caption, it.start] for it in items],
     }
@@ -280,7 +286,7 @@ def remove_stale_temps(out: Path) -> None:
 
 def build_manifest(spec: str, settings: EncodeSettings, shard_size: int, digest: str, dataset: AVDataset,
                    num_shards: int, done: dict[int, ShardResult]) -> dict[str, Any]:
-    clip = get_preset(settings.preset).clip
+    clip = settings.geometry
     results = [done[i] for i in sorted(done)]
     skipped = dataset.skipped + [s for r in results for s in r.skipped]
     return {
@@ -309,10 +315,11 @@ def build_manifest(spec: str, settings: EncodeSettings, shard_size: int, digest:
 
 def prepare(spec: str, out: Path | str, *, preset: str = "tiny", workers: int = 1, shard_size: int = 256,
             audio: str | None = None, vae: str | None = None, text_encoder: str | None = None,
-            progress: bool = True) -> dict[str, Any]:
-    """Encode the data set `spec` into shards under `out`; returns the manifest (also written to out)."""
+            progress: bool = True, clip: ClipGeometry | None = None) -> dict[str, Any]:
+    """Encode the data set `spec` into shards under `out`; returns the manifest (also written to out). clip: the
+    model's geometry where it is not the preset's."""
     out = Path(out)
-    settings = check_settings(preset, audio, vae, text_encoder, workers, shard_size)
+    settings = check_settings(preset, audio, vae, text_encoder, workers, shard_size, clip)
     dataset = open_dataset(spec)
     if not dataset.items:
         raise UserError(f"{spec}: no usable items ({len(dataset.skipped)} skipped)")
@@ -344,7 +351,7 @@ def prepare(spec: str, out: Path | str, *, preset: str = "tiny", workers: int = 
 
 
 def check_settings(preset: str, audio: str | None, vae: str | None, text_encoder: str | None, workers: int,
-                   shard_size: int) -> EncodeSettings:
+                   shard_size: int, clip: ClipGeometry | None = None) -> EncodeSettings:
     """Refuse bad arguments before any work (a bad VAE file too: it is loaded once here to check it)."""
     try:
         cfg = get_preset(preset)
@@ -358,11 +365,12 @@ def check_settings(preset: str, audio: str | None, vae: str | None, text_encoder
     if vae is not None:
         if not Path(vae).is_file():
             raise UserError(f"{vae}: no such VAE checkpoint")
-        load_vae(vae, cfg.clip)
+        load_vae(vae, clip or cfg.clip)
     if workers < 1 or shard_size < 1:
         raise UserError("--workers and --shard-size must be at least 1")
     return EncodeSettings(preset=preset, text_encoder=text_encoder or cfg.text_encoder, audio=audio,
-                          vae=str(Path(vae).resolve()) if vae else None)
+                          vae=str(Path(vae).resolve()) if vae else None,
+                          clip=None if clip is None or clip == cfg.clip else clip)
 
 
 def run_here(settings: EncodeSettings, tasks: list[ShardTask], bar: tqdm,

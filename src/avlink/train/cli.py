@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from avlink.config import PRESETS, ModelConfig, PretrainedConfig, get_preset
 from avlink.errors import UserError
+from avlink.seq import ClipGeometry
 from avlink.train.distributed import Dist, setup, teardown
 from avlink.train.loop import TrainConfig, fit
 
@@ -131,8 +132,10 @@ def load_settings(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, i
     return cfg, tc, batch, extra
 
 
-def resolve_data(spec: str, out: Path, preset: str, vae: Path | None, ctx: Dist) -> str:
-    """A prepared shard folder: as given, or prepared from a data spec into out/prepared (rank 0 prepares)."""
+def resolve_data(spec: str, out: Path, preset: str, vae: Path | None, ctx: Dist,
+                 clip: ClipGeometry | None = None) -> str:
+    """A prepared shard folder: as given, or prepared from a data spec into out/prepared (rank 0 prepares) at
+    the model's clip geometry (the preset's unless --set changed it)."""
     if Path(spec).is_dir():
         return spec
     if ":" not in spec:
@@ -141,7 +144,7 @@ def resolve_data(spec: str, out: Path, preset: str, vae: Path | None, ctx: Dist)
     if ctx.is_main:
         from avlink.data.prepare import prepare
 
-        prepare(spec, target, preset=preset, vae=None if vae is None else str(vae))
+        prepare(spec, target, preset=preset, vae=None if vae is None else str(vae), clip=clip)
     if ctx.enabled:
         torch.distributed.barrier()
     return str(target)
@@ -310,7 +313,7 @@ def train_part(args: argparse.Namespace) -> Path:
     ctx = setup(args.device)
     validator = None
     try:
-        data = resolve_data(args.data, args.out, args.preset, args.vae, ctx)
+        data = resolve_data(args.data, args.out, args.preset, args.vae, ctx, cfg.clip)
         objective = build_objective(args.part, args.task, cfg, args, extra, ctx.device, data)
         if args.part == "fusion":
             cfg = objective.model.cfg
