@@ -96,11 +96,71 @@ def test_windows_of_a_stream_are_those_of_the_whole(preset):
         got = []
         for w in frame_windows(source(total, taken), win, hop):
             assert len(taken) == (w.frame + win + 1 if w.total is None else total)
-            got.append((w.frame, Pipeline._window_token(fake, w)[0]))
+            got.append(Pipeline._window_start(fake, w))
+            assert got[-1].frame == w.frame
             assert w.frames[:, 0, 0, 0].tolist() == [min(w.frame + i, total - 1) for i in range(win)]
         used = max(total, win)
         plan = plan_windows(used, win, max(clip.audio.num_tokens(used / fps), win_tokens), win_tokens, fps, eta)
-        assert got == [(w.frame, w.token) for w in plan], total
+        assert got == plan, total
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_window_audio_starts_within_a_token_of_its_video_and_says_by_how_much(preset):
+    """Every window's audio starts less than a token from its first frame (under half a token before the last),
+    its offset is that difference in seconds, and the windows reach the input's last frame and last token."""
+    clip = PRESETS[preset].clip
+    fps, eta, win, win_tokens = clip.video.fps, clip.audio.eta, clip.num_frames, clip.num_audio_tokens
+    for total in range(win, 10 * win):
+        tokens = max(clip.audio.num_tokens(total / fps), win_tokens)
+        windows = plan_windows(total, win, tokens, win_tokens, fps, eta)
+        for i, w in enumerate(windows):
+            assert w.offset == pytest.approx(w.token / eta - w.frame / fps, abs=1e-12)
+            assert abs(w.offset) * eta < (0.5 + 1e-9 if i < len(windows) - 1 else 1.0), (total, w)
+        assert windows[-1].frame + win == total and windows[-1].token + win_tokens >= tokens
+
+
+def spy_on_sampling(monkeypatch):
+    calls = []
+    real = pipeline_module.sample_link
+
+    def spy(model, task, x_cond, **kwargs):
+        calls.append(SimpleNamespace(x_cond=x_cond, **kwargs))
+        return real(model, task, x_cond, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "sample_link", spy)
+    return calls
+
+
+def test_each_a2v_window_conditions_on_its_own_clip_encoded_alone(pipe, monkeypatch):
+    """A2V encodes each window's audio as training encodes a clip: that window's samples alone (silence past the
+    end), not a slice of one pass over the whole wave; each window samples its own noise stream and tells the
+    Fusion Blocks where its audio starts."""
+    calls = spy_on_sampling(monkeypatch)
+    clip, audio = pipe.clip, pipe.clip.audio
+    wave = (0.3 * np.sin(np.arange(round(2.3 * pipe.clip_seconds * pipe.sample_rate)) * 0.02)).astype(np.float32)
+    pipe.audio_to_video(wave, steps=1)
+    frames = round(wave.shape[0] / pipe.sample_rate * pipe.fps)
+    windows = plan_windows(frames, clip.num_frames, audio.num_tokens(frames / pipe.fps), clip.num_audio_tokens,
+                           pipe.fps, audio.eta)
+    assert len(calls) == len(windows) >= 3 and windows[-1].offset != 0
+    for i, (call, w) in enumerate(zip(calls, windows, strict=True)):
+        first = w.token * audio.hop_length * audio.latent_downsample
+        alone = np.zeros(clip.num_samples, np.float32)
+        part = wave[first:first + clip.num_samples]
+        alone[:part.shape[0]] = part
+        torch.testing.assert_close(call.x_cond, pipe.system.encode("audio", alone, clip.num_audio_tokens))
+        assert call.window == i and call.seed == 0 and call.audio_start == w.offset
+
+
+def test_each_v2a_window_tells_where_its_audio_starts(pipe, monkeypatch):
+    calls = spy_on_sampling(monkeypatch)
+    total = 2 * pipe.clip.num_frames + 3
+    pipe.video_to_audio(np.zeros((total, *pipe.size, 3), np.uint8), steps=1, seed=4)
+    clip = pipe.clip
+    windows = plan_windows(total, clip.num_frames, clip.audio.num_tokens(total / pipe.fps), clip.num_audio_tokens,
+                           pipe.fps, clip.audio.eta)
+    assert [(c.window, c.seed, c.audio_start) for c in calls] == [(i, 4, w.offset) for i, w in enumerate(windows)]
+    assert windows[-1].offset != 0
 
 
 def test_guidance_without_a_prompt_is_not_run(pipe, monkeypatch):

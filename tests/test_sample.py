@@ -148,7 +148,9 @@ def test_the_cache_skips_the_prefix_and_the_text_keys_and_values(injection, cfg_
     assert counts[False][2] == steps * per_prompt  # guidance batches both prompts into one projection
 
 
-def test_batches_draw_noise_from_their_first_clip_and_take_their_prompt_rows():
+def test_batches_give_each_clip_its_own_noise_and_take_their_prompt_rows():
+    """A clip's sample is the same at batch 1 and at batch 3 (its noise is its own, not its batch's), and equals
+    sampling that clip alone as clip `index` of the seed."""
     model = tiny_link()
     with torch.no_grad():
         for p in model.fusion.parameters():
@@ -165,10 +167,52 @@ def test_batches_draw_noise_from_their_first_clip_and_take_their_prompt_rows():
     got = list(sample_batches(model, "v2a", clips, batch=2, seed=5, text=prompts, autocast=autocast, steps=2))
     assert [start for start, _ in got] == [0, 2] and [x.shape[0] for _, x in got] == [2, 1] and len(entered) == 2
     last = sample_link(model, "v2a", video[2:], text_gen=prompts.rows(2, 1), text_cond=prompts.rows(2, 1), steps=2,
-                       seed=7)
+                       seed=5, clip=2)
     torch.testing.assert_close(got[1][1], last)
+    by_size = {size: torch.cat([x for _, x in sample_batches(model, "v2a", clips, batch=size, seed=5, text=prompts,
+                                                             steps=2)]) for size in (1, 3)}
+    torch.testing.assert_close(by_size[1], by_size[3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(by_size[1], torch.cat([x for _, x in got]), atol=1e-5, rtol=1e-5)
+    later = list(sample_batches(model, "v2a", clips[1:], batch=1, seed=5, first=1, text=prompts.rows(1, 2), steps=2))
+    torch.testing.assert_close(torch.cat([x for _, x in later]), by_size[1][1:], atol=1e-5, rtol=1e-5)
     alone = list(sample_batches(model, "v2a", clips, batch=2, seed=5, text=prompts, alone=True, steps=2))
     shape = generated_shape(model, "v2a", video[:2])
     first = sample_backbone(model.audio, shape, text=prompts.rows(0, 2), steps=2, seed=5)
     torch.testing.assert_close(alone[0][1], first)
     assert not torch.allclose(alone[0][1], got[0][1])
+    alone_1 = list(sample_batches(model, "v2a", clips, batch=1, seed=5, text=prompts, alone=True, steps=2))
+    torch.testing.assert_close(torch.cat([x for _, x in alone_1[:2]]), first, atol=1e-5, rtol=1e-5)
+
+
+def test_noise_streams_never_coincide(monkeypatch):
+    """Every noise that sampling draws (each clip's conditioning and initial noise, at batch 1 and 3) shares no
+    run of values with any other: seeds seed + 1 and seed + start made clip i's conditioning noise clip i + 1's
+    initial noise."""
+    import avlink.sample as sample_module
+
+    drawn = []
+    real = sample_module.initial_noise
+
+    def record(*args, **kwargs):
+        drawn.append(real(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(sample_module, "initial_noise", record)
+    model = tiny_link()
+    _, video = tiny_batch(model.cfg, b=3)
+    clips = [video[i:i + 1] for i in range(3)]
+    list(sample_batches(model, "v2a", clips, batch=1, seed=0, steps=1))
+    assert len(drawn) == 6  # per clip: the conditioning noise, then the initial noise
+    cond, gen = drawn[0::2], drawn[1::2]
+    for i in range(2):
+        n = min(cond[i].numel(), gen[i + 1].numel())
+        assert not torch.isclose(cond[i].flatten()[:n], gen[i + 1].flatten()[:n]).any()
+    rows = [x.flatten()[:64] for x in drawn]
+    rows += [real((3, 64), seed, clip=c, window=w, stream=s).flatten(1)[0]
+             for seed in (1, 2) for c in (0, 1) for w in (0, 1) for s in ("generated", "conditioning")]
+    for i, a in enumerate(rows):
+        for b in rows[:i]:
+            assert not torch.isclose(a, b).all(), "two noise streams coincide"
+    assert torch.equal(real((3, 64), 4, clip=2)[1], real((1, 64), 4, clip=3)[0])  # a row is its clip's stream
+
+

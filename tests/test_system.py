@@ -70,5 +70,11 @@ def test_no_prompt_is_the_learned_null_text(tmp_path):
     for prompt in (None, "", [""]):
         text = system.text(prompt, "video")
         assert torch.equal(text.tokens, system.model.video.null_text_cond(1).tokens)
+    mixed = system.text(["a dog barks", " "], "audio")  # a batch where one row has no prompt
+    alone = system.text("a dog barks", "audio")
+    n = alone.tokens.shape[1]
+    assert torch.equal(mixed.tokens[0, :n], alone.tokens[0]) and mixed.mask[0].sum() == n
+    assert torch.equal(mixed.tokens[1, :1], system.model.audio.null_text_cond(1).tokens[0])
+    assert mixed.mask[1].tolist() == [True] + [False] * (mixed.mask.shape[1] - 1)
     with pytest.raises(ValueError, match="without a vocoder"):
         system.decode("audio", torch.zeros(1, 4, system.clip.audio.latent_dim))

@@ -9,7 +9,10 @@ so the model continues them instead of starting afresh). The windows are written
 frame sequence (A2V), and the audio codec runs over it one window of tokens at a time with a context margin
 (codecs/audio.py), so there is no seam to cross-fade. Cost grows linearly with length: one window's sampling
 per hop. V2A takes its frames as they decode (`stream_video`, `frame_windows`): it holds one window and a hop of
-frames, not the video.
+frames, not the video. A window starts its audio at a whole token, less than a token off its first frame
+(`plan_windows`); the offset goes into the Fusion Blocks' alignment, which sees every token where it sits. A2V
+encodes each window's audio clip alone, as training and evaluation encode each clip. Window i samples noise
+stream i of the seed (`sample.initial_noise`), drawn apart from every other window's and stream's.
 
 Precision: "fp32" (the default) or "bf16", where the linked model's network evaluations run under
 torch.autocast(bfloat16) with the fp32 weights. Only the sampling runs so; the solver's state stays fp32 (an
@@ -82,23 +85,31 @@ def sampling_precision(precision: str, device: torch.device | str) -> AbstractCo
 class Window:
     frame: int  # first video frame of the window
     token: int  # first audio latent token of the window
+    offset: float = 0.0  # seconds from the first frame to the first audio token, less than a token either way
 
 
 def plan_windows(total_frames: int, window_frames: int, total_tokens: int, window_tokens: int,
                  fps: float, eta_a: float) -> list[Window]:
-    """Window starts covering [0, total_frames) with at least MIN_OVERLAP overlap, the last one ending at the end.
+    """Window starts covering [0, total_frames) frames and [0, total_tokens) audio tokens with at least
+    MIN_OVERLAP overlap, the last one ending at the last frame.
 
     The hop (in frames) is the longest one that keeps the overlap and lands within a tenth of a token of a
-    whole number of audio tokens, so that audio and video windows start at the same instant."""
+    whole number of audio tokens, so that audio and video windows start at nearly the same instant; what is left
+    (under half a token, or under one at the last window, which must reach the last token) is the window's
+    offset, which the Fusion Blocks' alignment takes (`sample_link(audio_start=)`)."""
     if total_frames <= window_frames:
         return [Window(0, 0)]
     hop = window_hop(window_frames, fps, eta_a)
-    starts = list(range(0, total_frames - window_frames, hop)) + [total_frames - window_frames]
-    windows = []
-    for frame in starts:
-        token = min(round(frame / fps * eta_a), total_tokens - window_tokens)
-        windows.append(Window(frame, token))
-    return windows
+    starts = list(range(0, total_frames - window_frames, hop))
+    last = window_at(total_frames - window_frames, fps, eta_a, least=total_tokens - window_tokens)
+    return [window_at(frame, fps, eta_a) for frame in starts] + [last]
+
+
+def window_at(frame: int, fps: float, eta_a: float, least: int = 0) -> Window:
+    """The window whose video starts at `frame`: its audio starts at the nearest token, or at `least` if later (the
+    last window ends at the input's last token), and the offset between the two."""
+    token = max(round(frame / fps * eta_a), least)
+    return Window(frame, token, token / eta_a - frame / fps)
 
 
 def window_hop(window_frames: int, fps: float, eta_a: float) -> int:
@@ -257,21 +268,22 @@ class Pipeline:
         for i, w in enumerate(self._progress(windows, progress, "v2a windows")):
             assert w.frames.shape[1:] == (*self.size, 3) and w.frames.dtype == np.uint8, (
                 f"frames must be uint8 (T, {self.size[0]}, {self.size[1]}, 3), got {w.frames.dtype} {w.frames.shape}")
-            token, total_tokens = self._window_token(w)
-            if total_tokens > latent.shape[1]:
-                grow = total_tokens - latent.shape[1]
+            start = self._window_start(w)
+            span = slice(start.token, start.token + win_tokens)
+            if span.stop > latent.shape[1]:
+                grow = span.stop - latent.shape[1]
                 latent = torch.cat([latent, latent.new_zeros(1, grow, audio.latent_dim)], 1)
                 done = torch.cat([done, done.new_zeros(grow)])
-            span = slice(token, token + win_tokens)
             known = Known(latent[:, span], done[span][None, :, None]) if done[span].any() else None
             x_cond = self.system.encode("video", w.frames)  # (1, C, T, H, W)
             with sampling_precision(self.precision, self.device):
                 if fusion:
                     z = sample_link(self.model, "v2a", x_cond, text_gen=text_a, text_cond=text_v, steps=steps,
-                                    method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
+                                    method=method, cfg_scale=cfg_scale, seed=seed, window=i,
+                                    audio_start=start.offset, known=known)
                 else:
                     z = sample_backbone(self.model.audio, (1, win_tokens, audio.latent_dim), text=text_a,
-                                        steps=steps, method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i,
+                                        steps=steps, method=method, cfg_scale=cfg_scale, seed=seed, window=i,
                                         known=known)
             latent[:, span] = z.float()
             done[span] = True
@@ -280,19 +292,14 @@ class Pipeline:
         wave = wave[:n_samples] if wave.shape[0] >= n_samples else np.pad(wave, (0, n_samples - wave.shape[0]))
         return np.clip(wave, -1.0, 1.0, out=wave)
 
-    def _window_token(self, w: FrameWindow) -> tuple[int, int]:
-        """plan_windows' first audio token of a window, and the audio tokens known so far: all of them at the
-        last window; before it, those of the frames that have come (at least one past the window)."""
+    def _window_start(self, w: FrameWindow) -> Window:
+        """plan_windows' window of a window of frames: before the last one it depends on its first frame alone,
+        not on frames still to come; the last one reaches the input's last audio token."""
         clip, audio = self.clip, self.clip.audio
-        frames = clip.num_frames + 1 + w.frame if w.total is None else max(w.total, clip.num_frames)
-        total_tokens = max(audio.num_tokens(frames / self.fps), clip.num_audio_tokens)
-        token = round(w.frame / self.fps * audio.eta)
-        if w.total is not None:
-            return min(token, total_tokens - clip.num_audio_tokens), total_tokens
-        # Before the last window plan_windows never clamps (true of every preset, tested), so a window's token
-        # does not depend on frames still to come.
-        assert token + clip.num_audio_tokens <= total_tokens, f"window at frame {w.frame} would be clamped"
-        return token, total_tokens
+        if w.total is None:
+            return window_at(w.frame, self.fps, audio.eta)
+        total_tokens = max(audio.num_tokens(max(w.total, clip.num_frames) / self.fps), clip.num_audio_tokens)
+        return window_at(w.frame, self.fps, audio.eta, least=total_tokens - clip.num_audio_tokens)
 
     @torch.no_grad()
     def audio_to_video(self, wave: np.ndarray, *, prompt: str | None = None, steps: int = 64, seed: int = 0,
@@ -311,7 +318,6 @@ class Pipeline:
         frames_used = max(n_frames, win_frames)
         seconds = frames_used / self.fps
         total_tokens = max(audio.num_tokens(seconds), win_tokens)
-        cond_latent = self.system.encode("audio", wave, total_tokens)  # (1, Ta, Da)
         windows = plan_windows(frames_used, win_frames, total_tokens, win_tokens, self.fps, audio.eta)
         text_a, text_v = self._text(prompt, "audio"), self._text(prompt, "video")
         # A codec that keeps frames (pixels) lets each window continue the last: the overlap's frames are pinned
@@ -326,14 +332,15 @@ class Pipeline:
             span = slice(w.frame, w.frame + win_frames)
             pinned = per_frame and bool(done[span].any())
             known = Known(video[:, :, span], done[span][None, None, :, None, None]) if pinned else None
-            x_cond = cond_latent[:, w.token:w.token + win_tokens]
+            x_cond = self.system.encode("audio", self.window_wave(wave, w), win_tokens) if fusion else None
             with sampling_precision(self.precision, self.device):
                 if fusion:
                     x = sample_link(self.model, "a2v", x_cond, text_gen=text_v, text_cond=text_a, steps=steps,
-                                    method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
+                                    method=method, cfg_scale=cfg_scale, seed=seed, window=i, audio_start=w.offset,
+                                    known=known)
                 else:
                     x = sample_backbone(self.model.video, (1, *v.flow_shape(win_frames)), text=text_v, steps=steps,
-                                        method=method, cfg_scale=cfg_scale, seed=seed + 7919 * i, known=known)
+                                        method=method, cfg_scale=cfg_scale, seed=seed, window=i, known=known)
             if per_frame:
                 video[:, :, span] = x[:, :, :win_frames].float()
             else:
@@ -344,6 +351,14 @@ class Pipeline:
         if per_frame:
             return self.system.decode("video", video[:, :, :n_frames])[0]
         return pixels_to_frames(video[:, :, :n_frames].clamp(-1, 1)).cpu().numpy()[0]
+
+    def window_wave(self, wave: np.ndarray, w: Window) -> np.ndarray:
+        """The clip of wave that a window conditions on, encoded alone as training encodes each clip: the clip's
+        samples from the window's first audio token on, silence past the wave's end (as a short clip is padded)."""
+        audio, n = self.clip.audio, self.clip.num_samples
+        first = w.token * audio.hop_length * audio.latent_downsample  # the token's time, in samples
+        part = wave[first:first + n]
+        return np.pad(part, (0, n - part.shape[0]))
 
     @staticmethod
     def _progress(windows: Iterable, enabled: bool, desc: str):

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,27 +61,49 @@ def constrain(velocity: Velocity, x0: Tensor, known: Known | None) -> Velocity:
     return constrained
 
 
-def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> Tensor:
-    """x0 ~ N(0, I), reproducible by seed whatever the device."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+Stream = Literal["generated", "conditioning"]
+STREAMS: tuple[Stream, ...] = ("generated", "conditioning")
+
+
+def noise_generator(seed: int, clip: int = 0, window: int = 0, stream: Stream = "generated") -> np.random.Generator:
+    """The noise of one (clip, window, stream) of a run seeded `seed`, as its own generator.
+
+    numpy's SeedSequence hashes the seed and the spawn key (clip, window, stream) into a 128-bit PCG64 state, so
+    no two tuples share a stream, not even shifted (seeds seed + 1 and seed + start did that: clip i's conditioning
+    noise was clip i + 1's initial noise). Clips, windows and the two streams draw independent noise."""
+    assert clip >= 0 and window >= 0, f"clip {clip} and window {window} must be >= 0"
+    key = np.random.SeedSequence(seed % 2**64, spawn_key=(clip, window, STREAMS.index(stream)))
+    return np.random.Generator(np.random.PCG64(key))
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu", *, clip: int = 0,
+                  window: int = 0, stream: Stream = "generated") -> Tensor:
+    """x0 ~ N(0, I) of shape (B, ...), reproducible whatever the device: row b is clip `clip + b`'s own stream
+    (`noise_generator`), so a clip's noise does not depend on the batch it is sampled in."""
+    rows = [noise_generator(seed, clip + b, window, stream).standard_normal(shape[1:], dtype=np.float32)
+            for b in range(shape[0])]
+    return torch.from_numpy(np.stack(rows) if rows else np.zeros(shape, np.float32)).reshape(shape).to(device)
 
 
 @torch.no_grad()
 def sample_link(
     model: AVLink, task: Task, x_cond: Tensor, *, text_gen: TextCond | None = None,
     text_cond: TextCond | None = None, steps: int = 64, method: str = "euler", cfg_scale: float = 1.0,
-    t_cond: float | None = None, seed: int = 0, progress: bool = False, known: Known | None = None,
-    cache: bool = True,
+    t_cond: float | None = None, seed: int = 0, clip: int = 0, window: int = 0, audio_start: float = 0.0,
+    progress: bool = False, known: Known | None = None, cache: bool = True,
 ) -> Tensor:
     """Generate the other modality for x_cond (V2A: video (B, C, T, H, W) in [-1, 1]; A2V: latent (B, Ta, Da)).
 
     Guidance applies to the generated stream's prompt: it needs text_gen, and compares it with the null text.
-    cache=False: the plain path (module docstring).
+    Noise: row b's conditioning and initial noise are streams (seed, clip + b, window) of `initial_noise`.
+    audio_start: seconds from the video's first frame to the audio's first token (a window of a long input,
+    pipeline.plan_windows), which the Fusion Blocks' alignment takes. cache=False: the plain path (module docstring).
     """
     device = x_cond.device
-    cond_noise = initial_noise(tuple(x_cond.shape), seed + 1, device)
-    cond = model.prepare(task, x_cond, text_gen, text_cond, t_cond=t_cond, noise=cond_noise, cache=cache)
-    x0 = initial_noise(generated_shape(model, task, x_cond), seed, device)
+    cond_noise = initial_noise(tuple(x_cond.shape), seed, device, clip=clip, window=window, stream="conditioning")
+    cond = model.prepare(task, x_cond, text_gen, text_cond, t_cond=t_cond, noise=cond_noise, cache=cache,
+                         audio_start=audio_start)
+    x0 = initial_noise(generated_shape(model, task, x_cond), seed, device, clip=clip, window=window)
     if cfg_scale != 1.0 and text_gen is not None:
         gen_bb, _ = model.backbones(task)
         uncond = model.with_gen_text(cond, gen_bb.null_text_cond(x_cond.shape[0]))
@@ -94,12 +117,13 @@ def sample_link(
 @torch.no_grad()
 def sample_backbone(
     backbone: DiT, shape: tuple[int, ...], *, text: TextCond | None = None, steps: int = 64,
-    method: str = "euler", cfg_scale: float = 1.0, seed: int = 0, progress: bool = False,
-    known: Known | None = None, cache: bool = True,
+    method: str = "euler", cfg_scale: float = 1.0, seed: int = 0, clip: int = 0, window: int = 0,
+    progress: bool = False, known: Known | None = None, cache: bool = True,
 ) -> Tensor:
-    """A generator alone (T2A / T2V): noise of `shape` to data. cache=False: the plain path (module docstring)."""
+    """A generator alone (T2A / T2V): noise of `shape` to data, row b's from stream (seed, clip + b, window) of
+    `initial_noise`, as sample_link's. cache=False: the plain path (module docstring)."""
     b = shape[0]
-    x0 = initial_noise(shape, seed, next(backbone.parameters()).device)
+    x0 = initial_noise(shape, seed, next(backbone.parameters()).device, clip=clip, window=window)
 
     def once(prompt: TextCond | None) -> TextCond | PreparedText | None:
         return prepare_text(backbone, prompt, b) if cache else prompt
@@ -116,16 +140,18 @@ def sample_backbone(
 
 
 def sample_batches(
-    model: AVLink, task: Task, x_conds: Sequence[Tensor], *, batch: int, seed: int = 0,
+    model: AVLink, task: Task, x_conds: Sequence[Tensor], *, batch: int, seed: int = 0, first: int = 0,
     text: TextCond | None = None, alone: bool = False,
     autocast: Callable[[], AbstractContextManager] = nullcontext, **options: Any,
 ) -> Iterator[tuple[int, Tensor]]:
     """Many clips, `batch` at a time, as the evaluation samples them: yields (start, x) with x (B, ...) in fp32 for
     clips start .. start + B - 1 of x_conds ((1, ...) each, one shape).
 
-    A batch's initial noise comes from seed + start, so a clip's sample depends on the batch size but on nothing
-    else that runs. text holds every clip's prompt (each batch takes its rows) and serves both streams. alone: the
-    generated stream's generator alone (T2A / T2V; x_cond only sets the shape), the baseline of the scorecard.
+    Clip i's noise is its own (`initial_noise`'s streams of clip first + i), so a clip's sample depends neither
+    on the batch size (beyond the rounding of batched products) nor on anything else that runs; `first` numbers
+    x_conds[0] in a run cut into parts. text holds every clip's prompt (each batch takes its rows) and serves both
+    streams. alone: the generated stream's generator alone (T2A / T2V; x_cond only sets the shape), the baseline
+    of the scorecard.
     autocast: the context of the network evaluations (pipeline.sampling_precision). options: steps, method,
     cfg_scale, and t_cond for the linked model."""
     assert batch > 0, f"batch must be > 0, got {batch}"
@@ -135,7 +161,8 @@ def sample_batches(
         with autocast():
             if alone:
                 x = sample_backbone(model.backbones(task)[0], generated_shape(model, task, x_cond), text=rows,
-                                    seed=seed + start, **options)
+                                    seed=seed, clip=first + start, **options)
             else:
-                x = sample_link(model, task, x_cond, text_gen=rows, text_cond=rows, seed=seed + start, **options)
+                x = sample_link(model, task, x_cond, text_gen=rows, text_cond=rows, seed=seed, clip=first + start,
+                                **options)
         yield start, x.float()

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from avlink.backbones import build_backbone
+from avlink.backbones.dit import null_for_empty
 from avlink.backbones.protocol import TextCond
 from avlink.checkpoint import load_config, load_parts, read_fusion_tasks, stored_parts
 from avlink.codecs.audio import AudioCodec
@@ -136,13 +137,14 @@ class System:
 
     def text(self, prompts: list[str] | str | None, modality: Modality, batch_size: int = 1) -> TextCond:
         """The text condition of a stream: the prompts' token states, or the backbone's learned null text for no
-        prompt (None or "")."""
+        prompt (None, or "" in any row)."""
         backbone = self.model.audio if modality == "audio" else self.model.video
         if isinstance(prompts, str):
             prompts = [prompts] * batch_size
-        if not prompts or not any(prompts):
-            return backbone.null_text_cond(batch_size)
-        return self.text_encoder(modality).encode(list(prompts)).to(self.device)
+        if not prompts or not any(p.strip() for p in prompts):
+            return backbone.null_text_cond(batch_size if not prompts else len(prompts))
+        text = self.text_encoder(modality).encode(list(prompts)).to(self.device)
+        return null_for_empty(text, backbone.null_text_cond(len(prompts)))
 
     def text_encoder(self, modality: Modality):
         """The text encoder of a stream: the config's (`text_encoder`, shared by our own generators), or the one a

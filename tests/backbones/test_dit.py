@@ -84,6 +84,23 @@ def test_drop_text_replaces_rows_with_the_null_token(cfg):
     torch.testing.assert_close(v_drop[0], audio(x[:1], t[:1], None)[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["audio", "video"])
+def test_a_row_without_a_caption_is_the_null_text(cfg, kind):
+    """A clip without a caption carries no text states (codecs/text.py, data/shards.py): the backbone reads its
+    row as the learned null text, in training's plain path as in sampling's prepared one; other rows unchanged."""
+    bb = AudioDiT(cfg.audio, cfg.clip.audio) if kind == "audio" else VideoDiT(cfg.video, cfg.clip.video)
+    randomize_backbone(bb)
+    shape = cfg.clip.latent_shape if kind == "audio" else cfg.clip.video_shape
+    x, t, txt = torch.randn(2, *shape), torch.rand(2), text(2)
+    txt.mask[0] = False  # what collate gives a clip without a caption
+    txt.tokens[0] = 0
+    with torch.no_grad():
+        got = bb(x, t, txt)
+        torch.testing.assert_close(got[:1], bb(x[:1], t[:1], None), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got[1:], bb(x[1:], t[1:], txt.rows(1, 1)), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(bb(x, t, bb.prepare_text(txt, 2)), got, atol=1e-6, rtol=1e-6)
+
+
 def test_text_width_is_checked(cfg):
     audio = AudioDiT(cfg.audio, cfg.clip.audio)
     with pytest.raises(AssertionError, match="16-d"):

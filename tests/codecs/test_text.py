@@ -47,10 +47,9 @@ def test_minilm_states_and_mask(minilm: MiniLMEncoder) -> None:
     captions = ["a red ball bounces twice on a wooden floor", "a beep", ""]
     cond = minilm.encode(captions)
     assert isinstance(cond, TextCond) and cond.tokens.dtype == torch.float32 and cond.mask.dtype == torch.bool
-    lengths = [len(minilm.tokenizer(c)["input_ids"]) for c in captions]
-    assert lengths[2] == 2  # the empty caption is [CLS] [SEP]
+    lengths = [len(minilm.tokenizer(c)["input_ids"]) for c in captions[:2]] + [0]
     assert cond.tokens.shape == (3, max(lengths), 384)
-    assert cond.mask.sum(dim=1).tolist() == lengths
+    assert cond.mask.sum(dim=1).tolist() == lengths  # no states for the empty caption: the null text's row
     for i, n in enumerate(lengths):
         assert torch.all(cond.mask[i, :n]) and not torch.any(cond.mask[i, n:])
         assert torch.all(cond.tokens[i, n:] == 0) and torch.all(cond.tokens[i, :n].abs().sum(-1) > 0)
@@ -86,7 +85,10 @@ def test_t5_from_folder(t5_folder: Path) -> None:
     assert isinstance(encoder, T5Encoder) and encoder.dim == 32
     cond = encoder.encode(["a red ball bounces", "", "Zebra hits wall"])
     assert cond.tokens.shape == (3, 5, 32)
-    assert cond.mask.sum(dim=1).tolist() == [5, 1, 4]  # words + </s>; the empty caption is </s> alone
+    assert cond.mask.sum(dim=1).tolist() == [5, 0, 4]  # words + </s>; the empty caption has no states
+    blank = encoder.encode(["", " "])  # one masked token: the generators read both rows as their null text
+    assert blank.tokens.shape == (2, 1, 32) and not blank.mask.any() and not blank.tokens.any()
+    assert encoder.misses == 2  # "" was never run through the model
     assert torch.isfinite(cond.tokens).all()
 
 

@@ -148,6 +148,24 @@ def test_exit_status_3_and_bad_file_listed_with_two_workers(syncbench_dir: Path,
     samples = {s["id"]: s for s in ShardDataset(out)}
     assert set(samples) == {"a.mp4", "c.mp4", "sub/b.mp4"}
     assert samples["c.mp4"]["caption"] == "" and samples["sub/b.mp4"]["caption"] == "drums, loud"
+    # no caption, no states: training reads the row as the generators' null text, as inference reads no prompt
+    records = [r for shard in sorted(out.glob("shard-*.tar")) for r in read_records(str(shard))]
+    stored = {r["json"]["id"]: r["text.npy"] for r in records}
+    assert stored["c.mp4"].shape == (0, 384) and stored["a.mp4"].shape[0] > 0
+    batch = collate([samples["c.mp4"], samples["a.mp4"]])
+    assert batch["text_mask"].sum(1).tolist() == [0, stored["a.mp4"].shape[0]]
+    assert collate([samples["c.mp4"]])["text_mask"].shape == (1, 1)  # one masked token when no clip has a caption
+
+
+def test_older_shards_drop_the_states_of_an_empty_caption(prepared: Path) -> None:
+    """Shards written before empty captions went without states hold the encoder's states for "": read as none."""
+    from avlink.data.shards import to_sample
+
+    record = next(read_records(str(prepared / "shard-000000.tar")))
+    assert to_sample(record)["text"].shape[0] > 0
+    old = {**record, "json": {**record["json"], "caption": ""}}
+    sample = to_sample(old)
+    assert sample["text"].shape == (0, 384) and sample["text_mask"].shape == (0,)
 
 
 def test_exit_status_0_when_nothing_skipped(syncbench_dir: Path, tmp_path: Path) -> None:

@@ -129,14 +129,14 @@ def test_fusion_runs_where_the_points_say(placement):
     assert not any(e.startswith("v") and int(e[1:]) >= model.points[-1][1] for e in events)
 
 
-def plain_velocity(model, task, x, t, x_cond_noised, t_cond, text_gen=None, text_cond=None):
+def plain_velocity(model, task, x, t, x_cond_noised, t_cond, text_gen=None, text_cond=None, audio_start=0.0):
     """Reference: both streams from their embeddings at every call, no caching, fusion at every point."""
     gen_bb, cond_bb = model.backbones(task)
     fset = model.fusion_set(task)
     gen = gen_bb.embed(x, t, text_gen)
     con = cond_bb.embed(x_cond_noised, t_cond, text_cond)
     a, v = (gen, con) if task == "v2a" else (con, gen)
-    align = Alignment.build(a.times, v.times, model.audio.eta, model.video.eta, model.cfg.fusion)
+    align = Alignment.build(a.times + audio_start, v.times, model.audio.eta, model.video.eta, model.cfg.fusion)
     c = fset.conditioning(a.t, v.t)
     at_a = at_v = 0
     for block, (pa, pv) in zip(fset.blocks, model.points, strict=True):
@@ -163,6 +163,44 @@ def test_prepared_condition_equals_the_plain_path(task):
         plain = plain_velocity(model, task, x_gen, t, cond.x_cond, cond.t_cond, text(2))
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(fast, model.backbones(task)[0](x_gen, t, text(2)), atol=1e-4)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_the_fusion_blocks_see_the_audio_where_it_starts(task, cache, monkeypatch):
+    """A window's audio may start a fraction of a token off its first frame (pipeline.plan_windows): the
+    alignment of the Fusion Blocks takes the audio tokens at their times plus that offset, the video's as they are."""
+    model = tiny_link()
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x_gen, x_cond = generated_and_condition(model, task)
+    seen = []
+    build = Alignment.build
+
+    def record(times_a, times_v, *args):
+        seen.append((times_a, times_v))
+        return build(times_a, times_v, *args)
+
+    monkeypatch.setattr(Alignment, "build", record)
+    start = -0.4 / model.audio.eta  # 0.4 token before the first frame
+    t = torch.rand(2)
+    velocity = {}
+    for offset in (0.0, start):
+        cond = model.prepare(task, x_cond, generator=torch.Generator().manual_seed(3), cache=cache,
+                             audio_start=offset)
+        with torch.no_grad():
+            velocity[offset] = model(x_gen, t, cond)
+    audio, video = (x_gen, x_cond) if task == "v2a" else (x_cond, x_gen)
+    times_a = model.audio.token_times((audio.shape[1],), torch.device("cpu"))
+    times_v = model.video.token_times(model.video.tokenize(video)[1], torch.device("cpu"))
+    torch.testing.assert_close(seen[-1][0], times_a + start, rtol=0, atol=1e-12)
+    torch.testing.assert_close(seen[-1][1], times_v, rtol=0, atol=0)
+    torch.testing.assert_close(seen[0][0], times_a, rtol=0, atol=0)
+    with torch.no_grad():
+        plain = plain_velocity(model, task, x_gen, t, cond.x_cond, cond.t_cond, audio_start=start)
+    torch.testing.assert_close(velocity[start], plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(velocity[start], velocity[0.0], atol=1e-6)
 
 
 def test_conditioning_is_noised_once_to_the_fixed_time():

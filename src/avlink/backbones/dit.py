@@ -19,14 +19,20 @@ from avlink.nn.layers import MLP, AdaLN, TimestepEmbedder, layer_norm, modulate
 
 
 def drop_text(text: TextCond, null: TextCond, drop: Tensor) -> TextCond:
-    """Classifier-free guidance dropout: rows where drop (B,) is True become the null text."""
+    """Classifier-free guidance dropout: rows where drop (B,) is True become the null text. No host sync."""
     assert null.tokens.shape[1] == 1, "the null text is one token"
+    assert text.tokens.shape[1] >= 1, "text states must be at least one token long"
     tokens = torch.where(drop[:, None, None], torch.zeros_like(text.tokens), text.tokens)
     tokens[:, :1] = torch.where(drop[:, None, None], null.tokens.to(tokens.dtype), tokens[:, :1])
-    mask = text.mask.clone()
-    mask[drop] = False
-    mask[drop, 0] = True
-    return TextCond(tokens, mask)
+    first = torch.zeros_like(text.mask)
+    first[:, 0] = True
+    return TextCond(tokens, torch.where(drop[:, None], first, text.mask))
+
+
+def null_for_empty(text: TextCond, null: TextCond) -> TextCond:
+    """Rows without a real token (a clip without a caption: codecs/text.py gives it no states) become the null
+    text, which no prompt is at inference; the other rows stay as they are."""
+    return drop_text(text, null, ~text.mask.any(1))
 
 
 class DiTBlock(nn.Module):
@@ -136,10 +142,17 @@ class DiT(nn.Module):
         tokens = self.null_text.expand(batch_size, 1, -1)
         return TextCond(tokens, torch.ones(batch_size, 1, dtype=torch.bool, device=tokens.device))
 
-    def _project_text(self, text: TextCond, dtype: torch.dtype) -> Tensor:
+    def _text_or_null(self, text: TextCond | None, batch_size: int) -> TextCond:
+        """The text a prompt gives: None, or a row of it without a real token (an empty caption), is the null text."""
+        null = self.null_text_cond(batch_size)
+        if text is None:
+            return null
         assert text.tokens.shape[-1] == self.cfg.text_dim, (
             f"text states are {text.tokens.shape[-1]}-d, this backbone expects {self.cfg.text_dim}-d"
         )
+        return null_for_empty(text, null)
+
+    def _project_text(self, text: TextCond, dtype: torch.dtype) -> Tensor:
         return self.text_proj(text.tokens.to(dtype))  # (B, L, D)
 
     @torch.no_grad()
@@ -149,7 +162,7 @@ class DiT(nn.Module):
         gradients never reach the text path through it (training takes the plain `TextCond` path)."""
         stop = self.num_blocks if stop is None else stop
         assert 0 <= stop <= self.num_blocks, f"stop {stop} out of 0..{self.num_blocks}"
-        text = text if text is not None else self.null_text_cond(batch_size)
+        text = self._text_or_null(text, batch_size)
         tokens = self._project_text(text, self.x_embed.weight.dtype)  # (B, L, D)
         kv: list[TextKV | None] = []
         for block in self.blocks[:stop]:
@@ -170,7 +183,7 @@ class DiT(nn.Module):
                 "prepared text carries no gradient to the text projection; train with the TextCond")
             text_tokens, text_mask, text_kv = text.tokens, text.mask, text.kv
         else:
-            text = text if text is not None else self.null_text_cond(b)
+            text = self._text_or_null(text, b)
             text_tokens, text_mask, text_kv = self._project_text(text, tokens.dtype), text.mask, None
         x = self.x_embed(tokens)  # (B, N, D)
         positions = self.position_embedding(grid)

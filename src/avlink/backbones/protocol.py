@@ -154,8 +154,9 @@ class Backbone(Protocol):
     eta: float  # token positions per second along time (the time-aligned RoPE of the Fusion Blocks)
 
     def embed(self, x_t: Tensor, t: Tensor, text: TextCond | PreparedText | None) -> StreamState:
-        """x_t in the flow's space at flow time t (B,) (0 noise, 1 data) -> the state before block 0. text None:
-        the null text. PreparedText only from the backbone's own `prepare_text` (optional, module docstring)."""
+        """x_t in the flow's space at flow time t (B,) (0 noise, 1 data) -> the state before block 0. text None,
+        or a row of it without a real token (an empty caption): the null text. PreparedText only from the
+        backbone's own `prepare_text` (optional, module docstring)."""
 
     def run_blocks(self, state: StreamState, start: int, stop: int) -> StreamState:
         """Blocks start .. stop - 1 on the state."""

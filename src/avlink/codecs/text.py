@@ -6,7 +6,9 @@
 - `PretrainedTextEncoder`: the text encoder that a published generator's diffusers folder ships (T5, UMT5).
 
 Token states are the encoder's last hidden states over real tokens; a batch is right-padded with zeros to its
-longest caption (mask False there). Captions longer than max_length tokens are truncated.
+longest caption (mask False there). Captions longer than max_length tokens are truncated. An empty caption (or
+one of spaces alone) has no states: its row is all padding, which the generators read as their learned null
+text (`backbones.dit.null_for_empty`), the text of no prompt at inference; never the encoder's states for "".
 
 Each caption's states are cached: in memory (least recently used first out), and optionally on disk as one
 safetensors file per caption, named by a hash of the encoder's name (model, folder, max length) and the caption.
@@ -61,10 +63,12 @@ class CachedTextEncoder:
         self.misses = 0  # captions run through the model
 
     def encode(self, captions: list[str], pad_to: int = 0) -> TextCond:
-        """TextCond over the batch, padded to the longest caption (or to pad_to, if longer)."""
+        """TextCond over the batch, padded to the longest caption (or to pad_to, if longer); at least one token
+        long. An empty caption's row is all padding (module docstring)."""
         assert isinstance(captions, list) and all(isinstance(c, str) for c in captions), "captions: list of str"
-        states = self._lookup(captions)  # each (L_i, Dt), CPU
-        length = max([pad_to, *(s.shape[0] for s in states)])
+        found = iter(self._lookup([c for c in captions if c.strip()]))
+        states = [next(found) if c.strip() else torch.zeros(0, self.dim) for c in captions]  # each (L_i, Dt), CPU
+        length = max([pad_to, 1, *(s.shape[0] for s in states)])
         tokens = torch.zeros(len(captions), length, self.dim)
         mask = torch.zeros(len(captions), length, dtype=torch.bool)
         for i, s in enumerate(states):

@@ -8,7 +8,8 @@ Each sample of a shard holds, under one key (its position in the data set, zero-
                      (a published generator's, e.g. Stable Audio Open's autoencoder)
                      In the VAE's own latent space: the DiT reads vae.scale_latent(z)
     video.npy        (T, H, W, 3) uint8 frames; video_mask.npy (T,) bool
-    text.npy         (L, Dt) float32 text-encoder token states of the caption (no padding)
+    text.npy         (L, Dt) float32 text-encoder token states of the caption (no padding); (0, Dt) for a clip
+                     without a caption, which training reads as the generators' learned null text
     json             {"id", "caption", "file", "start", "events" (when known), "meta"}
 
 Work is split by shard: each worker process (spawned, one torch thread) encodes whole shards with its own
@@ -141,7 +142,7 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def encode_captions(self, captions: list[str]) -> list[np.ndarray]:
-        """Token states (L, Dt) of each caption, padding dropped."""
+        """Token states (L, Dt) of each caption, padding dropped: (0, Dt) for an empty one (codecs/text.py)."""
         unique = list(dict.fromkeys(captions))
         states: dict[str, np.ndarray] = {}
         for i in range(0, len(unique), TEXT_BATCH):

@@ -98,6 +98,10 @@ def to_sample(record: dict[str, Any]) -> dict[str, Any]:
     """Shard record -> training sample of torch tensors (video as float (C, T, H, W) in [-1, 1])."""
     info = record["json"]
     text = torch.from_numpy(record["text.npy"])
+    if not str(info["caption"]).strip():
+        # No caption: no states, read as the null text (codecs/text.py). Older shards hold the encoder's states
+        # for "" here; they are left out.
+        text = text[:0]
     sample: dict[str, Any] = {
         "id": info["id"], "caption": info["caption"],
         "mel": torch.from_numpy(record["mel.npy"]), "mel_mask": torch.from_numpy(record["mel_mask.npy"]),
@@ -177,10 +181,11 @@ def _shuffled(records: Iterator[dict[str, Any]], size: int, rng: random.Random) 
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch samples: text padded to the longest caption (text_mask False on padding), other tensors stacked;
+    """Batch samples: text padded to the longest caption (text_mask False on padding: a clip without a caption
+    has no True, which the generators read as their null text), other tensors stacked;
     id, caption and events (variable length) stay lists."""
     assert samples, "cannot collate an empty batch"
-    longest = max(s["text"].shape[0] for s in samples)
+    longest = max(1, *(s["text"].shape[0] for s in samples))  # a batch without captions keeps one masked token
     batch: dict[str, Any] = {
         "text": torch.stack([_pad(s["text"], longest) for s in samples]),  # (B, L, Dt)
         "text_mask": torch.stack([_pad(s["text_mask"], longest) for s in samples]),  # (B, L)

@@ -27,10 +27,9 @@ step evaluates the network on twice the batch, which the evaluations column coun
 
 Prompts: none by default (AV-Link's text conditioning is optional); `--prompts captions` gives each clip its
 SyncBench caption for both streams, as the shipped checkpoint's scorecard does. Clips are sampled `--batch` at
-a time; a batch's noise is drawn from --sample-seed + the index of its first clip (with --batch 1, clip i has
-seed + i), the scorecard's scheme, so `--prompts captions --batch 25` at 64 Euler steps redoes its AV-Link
-row. `--precision bf16` runs the network evaluations under bf16 autocast (pipeline.sampling_precision); the
-decoders stay fp32.
+a time, each clip with its own noise streams of --sample-seed (sample.initial_noise: the same whatever --batch),
+the scorecard's scheme, so `--prompts captions` at 64 Euler steps redoes its AV-Link row. `--precision bf16`
+runs the network evaluations under bf16 autocast (pipeline.sampling_precision); the decoders stay fp32.
 
 Media meets tensors through the checkpoint's codecs (system.load_system): V2A decodes the generated latent
 through the audio VAE and the vocoder (--vocoder); A2V encodes the conditioning audio to its latent.

@@ -100,6 +100,10 @@ class Condition:
     is computed here; with no reinjection ("static", "text_concat") the whole conditioning stream is. When
     sampling, both prompts are prepared here too (`PreparedText`: projected, with every block's keys and values).
     cond_state None is the plain path: `forward` recomputes the conditioning stream at every call.
+
+    audio_start: seconds from the video's first frame to the audio's first token. A training clip starts both at
+    0; a window of a long input (pipeline.plan_windows) may start its audio a fraction of a token off its video, and
+    the Fusion Blocks' time-aligned RoPE must see where each token really sits.
     """
 
     task: Task
@@ -110,6 +114,7 @@ class Condition:
     cond_state: StreamState | None = None  # conditioning stream after the blocks before the first fusion point
     cond_start: int = 0  # the conditioning stream's next block to run
     static_features: list[Tensor] | None = None  # per fusion point, when the stream is not reinjected
+    audio_start: float = 0.0  # seconds, audio's first token after video's first frame
 
     @property
     def cached(self) -> bool:
@@ -196,9 +201,10 @@ class AVLink(nn.Module):
     def prepare(
         self, task: Task, x_cond_clean: Tensor, text_gen: TextCond | None = None, text_cond: TextCond | None = None,
         t_cond: float | Tensor | None = None, noise: Tensor | None = None, generator: torch.Generator | None = None,
-        cache: bool = True,
+        cache: bool = True, audio_start: float = 0.0,
     ) -> Condition:
         """cache=False: the plain path, which only noises x_cond and leaves all the rest to every step.
+        audio_start: Condition's.
 
         The prompts are prepared (`PreparedText`) only where no gradient is recorded (sampling); training keeps
         the text path inside its forward, exactly as the backbones' own training does."""
@@ -212,7 +218,7 @@ class AVLink(nn.Module):
                                 device=x_cond_clean.device)
         x_cond = interpolate(noise, x_cond_clean, t_cond)
         if not cache:
-            return Condition(task, x_cond, t_cond, text_gen, text_cond)
+            return Condition(task, x_cond, t_cond, text_gen, text_cond, audio_start=audio_start)
         gen_bb, cond_bb = self.backbones(task)
         prepared_cond: TextCond | PreparedText | None = text_cond
         if not torch.is_grad_enabled():
@@ -221,7 +227,7 @@ class AVLink(nn.Module):
             prepared_cond = prepare_text(cond_bb, text_cond, b, stop=self._points(task)[-1][1])
         with torch.no_grad():  # frozen, and nothing trainable has touched this part of the stream yet
             state, start, static = self._conditioning_stream(task, x_cond, t_cond, prepared_cond)
-        return Condition(task, x_cond, t_cond, text_gen, text_cond, state, start, static)
+        return Condition(task, x_cond, t_cond, text_gen, text_cond, state, start, static, audio_start)
 
     def _conditioning_stream(
         self, task: Task, x_cond: Tensor, t_cond: Tensor, text_cond: TextCond | PreparedText | None,
@@ -262,12 +268,13 @@ class AVLink(nn.Module):
             c_state, cond_at, static = self._conditioning_stream(task, cond.x_cond, cond.t_cond, cond.text_cond)
         t_a, t_v = (gen.t, cond.t_cond) if task == "v2a" else (cond.t_cond, gen.t)
         a_times, v_times = (gen.times, c_state.times) if task == "v2a" else (c_state.times, gen.times)
+        a_times = a_times + cond.audio_start  # both streams in seconds from the video's first frame
         align = Alignment.build(a_times, v_times, self.audio.eta, self.video.eta, self.cfg.fusion)
         c = fset.conditioning(t_a, t_v)
         injection = self.cfg.fusion.injection
         if injection == "text_concat":
             assert static is not None, "text_concat has no reinjection: its features are static"
-            gen = self._concat_to_text(gen, task, static, c_state.times, fset)
+            gen = self._concat_to_text(gen, task, static, align.times_v if task == "v2a" else align.times_a, fset)
             return gen_bb.head(gen_bb.run_blocks(gen, 0, gen_bb.num_blocks))
 
         gen_at = 0

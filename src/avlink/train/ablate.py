@@ -11,8 +11,8 @@ the first --eval-clips clips of the SyncBench test split through the evaluation 
 the checkpoint's VAE, --vocoder), and `avlink eval` scores them in OUT/runs/<variant>/eval/. OUT/table2.md and
 OUT/table2.json put the variants side by side with the ground-truth ceiling and the shuffled floor.
 
-Generation uses each clip's caption as prompt for both streams, --batch clips at a time with the noise of a batch
-drawn from --sample-seed + its first index: the scorecard's scheme (train/scorecard.py), so the "fusion" row of
+Generation uses each clip's caption as prompt for both streams, --batch clips at a time, each clip with its own
+noise streams of --sample-seed: the scorecard's scheme (train/scorecard.py), so the "fusion" row of
 an ablation on the recipe's data redoes the shipped AV-Link row. Without prompts (--prompts none) the frozen
 generator picks what sounds at random and class accuracy sits at the floor in every row.
 
@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=budget.batch_size)
     parser.add_argument("--eval-clips", type=int, default=budget.test_clips, help="clips scored per variant")
     parser.add_argument("--sample-steps", type=int, default=64, help="Euler steps of the generation")
-    parser.add_argument("--sample-seed", type=int, default=0, help="noise seed of a batch: this + its first clip")
+    parser.add_argument("--sample-seed", type=int, default=0, help="noise seed (each clip draws its own streams of it)")
     parser.add_argument("--prompts", default="captions", choices=("captions", "none"),
                         help="text prompt of both streams: each clip's caption (default) or none")
     parser.add_argument("--batch", type=int, default=25, help="clips per sampling batch (default 25)")
@@ -236,7 +236,7 @@ def generate_variant(args: argparse.Namespace, model: Any, conds: list, texts: A
             continue
         xs = generate(model, args.task, "avlink", [replace(c, x_cond=c.x_cond.to(device)) for c in chunk],
                       None if texts is None else texts.rows(start, len(chunk)),
-                      args.sample_steps, args.sample_seed + start, batch=args.batch)
+                      args.sample_steps, args.sample_seed, batch=args.batch, first=start)
         for x, cond in zip(xs, chunk, strict=True):
             write_output(args.task, x.cpu(), cond, generated, model.cfg.clip, codecs)
 

@@ -40,11 +40,11 @@ BATCH = 25  # clips per sampling batch
 
 @torch.no_grad()
 def generate(model: Any, task: Task, system: str, conds: list, text: TextCond | None, steps: int, seed: int,
-             batch: int = BATCH, cfg_scale: float = 1.0) -> list:
-    """One generated tensor (1, ...) per clip (`sample.sample_batches`: batch i's noise from seed + its first
-    clip's index). text: every clip's prompt, or None. cfg_scale: classifier-free guidance on the generated
-    stream's prompt (1: none), the same for AV-Link and the generator alone."""
-    batches = sample_batches(model, task, [c.x_cond for c in conds], batch=batch, seed=seed, text=text,
+             batch: int = BATCH, cfg_scale: float = 1.0, first: int = 0) -> list:
+    """One generated tensor (1, ...) per clip (`sample.sample_batches`: clip i's own noise streams of the seed,
+    conds[0] being clip `first`). text: every clip's prompt, or None. cfg_scale: classifier-free guidance on the
+    generated stream's prompt (1: none), the same for AV-Link and the generator alone."""
+    batches = sample_batches(model, task, [c.x_cond for c in conds], batch=batch, seed=seed, first=first, text=text,
                              alone=system != "avlink", steps=steps, cfg_scale=cfg_scale)
     return [x[i:i + 1] for _, x in batches for i in range(x.shape[0])]
 

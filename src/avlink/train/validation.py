@@ -9,8 +9,8 @@ What each part is checked on (K clips of the validation split, the same clips ev
     video     the text-to-video generator alone from the captions (T2V), scored as A2V against the clip's audio;
     vae       mel L1 of the reconstruction (encoder mean, decoded), and the reconstruction as a wave;
     classifiers  exact-match and per-label accuracy of both SyncBench classifiers.
-Generation samples as the scorecard does (train/scorecard.py): Euler, a fixed seed per batch of clips, captions
-as prompts, the vocoder the scorecard uses.
+Generation samples as the scorecard does (train/scorecard.py): Euler, a fixed seed with each clip's own noise
+streams (sample.initial_noise), captions as prompts, the vocoder the scorecard uses.
 
     OUT/samples/step_<N>/<name>/          the clips (<id>.wav or <id>.mp4), metrics.json / .md, per_clip.csv
     OUT/samples/step_<N>/validation.json  the numbers the loop logs as val/<name>/<metric>
@@ -389,7 +389,8 @@ def generate_alone(backbone: nn.Module, shape: tuple[int, ...], count: int, text
     out = []
     for start in range(0, count, BATCH):
         size = min(BATCH, count - start)
-        x = sample_backbone(backbone, (size, *shape), text=texts.rows(start, size), steps=steps, seed=seed + start)
+        x = sample_backbone(backbone, (size, *shape), text=texts.rows(start, size), steps=steps, seed=seed,
+                            clip=start)
         out.extend(x[i:i + 1] for i in range(size))
     return out
 
