@@ -145,3 +145,35 @@ def test_classifier_augmentation_keeps_shapes_ranges_and_mixture_labels() -> Non
     assert torch.allclose(mixed, torch.logaddexp(mel, mel.roll(1, dims=0)))
     kept, y_kept = mix_mels(mel, y, p=0.0)
     assert torch.equal(kept, mel) and torch.equal(y_kept, y)
+
+
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_fusion_training_has_prompt_free_rows_with_the_null_text_on_both_streams(monkeypatch, task):
+    """Prompt-free generation gives both streams their null text: the share `prompt_free` of training rows does
+    too; the other rows keep the caption on the conditioning stream (guidance dropout on the generated one)."""
+    model = tiny_link()
+    seen = {}
+
+    def terms(task, audio, video, text_a, text_v):
+        seen["a"], seen["v"] = text_a, text_v
+        return torch.zeros(audio.shape[0]), torch.zeros(audio.shape[0])
+
+    monkeypatch.setattr(model, "loss_terms", terms)
+    batch = make_batch(model.cfg, b=64)
+    null = {"a": model.audio.null_text_cond(1).tokens[0, 0], "v": model.video.null_text_cond(1).tokens[0, 0]}
+    gen, cond = ("a", "v") if task == "v2a" else ("v", "a")
+
+    def is_null(stream):  # (B,) rows that are the stream's null text: one real token, the learned one
+        text = seen[stream]
+        return (text.mask.sum(1) == 1) & (text.tokens[:, 0] == null[stream]).all(-1)
+
+    for share in (0.0, 1.0):
+        FusionObjective(model, task, prompt_free=share, text_dropout=0.0).loss(batch)
+        assert bool(is_null(cond).all()) if share == 1.0 else not is_null(cond).any()
+        assert torch.equal(is_null(gen), is_null(cond))
+    torch.manual_seed(0)
+    FusionObjective(model, task).loss(batch)
+    free, dropped = is_null(cond), is_null(gen)
+    assert 16 < int(free.sum()) < 48  # about half of 64
+    assert bool((dropped >= free).all()) and int(dropped.sum()) > int(free.sum())  # guidance dropout on top
+    assert torch.equal(seen[cond].tokens[~free], batch["text"][~free])  # the rest keep their caption

@@ -348,6 +348,7 @@ def train_part(args: argparse.Namespace) -> Path:
                 "batch_size": batch_size, "world_size": ctx.world_size, "wall_time_s": round(time.time() - started, 1),
                 "final_loss": sum(tail) / len(tail) if tail else None, "train": asdict(tc), **extra,
                 "validation": None if validator is None else validator.last,
+                "captions": getattr(objective, "captions", None),
             }
             path = export(args.out, args.part, objective, cfg, card)
             print(f"avlink train: {args.part} exported to {path}")

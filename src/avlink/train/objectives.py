@@ -35,6 +35,11 @@ from avlink.train.loop import LossOutput
 
 # Caption dropout for classifier-free guidance: the usual 10%.
 TEXT_DROPOUT = 0.1
+# Fusion training: the share of rows trained with no caption on either stream, as prompt-free generation runs the
+# link (the CLI's and the app's default). The paper reports V2A and A2V both with and without prompts from one
+# model (Sec. 4, "we report results for both settings"), so the Fusion Blocks must know the conditioning stream's
+# activations under its null text as well as under a caption; half and half is our choice.
+PROMPT_FREE = 0.5
 # `avlink train classifiers` defaults where the config and the command line leave them unset: a classifier
 # takes a larger step than the generators; 1000 steps of 32 clips take about 3.5 minutes on 2 CPU cores.
 CLASSIFIER_TRAIN_DEFAULTS: dict[str, Any] = {"max_steps": 1000, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.01}
@@ -111,6 +116,7 @@ class FusionObjective:
     task: str  # "v2a" | "a2v" | "joint"
     vae: AudioVAE | None = None
     text_dropout: float = TEXT_DROPOUT
+    prompt_free: float = PROMPT_FREE
     device: torch.device = torch.device("cpu")
     # The codecs of published generators (system.pretrained_codec) by modality: they encode the shards' waves
     # and frames; a modality without one takes the shards' latents or frames as our own generators do.
@@ -148,10 +154,14 @@ class FusionObjective:
         audio, video = self.audio_input(batch), self.video_input(batch)
         b = audio.shape[0]
         text = batch_text(batch, self.device)
-        gen_bb, _ = self.model.backbones(task)
-        text_gen = with_dropout(text, gen_bb.null_text_cond(b), self.text_dropout)
-        # The conditioning stream sees the caption as it would at inference.
-        text_a, text_v = (text_gen, text) if task == "v2a" else (text, text_gen)
+        gen_bb, cond_bb = self.model.backbones(task)
+        # Prompt-free rows: both streams get their null text, as generation without a prompt gives them. The
+        # other rows keep the caption on the conditioning stream and drop the generated stream's for guidance.
+        free = torch.rand(b, device=self.device) < self.prompt_free
+        dropped = free | (torch.rand(b, device=self.device) < self.text_dropout)
+        text_gen = drop_text(text, gen_bb.null_text_cond(b), dropped)
+        text_cond = drop_text(text, cond_bb.null_text_cond(b), free)
+        text_a, text_v = (text_gen, text_cond) if task == "v2a" else (text_cond, text_gen)
         # The shards hold the caption states of one text encoder, ours; a published generator reads its own
         # encoder's states, so its stream trains prompt-free (its null text), as it is used without a prompt.
         text_a = None if isinstance(self.model.cfg.audio, PretrainedConfig) else text_a
@@ -159,6 +169,10 @@ class FusionObjective:
         per, t = self.model.loss_terms(task, audio, video, text_a, text_v)
         return LossOutput(per.mean(), per, t, scalars={f"loss/{task}": per.mean().item()})
 
+    @property
+    def captions(self) -> dict[str, float]:
+        """How captions were dropped, for the model card."""
+        return {"prompt_free": self.prompt_free, "generated_dropout": self.text_dropout}
 
     def audio_input(self, batch: dict[str, Any]) -> Tensor:
         codec = self.codecs.get("audio")
