@@ -226,3 +226,39 @@ def test_recipe_with_other_sizes_end_to_end(tmp_path):
     card = json.loads((tmp_path / "out" / "video_dit.card.json").read_text())
     assert card["steps"] == 5 and "model.video.dim=64" in card["command"]
     assert "| AV-Link |" in (tmp_path / "out" / "scores.md").read_text()
+
+
+def test_a_fusion_only_recipe_trains_the_fusion_blocks_on_a_checkpoints_parts(tmp_path, fake_steps, monkeypatch):
+    """--fusion-only CKPT: no classifiers, VAE or generators are trained; the Fusion Blocks train on that folder's
+    files, the latents come from its VAE, and collect copies its parts."""
+    from helpers import random_checkpoint
+
+    ckpt = random_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(UserError, match=r"--fusion-only .*: missing .*classifiers\.safetensors"):
+        run_recipe(tmp_path / "out", tmp_path / "work0", fusion_only=ckpt, progress=False)
+    for name in ("classifiers.safetensors", "vae.card.json", "audio_dit.card.json", "video_dit.card.json",
+                 "classifiers.card.json"):
+        (ckpt / name).write_text("{}")
+    with pytest.raises(UserError, match="give another --out"):
+        run_recipe(ckpt, tmp_path / "work1", fusion_only=ckpt, progress=False)
+    collected = {}
+    monkeypatch.setattr(recipe, "collect", lambda out, runs, reused=None: collected.update(reused=reused))
+
+    class Scored(Exception):
+        pass
+
+    def score(*args, **kwargs):
+        raise Scored
+
+    import avlink.train.scorecard as scorecard
+
+    monkeypatch.setattr(scorecard, "score_checkpoint", score)
+    with pytest.raises(Scored):
+        run_recipe(tmp_path / "out", tmp_path / "work", fusion_only=ckpt, progress=False)
+    trained = [args.part for args in fake_steps["train"]]
+    assert trained == ["fusion", "fusion"]
+    assert all(args.audio_dit == ckpt.resolve() / "audio_dit.safetensors" for args in fake_steps["train"])
+    assert all(args.val_classifiers == ckpt.resolve() / "classifiers.safetensors" for args in fake_steps["train"])
+    assert [spec for spec, _, _ in fake_steps["prepare"]] == [f"syncbench:{tmp_path / 'work' / 'syncbench'}:train"]
+    assert fake_steps["prepare"][0][2]["vae"] == str(ckpt.resolve() / "vae.safetensors")
+    assert collected["reused"] == ckpt.resolve()

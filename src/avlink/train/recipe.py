@@ -212,39 +212,47 @@ def train_step(name: str, part: str, log: list[dict], **options: Any) -> Path:
 
 def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, seed: int = 0,
                progress: bool = True, budget: dict[str, int | float] | None = None,
-               model: list[str] | None = None) -> dict:
+               model: list[str] | None = None, fusion_only: Path | None = None) -> dict:
     """budget: Budget fields to change before scaling; model: --set items (model.video.dim=256, ...) given to
-    every generator and fusion training."""
+    every generator and fusion training. fusion_only: a checkpoint folder whose VAE, classifiers and generators
+    the Fusion Blocks train on, instead of training those (after a change to the fusion training alone)."""
     b = replace(Budget(), **(budget or {})).scaled(scale)
     model = size_overrides(model or [], preset)
-    check_settings(work, {"preset": preset, "seed": seed, "budget": asdict(b), "model": model})
+    reused = None if fusion_only is None else check_reused(Path(fusion_only), out)
+    check_settings(work, {"preset": preset, "seed": seed, "budget": asdict(b), "model": model,
+                          **({} if reused is None else {"fusion_only": str(reused)})})
     log: list[dict] = []
     started = time.perf_counter()
     sb, shards = work / "syncbench", work / "shards"
     for split, n in (("train", b.train_clips), ("val", b.val_clips), ("test", b.test_clips)):
         synth_step(f"synth {split}", sb, log, progress, n=n, seed=seed, split=split, preset=preset, workers=2)
     encode = {"preset": preset, "shard_size": 64, "workers": WORKERS}
-    prepare_step("prepare mel", f"syncbench:{sb}:train", shards / "mel", log, progress, **encode)
     common = {"preset": preset, "batch_size": b.batch_size, "resume": True, "no_progress": not progress}
     runs = work / "runs"
-    # The classifiers first: every later part's last validation scores class accuracy with them.
-    classifiers = train_step("train classifiers", "classifiers", log, data=shards / "mel",
-                             out=runs / "classifiers", max_steps=b.classifier_steps, **common)
+    if reused is None:
+        prepare_step("prepare mel", f"syncbench:{sb}:train", shards / "mel", log, progress, **encode)
+        # The classifiers first: every later part's last validation scores class accuracy with them.
+        classifiers = train_step("train classifiers", "classifiers", log, data=shards / "mel",
+                                 out=runs / "classifiers", max_steps=b.classifier_steps, **common)
+        vae = train_step("train vae", "vae", log, data=shards / "mel", out=runs / "vae", max_steps=b.vae_steps,
+                         set=[f"train.lr={b.vae_lr}"], **common)
+    else:
+        classifiers, vae = reused / "classifiers.safetensors", reused / "vae.safetensors"
     validate = {"val_data": f"syncbench:{sb}:val", "val_classifiers": classifiers}
-    vae = train_step("train vae", "vae", log, data=shards / "mel", out=runs / "vae", max_steps=b.vae_steps,
-                     set=[f"train.lr={b.vae_lr}"], **common)
     prepare_step("prepare latents", f"syncbench:{sb}:train", shards / "latent", log, progress, **encode, vae=str(vae))
     data = shards / "latent"
-    generators = {}
+    generators = {"audio": reused / "audio_dit.safetensors", "video": reused / "video_dit.safetensors"} if reused \
+        else {}
     for part, steps, lr in (("audio", b.audio_steps, None), ("video", b.video_steps, b.video_lr)):
-        sets = ([] if lr is None else [f"train.lr={lr}"]) + model
-        generators[part] = train_step(f"train {part}", part, log, data=data, out=runs / part, vae=vae,
-                                      max_steps=steps, set=sets, **validate, **common)
+        if reused is None:
+            sets = ([] if lr is None else [f"train.lr={lr}"]) + model
+            generators[part] = train_step(f"train {part}", part, log, data=data, out=runs / part, vae=vae,
+                                          max_steps=steps, set=sets, **validate, **common)
     for task in ("v2a", "a2v"):
         train_step(f"train fusion {task}", "fusion", log, task=task, data=data, out=runs / task, vae=vae,
                    audio_dit=generators["audio"], video_dit=generators["video"], max_steps=b.fusion_steps,
                    set=[f"train.lr={b.fusion_lr}", *model], **validate, **common)
-    collect(out, runs)
+    collect(out, runs, reused)
     # Imported here: the scorecard brings the evaluation harness (librosa and the rest), which `Budget`'s users
     # (`avlink ablate --train-only`) do not need.
     from avlink.train.scorecard import markdown, score_checkpoint, write_scores
@@ -260,8 +268,13 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
     sizes = {"model": model} if model else {}  # the preset's sizes: recipe.json as before the option
     summary = {"preset": preset, "scale": scale, "seed": seed, "budget": asdict(b), **sizes, "steps": log,
                "wall_s": round(time.perf_counter() - started, 1)}
+    if reused is not None:
+        summary["fusion_only"] = "VAE, classifiers and generators of the run in generators_recipe"
     previous = out / "recipe.json"
-    if previous.is_file():  # a resumed recipe: keep what the earlier invocations took
+    if reused is not None:  # the parts kept: the recipe run that trained them
+        kept = json.loads((reused / "recipe.json").read_text()) if (reused / "recipe.json").is_file() else None
+        summary["generators_recipe"] = (kept or {}).get("generators_recipe", kept)
+    elif previous.is_file():  # a resumed recipe: keep what the earlier invocations took
         earlier = json.loads(previous.read_text())
         summary["earlier_runs"] = [*earlier.pop("earlier_runs", []), earlier]
         summary["total_wall_s"] = round(summary["wall_s"] + sum(r["wall_s"] for r in summary["earlier_runs"]), 1)
@@ -270,12 +283,25 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
     return summary
 
 
-def collect(out: Path, runs: Path) -> None:
-    """The exported parts, in the layout `system.load_link` reads; both fusion sets in one file."""
+def check_reused(folder: Path, out: Path) -> Path:
+    """The checkpoint folder whose VAE, classifiers and generators a fusion-only recipe keeps, checked."""
+    parts = [f"{name}{suffix}" for name in ("vae", "audio_dit", "video_dit", "classifiers")
+             for suffix in (".safetensors", ".card.json")]
+    missing = [name for name in parts if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"--fusion-only {folder}: missing {', '.join(missing)}")
+    if folder.resolve() == out.resolve():
+        raise UserError(f"--fusion-only {folder}: give another --out (the kept parts are copied there)")
+    return folder.resolve()
+
+
+def collect(out: Path, runs: Path, reused: Path | None = None) -> None:
+    """The exported parts, in the layout `system.load_link` reads; both fusion sets in one file. reused: the
+    folder of the VAE, classifiers and generators of a fusion-only recipe."""
     out.mkdir(parents=True, exist_ok=True)
     for part, name in (("vae", "vae"), ("audio", "audio_dit"), ("video", "video_dit"),
                        ("classifiers", "classifiers")):
-        export = runs / part / "export"
+        export = runs / part / "export" if reused is None else reused
         for suffix in (".safetensors", ".card.json"):
             shutil.copyfile(export / f"{name}{suffix}", out / f"{name}{suffix}")
     fusion, cards = {}, {}
@@ -301,11 +327,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="generator and fusion sizes for every training, e.g. model.video.dim=256 "
                              "model.video.heads=8")
+    parser.add_argument("--fusion-only", type=Path, metavar="CKPT",
+                        help="train only the Fusion Blocks, on the VAE, classifiers and generators of this "
+                             "checkpoint folder (copied to --out), e.g. after changing the fusion training")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     summary = run_recipe(args.out, args.work, args.preset, args.scale, args.seed, not args.no_progress,
-                         budget=budget_overrides(args.budget), model=args.set)
+                         budget=budget_overrides(args.budget), model=args.set, fusion_only=args.fusion_only)
     print(f"avlink recipe: done in {summary['wall_s'] / 60:.1f} min; parts in {args.out}")
     return 0
