@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from pretrained_link import DURATION, tiny_pretrained_config, tiny_pretrained_folders
 
 from avlink.backbones.stable_audio import StableAudioBackbone
 from avlink.backbones.wan import WanBackbone
@@ -24,6 +23,7 @@ from avlink.errors import UserError
 from avlink.fusion.linked import fusion_points
 from avlink.params import parameter_table
 from avlink.system import build_model, checkpoint_files, load_system
+from pretrained_link import tiny_pretrained_config, tiny_pretrained_folders
 
 FAST = ["--steps", "2", "--seed", "3"]
 
