@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tiny_stable_audio import tiny_stable_audio_folder, tiny_stable_audio_geometry
-from tiny_wan import tiny_wan_folder, tiny_wan_geometry
-
 from avlink.config import FusionConfig, ModelConfig, PretrainedConfig
 from avlink.seq import ClipGeometry
+from tiny_stable_audio import tiny_stable_audio_folder, tiny_stable_audio_geometry
 from tiny_text import tiny_text_encoder
+from tiny_wan import tiny_wan_folder, tiny_wan_geometry
 
 DURATION = 9 / 16  # 9 frames at 16 fps: 3 latent frames of the causal video VAE
 

@@ -36,9 +36,9 @@ def test_a_config_written_before_kinds_existed_loads_as_dit(tmp_path):
 def test_an_unknown_backbone_kind_or_codec_is_refused_in_one_line(tmp_path):
     folder = random_checkpoint(tmp_path / "ckpt")
     config = json.loads((folder / "config.json").read_text())
-    config["video"]["kind"] = "wan"
+    config["video"]["kind"] = "sora"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(WeightsError, match=r"config.json: not an avlink model config \(unknown backbone kind 'wan'"):
+    with pytest.raises(WeightsError, match=r"config.json: not an avlink model config \(unknown backbone kind 'sora'"):
         load_config(folder / "config.json")
     with pytest.raises(ValueError, match="no audio backbone of kind 'nope'"):
         build_backbone("audio", tiny_config().audio.__class__(kind="nope"), tiny_config().clip.audio)

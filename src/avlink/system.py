@@ -18,6 +18,7 @@ codecs/ and one line in `CODECS` (ours) or `PRETRAINED_CODECS` (a published gene
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,10 +32,8 @@ from avlink.backbones.dit import null_for_empty
 from avlink.backbones.protocol import TextCond
 from avlink.checkpoint import load_config, load_parts, read_fusion_tasks, stored_parts
 from avlink.codecs.audio import AudioCodec
-from avlink.codecs.oobleck import OobleckCodec
 from avlink.codecs.pixels import PixelCodec
 from avlink.codecs.vae import AudioVAE
-from avlink.codecs.wan_vae import WanVideoCodec
 from avlink.config import ModelConfig, PretrainedConfig, Task
 from avlink.errors import UserError
 from avlink.fusion.linked import TASKS, AVLink
@@ -48,8 +47,8 @@ FILES = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "fusio
 CODECS: dict[str, type] = {"mel-vae": AudioCodec, "pixels": PixelCodec}
 # codec kind -> (modality, class): a published generator's codec, loaded from that generator's folder by the
 # class's `load(folder, geometry, device, dtype)`
-PRETRAINED_CODECS: dict[str, tuple[Modality, type]] = {"wan-vae": ("video", WanVideoCodec),
-                                                        "oobleck": ("audio", OobleckCodec)}
+PRETRAINED_CODECS: dict[str, tuple[Modality, str]] = {"wan-vae": ("video", "avlink.codecs.wan_vae:WanVideoCodec"),
+                                                       "oobleck": ("audio", "avlink.codecs.oobleck:OobleckCodec")}
 
 
 def checkpoint_files(cfg: ModelConfig) -> tuple[str, ...]:
@@ -208,7 +207,9 @@ def pretrained_codec(cfg: ModelConfig, modality: Modality, device: torch.device 
     """The codec of a published generator, from the folder the config names for that stream (Wan's video VAE,
     Stable Audio Open's autoencoder)."""
     kind = getattr(cfg.clip, modality).codec
-    held, cls = PRETRAINED_CODECS[kind]
+    held, path = PRETRAINED_CODECS[kind]
+    module, name = path.split(":")  # imported here: these codecs bring diffusers
+    cls = getattr(importlib.import_module(module), name)
     backbone = getattr(cfg, modality)
     if held != modality or not getattr(backbone, "folder", ""):
         raise UserError(f"the {modality} codec {kind!r} is loaded from a published generator's folder: set "

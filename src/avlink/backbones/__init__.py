@@ -6,6 +6,8 @@ A new kind (an adapter to another pretrained generator) is its own file, its set
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Literal
 
 from torch import nn
@@ -17,9 +19,24 @@ from avlink.seq import AudioGeometry, VideoGeometry
 
 Modality = Literal["audio", "video"]
 
-# kind -> {modality: the class built from (its config, the clip geometry of that modality)}
-BACKBONES: dict[str, dict[Modality, type[nn.Module]]] = {
+
+def imported(path: str) -> Callable[..., nn.Module]:
+    """"module:Class", imported on first use: an adapter brings diffusers (seconds to import), which our own
+    generators never need."""
+    module, name = path.split(":")
+
+    def build(*args, **kwargs) -> nn.Module:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    build.target = path  # type: ignore[attr-defined]
+    return build
+
+
+# kind -> {modality: the class (or its lazy import) built from (its config, the clip geometry of that modality)}
+BACKBONES: dict[str, dict[Modality, Callable[..., nn.Module]]] = {
     "dit": {"audio": AudioDiT, "video": VideoDiT},
+    "wan": {"video": imported("avlink.backbones.wan:WanBackbone")},  # Wan 2.x text-to-video
+    "stable-audio": {"audio": imported("avlink.backbones.stable_audio:StableAudioBackbone")},  # Stable Audio Open
 }
 
 

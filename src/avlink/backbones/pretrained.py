@@ -65,4 +65,5 @@ def build_module(cls: Any, cfg: PretrainedConfig, part: str, architectures: dict
         if name not in architectures:
             raise UserError(f"unknown {cfg.kind} architecture {name!r}; known: {', '.join(architectures)}")
         config = architectures[name]
-    return cls.from_config(config).to(torch_dtype(cfg.dtype))
+    module = cls.from_config(config)
+    return module if cfg.dtype == "float32" else module.to(torch_dtype(cfg.dtype))

@@ -154,6 +154,9 @@ def conditioning(projection: StableAudioProjectionModel, text: TextCond, seconds
 class StableAudioBackbone(nn.Module):
     """Stable Audio Open's DiT as a Backbone: embed / run_blocks / head over audio latents (B, Ta, 64)."""
 
+    text_length = PROMPT_TOKENS  # what its text encoder pads a prompt to (codecs.text.PretrainedTextEncoder)
+    download = DOWNLOAD
+
     def __init__(self, cfg: PretrainedConfig, geometry: AudioGeometry):
         super().__init__()
         self.cfg, self.geometry = cfg, geometry
