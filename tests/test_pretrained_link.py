@@ -5,6 +5,7 @@ CLI, the link learning alignment, and parameter counts of the full-size architec
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -82,6 +83,7 @@ def test_v2a_and_a2v_run_end_to_end_through_the_cli(ckpt, tmp_path):
     rng = np.random.default_rng(0)
     video = tmp_path / "in.mp4"
     write_video(video, rng.integers(0, 256, (20, 24, 20, 3), dtype=np.uint8), 10.0)  # 2 s at 10 fps: 4 windows
+    (tmp_path / "out").mkdir()
     assert main(["v2a", str(video), "--ckpt", str(ckpt), "-o", str(tmp_path / "out" / "v.wav"), *FAST]) == 0
     wav = tmp_path / "out" / "v.wav"
     samples, rate = soundfile.read(wav)
@@ -146,8 +148,13 @@ def test_fusion_training_between_the_two_learns_which_video_goes_with_which_soun
     """The check that showed our own DiTs' link learns, on the published architectures: after training V2A Fusion
     Blocks on matched pairs, the held-out loss of matched pairs falls below that of mismatched pairs (each sound
     with a video whose event is elsewhere), from equal at init (zero-initialised blocks ignore the video)."""
-    torch.manual_seed(0)
     cfg = tiny_pretrained_config(root)
+    # Latents are drawn here, so the tiny audio VAE's rate need not hold. At its 1000 tokens per second a clip has
+    # 562 audio tokens against 3 video tokens, and the blocks' joint attention did not find the video in 300 steps
+    # (held-out matched and mismatched within 1%); at 125 per second (70 tokens) matched fell below 0.4x
+    # mismatched within 300 steps for each of 3 initial seeds.
+    cfg = replace(cfg, clip=replace(cfg.clip, audio=replace(cfg.clip.audio, hop_length=64)))
+    torch.manual_seed(0)
     model = build_model(cfg, tasks=("v2a",))
     audio, video, events = event_pairs(cfg, 16, seed=1)
     others = video[torch.tensor([int(torch.nonzero(events != e)[0]) for e in events])]
@@ -159,7 +166,7 @@ def test_fusion_training_between_the_two_learns_which_video_goes_with_which_soun
     before = held_out(video), held_out(others)
     assert before[0] == pytest.approx(before[1], abs=1e-6)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
-    for step in range(150):
+    for step in range(300):
         a, v, _ = event_pairs(cfg, 8, seed=100 + step)
         loss = model.loss("v2a", a, v)
         optimizer.zero_grad()
@@ -167,4 +174,4 @@ def test_fusion_training_between_the_two_learns_which_video_goes_with_which_soun
         optimizer.step()
     matched, shuffled = held_out(video), held_out(others)
     print(f"held-out loss: matched {matched:.4f}, mismatched {shuffled:.4f} (both {before[0]:.4f} at init)")
-    assert matched < 0.9 * shuffled
+    assert matched < 0.5 * shuffled
