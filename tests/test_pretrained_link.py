@@ -24,7 +24,9 @@ from avlink.errors import UserError
 from avlink.fusion.linked import fusion_points
 from avlink.params import parameter_table
 from avlink.system import build_model, checkpoint_files, load_system
-from pretrained_link import tiny_pretrained_config, tiny_pretrained_folders
+from pretrained_link import DURATION, tiny_pretrained_config, tiny_pretrained_folders
+from tiny_stable_audio import tiny_stable_audio_geometry
+from tiny_wan import tiny_wan_geometry
 
 FAST = ["--steps", "2", "--seed", "3"]
 
@@ -175,3 +177,37 @@ def test_fusion_training_between_the_two_learns_which_video_goes_with_which_soun
     matched, shuffled = held_out(video), held_out(others)
     print(f"held-out loss: matched {matched:.4f}, mismatched {shuffled:.4f} (both {before[0]:.4f} at init)")
     assert matched < 0.5 * shuffled
+
+
+def test_fusion_trains_through_the_cli_on_a_config_naming_the_folders_then_generates(root, tmp_path):
+    """`avlink train fusion --config link.yaml` where the YAML names each stream's kind and folder and the clip
+    geometry: the data is prepared at that geometry (waves kept for the audio codec), the export holds the config
+    and the Fusion Blocks, and `avlink v2a --ckpt` runs on it."""
+    import yaml
+
+    from avlink.data.syncbench import synth
+
+    wan, sao = tiny_pretrained_folders(root)
+    synth(tmp_path / "sb", n=4, seed=0, split="train", preset="tiny")
+    audio, video = tiny_stable_audio_geometry(), tiny_wan_geometry()
+    model = {"video.kind": "wan", "video.folder": str(wan), "audio.kind": "stable-audio", "audio.folder": str(sao),
+             "clip.duration": DURATION, "fusion.dim": 32, "fusion.heads": 2, "fusion.num_blocks": 2,
+             **{f"clip.video.{k}": list(v) if isinstance(v, tuple) else v for k, v in vars(video).items()},
+             **{f"clip.audio.{k}": v for k, v in vars(audio).items()}}
+    config = tmp_path / "link.yaml"
+    config.write_text(yaml.safe_dump({"model": model}, sort_keys=False))
+    out = tmp_path / "run"
+    data = f"syncbench:{tmp_path}/sb:train"
+    assert main(["train", "fusion", "--task", "v2a", "--config", str(config), "--data", data, "--out", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--no-progress"]) == 0
+    manifest = json.loads((out / "prepared" / "manifest.json").read_text())
+    assert manifest["geometry"]["video"]["codec"] == "wan-vae" and manifest["geometry"]["audio"]["sample_rate"] == 8000
+    export = out / "export"
+    assert {p.name for p in export.iterdir()} >= {"config.json", "fusion.safetensors", "fusion.card.json"}
+    card = json.loads((export / "fusion.card.json").read_text())
+    assert card["captions"] == {"prompt_free": 0.5, "generated_dropout": 0.1}
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, np.random.default_rng(1).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8), 16.0)
+    (tmp_path / "gen").mkdir()
+    assert main(["v2a", str(clip), "--ckpt", str(export), "-o", str(tmp_path / "gen" / "clip.wav"), *FAST]) == 0
+    assert soundfile.info(tmp_path / "gen" / "clip.wav").samplerate == 8000

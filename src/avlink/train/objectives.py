@@ -154,20 +154,22 @@ class FusionObjective:
         audio, video = self.audio_input(batch), self.video_input(batch)
         b = audio.shape[0]
         text = batch_text(batch, self.device)
-        gen_bb, cond_bb = self.model.backbones(task)
         # Prompt-free rows: both streams get their null text, as generation without a prompt gives them. The
         # other rows keep the caption on the conditioning stream and drop the generated stream's for guidance.
         free = torch.rand(b, device=self.device) < self.prompt_free
         dropped = free | (torch.rand(b, device=self.device) < self.text_dropout)
-        text_gen = drop_text(text, gen_bb.null_text_cond(b), dropped)
-        text_cond = drop_text(text, cond_bb.null_text_cond(b), free)
-        text_a, text_v = (text_gen, text_cond) if task == "v2a" else (text_cond, text_gen)
-        # The shards hold the caption states of one text encoder, ours; a published generator reads its own
-        # encoder's states, so its stream trains prompt-free (its null text), as it is used without a prompt.
-        text_a = None if isinstance(self.model.cfg.audio, PretrainedConfig) else text_a
-        text_v = None if isinstance(self.model.cfg.video, PretrainedConfig) else text_v
-        per, t = self.model.loss_terms(task, audio, video, text_a, text_v)
+        gen, cond = ("audio", "video") if task == "v2a" else ("video", "audio")
+        texts = {gen: self.stream_text(gen, text, dropped), cond: self.stream_text(cond, text, free)}
+        per, t = self.model.loss_terms(task, audio, video, texts["audio"], texts["video"])
         return LossOutput(per.mean(), per, t, scalars={f"loss/{task}": per.mean().item()})
+
+    def stream_text(self, modality: str, text: TextCond, drop: Tensor) -> TextCond | None:
+        """A stream's caption states with the rows `drop` says as its null text. The shards hold the states of one
+        text encoder, ours; a published generator reads its own encoder's, so its stream trains prompt-free (None:
+        its null text), as it is used without a prompt."""
+        if isinstance(getattr(self.model.cfg, modality), PretrainedConfig):
+            return None
+        return drop_text(text, getattr(self.model, modality).null_text_cond(text.batch_size), drop)
 
     @property
     def captions(self) -> dict[str, float]:
