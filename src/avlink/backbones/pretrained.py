@@ -13,10 +13,18 @@ from typing import Any
 
 import torch
 
+from avlink.backbones.protocol import TextCond
 from avlink.config import PretrainedConfig
 from avlink.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def zero_text(batch_size: int, dim: int, device: torch.device) -> TextCond:
+    """One zero state per row, mask True: the no-prompt text of an adapter whose pipeline's unconditional branch
+    is an all-zero context (each adapter says how its module reads it)."""
+    return TextCond(torch.zeros(batch_size, 1, dim, device=device),
+                    torch.ones(batch_size, 1, dtype=torch.bool, device=device))
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -31,7 +31,7 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from avlink.backbones.pretrained import build_module
+from avlink.backbones.pretrained import build_module, zero_text
 from avlink.backbones.protocol import StreamState, TextCond
 from avlink.config import PretrainedConfig
 from avlink.seq import AudioGeometry
@@ -190,9 +190,7 @@ class StableAudioBackbone(nn.Module):
 
     def null_text_cond(self, batch_size: int) -> TextCond:
         """No prompt: one zero state, which `conditioning` turns into the pipeline's all-zero context."""
-        device = self.transformer.proj_in.weight.device
-        return TextCond(torch.zeros(batch_size, 1, self.text_dim, device=device),
-                        torch.ones(batch_size, 1, dtype=torch.bool, device=device))
+        return zero_text(batch_size, self.text_dim, self.transformer.proj_in.weight.device)
 
     def token_times(self, grid: tuple[int, ...], device: torch.device) -> Tensor:
         return self.geometry.token_times(grid[0], device)

@@ -26,7 +26,7 @@ from diffusers import WanTransformer3DModel
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from avlink.backbones.pretrained import build_module
+from avlink.backbones.pretrained import build_module, zero_text
 from avlink.backbones.protocol import StreamState, TextCond
 from avlink.config import PretrainedConfig
 from avlink.seq import VideoGeometry
@@ -103,9 +103,7 @@ class WanBackbone(nn.Module):
 
     def null_text_cond(self, batch_size: int) -> TextCond:
         """No prompt: zero states (padded to the all-zero context, module docstring)."""
-        device = self.module.proj_out.weight.device
-        return TextCond(torch.zeros(batch_size, 1, self.text_dim, device=device),
-                        torch.ones(batch_size, 1, dtype=torch.bool, device=device))
+        return zero_text(batch_size, self.text_dim, self.module.proj_out.weight.device)
 
     def token_times(self, grid: tuple[int, ...], device: torch.device) -> Tensor:
         frames, height, width = grid
