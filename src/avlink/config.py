@@ -66,7 +66,8 @@ class PretrainedConfig:
 
 # kind -> the settings dataclass of that backbone kind; a config file names the kind of each stream
 # (`audio.kind`), and one written before kinds existed is a "dit".
-BACKBONE_CONFIGS: dict[str, type] = {"dit": DiTConfig, "wan": PretrainedConfig, "stable-audio": PretrainedConfig}
+BACKBONE_CONFIGS: dict[str, type] = {"dit": DiTConfig, "wan": PretrainedConfig, "ltx": PretrainedConfig,
+                                     "stable-audio": PretrainedConfig}
 BackboneConfig = DiTConfig | PretrainedConfig  # the union of BACKBONE_CONFIGS' classes
 
 
@@ -197,6 +198,11 @@ SAO_AUDIO = AudioGeometry(
 # channels; the transformer's patch is 1x2x2 latent pixels (16x16 px).
 WAN_VIDEO = VideoGeometry(fps=16.0, height=480, width=832, patch=(1, 16, 16), codec="wan-vae", codec_stride=(4, 8),
                           codec_channels=16)
+# LTX-Video at LTXPipeline's default size and rate: 704x512 px at 25 fps; its causal VAE makes one latent frame of
+# the first frame and one of each 8 after it, 32x smaller in space, 128 channels; the transformer's patch is one
+# latent pixel (32x32 px).
+LTX_VIDEO = VideoGeometry(fps=25.0, height=512, width=704, patch=(1, 32, 32), codec="ltx-vae", codec_stride=(8, 32),
+                          codec_channels=128)
 
 PRESETS: dict[str, ModelConfig] = {
     # CPU: trains in minutes on SyncBench. 16x16 px at 6 fps for 16 frames (2.67 s).
@@ -234,6 +240,15 @@ PRESETS: dict[str, ModelConfig] = {
         clip=ClipGeometry(duration=81 / 16, audio=SAO_AUDIO, video=WAN_VIDEO),
         audio=PretrainedConfig(kind="stable-audio"),
         video=PretrainedConfig(kind="wan"),
+        fusion=FusionConfig(dim=768, heads=12, num_blocks=8),
+    ),
+    # LTX-Video 0.9 (backbones/ltx.py) with Stable Audio Open 1.0, folders set as for wan-sao: 121 frames at 25 fps
+    # (8k + 1 frames, as its VAE needs; 4.84 s, within Stable Audio Open's 47 s).
+    "ltx-sao": ModelConfig(
+        name="ltx-sao",
+        clip=ClipGeometry(duration=121 / 25, audio=SAO_AUDIO, video=LTX_VIDEO),
+        audio=PretrainedConfig(kind="stable-audio"),
+        video=PretrainedConfig(kind="ltx"),
         fusion=FusionConfig(dim=768, heads=12, num_blocks=8),
     ),
 }

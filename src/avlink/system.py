@@ -48,6 +48,7 @@ CODECS: dict[str, type] = {"mel-vae": AudioCodec, "pixels": PixelCodec}
 # codec kind -> (modality, class): a published generator's codec, loaded from that generator's folder by the
 # class's `load(folder, geometry, device, dtype)`
 PRETRAINED_CODECS: dict[str, tuple[Modality, str]] = {"wan-vae": ("video", "avlink.codecs.wan_vae:WanVideoCodec"),
+                                                       "ltx-vae": ("video", "avlink.codecs.ltx_vae:LTXVideoCodec"),
                                                        "oobleck": ("audio", "avlink.codecs.oobleck:OobleckCodec")}
 
 

@@ -237,3 +237,57 @@ def test_published_architecture_has_the_published_size():
     print("LTX-Video-0.9", count, ltx.hidden_dim, ltx.num_blocks)
     assert count == 1_923_385_472
     assert (ltx.hidden_dim, ltx.num_blocks, ltx.text_dim) == (2048, 28, 4096)
+
+
+# --- linked through the system: registered kind, codec from the folder, the CLI -----------------------------
+
+
+def test_ltx_links_with_stable_audio_through_the_checkpoint_folder_and_the_cli(tmp_path):
+    """The registered kind end to end: a checkpoint folder naming an LTX folder (codec and text encoder read from
+    it) and a Stable Audio Open folder, then `avlink v2a` and `avlink a2v` on files."""
+    import numpy as np
+    import soundfile
+
+    from avlink.checkpoint import save_link
+    from avlink.cli import main
+    from avlink.data.media import probe, write_audio, write_video
+    from avlink.system import build_model
+    from tiny_stable_audio import tiny_stable_audio_folder, tiny_stable_audio_geometry
+    from tiny_text import tiny_text_encoder
+
+    ltx, sao = tiny_ltx_folder(tmp_path / "ltx"), tiny_stable_audio_folder(tmp_path / "sao")
+    tiny_text_encoder(ltx, "t5", dim=TEXT_DIM)
+    tiny_text_encoder(sao, "t5", dim=16)
+    cfg = ModelConfig(name="tiny-ltx", clip=ClipGeometry(duration=9 / 25, audio=tiny_stable_audio_geometry(),
+                                                          video=tiny_ltx_geometry()),
+                      audio=PretrainedConfig(kind="stable-audio", folder=str(sao)),
+                      video=PretrainedConfig(kind="ltx", folder=str(ltx)),
+                      fusion=FusionConfig(dim=32, heads=2, num_blocks=2))
+    model = build_model(cfg)
+    assert isinstance(model.video, LTXBackbone)
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    save_link(tmp_path / "ckpt", model)
+
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "in.mp4", rng.integers(0, 256, (9, 64, 64, 3), dtype=np.uint8), 25.0)
+    fast = ["--ckpt", str(tmp_path / "ckpt"), "--steps", "2", "--seed", "1"]
+    assert main(["v2a", str(tmp_path / "in.mp4"), "-o", str(tmp_path / "v.wav"), *fast]) == 0
+    samples, rate = soundfile.read(tmp_path / "v.wav")
+    assert rate == 8000 and abs(len(samples) / rate - 9 / 25) < 0.01 and np.abs(samples).max() > 0
+
+    t = np.arange(2880) / 8000
+    write_audio(tmp_path / "in.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 8000)
+    assert main(["a2v", str(tmp_path / "in.wav"), "-o", str(tmp_path / "a.mp4"), *fast]) == 0
+    info = probe(tmp_path / "a.mp4")
+    assert info.fps == 25 and abs(info.duration - 9 / 25) < 0.05
+
+
+def test_the_ltx_sao_preset_counts_ltx_video_09s_parameters_on_the_meta_device():
+    from avlink.config import get_preset
+    from avlink.params import parameter_table
+
+    table = parameter_table(get_preset("ltx-sao"))
+    assert table["video backbone"]["trainable"] == 0
+    assert 1.8e9 < table["video backbone"]["params"] < 2.1e9  # LTX-Video 0.9's 28-block transformer

@@ -36,6 +36,7 @@ def imported(path: str) -> Callable[..., nn.Module]:
 BACKBONES: dict[str, dict[Modality, Callable[..., nn.Module]]] = {
     "dit": {"audio": AudioDiT, "video": VideoDiT},
     "wan": {"video": imported("avlink.backbones.wan:WanBackbone")},  # Wan 2.x text-to-video
+    "ltx": {"video": imported("avlink.backbones.ltx:LTXBackbone")},  # LTX-Video text-to-video
     "stable-audio": {"audio": imported("avlink.backbones.stable_audio:StableAudioBackbone")},  # Stable Audio Open
 }
 
