@@ -66,6 +66,22 @@ def random_checkpoint(folder, seed: int = 0, **overrides):
     return folder
 
 
+def add_fast_set(folder, seed: int = 0):
+    """A fast V2A set (no reinjection, random weights) for the checkpoint folder's model, saved beside its fusion
+    file as the recipe saves one; returns its tensors."""
+    from pathlib import Path
+
+    from avlink.checkpoint import FAST_OVERRIDES, load_config, save_fast_fusion
+
+    cfg = load_config(Path(folder) / "config.json").override(**FAST_OVERRIDES)
+    torch.manual_seed(seed)
+    static = build_model(cfg, "meta", tasks=("v2a",))
+    g = torch.Generator().manual_seed(seed + 7)
+    state = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in static.fusion.state_dict().items()}
+    save_fast_fusion(folder, state, {"part": "fusion", "task": "v2a"})
+    return state
+
+
 # --- comparing two training runs that differ only in summation order (one process against several) ------------
 #
 # AdamW moves a weight by lr * m / (sqrt(v) + eps). Where a gradient is about zero, that step changes by up to

@@ -428,3 +428,23 @@ def test_a_full_queue_refuses_more_and_nothing_is_left_after_shutdown(pipeline, 
     finally:
         app.close()
     assert [p for p in cache.rglob("*") if p.is_file()] == [], "gradio's cache is emptied when the app stops"
+
+
+def elem_ids(app: gr.Blocks) -> set[str]:
+    return {c["props"].get("elem_id") for c in app.config["components"]}
+
+
+def test_the_fast_box_is_offered_where_the_checkpoint_has_a_fast_set(pipeline, generator, tmp_path):
+    from helpers import add_fast_set
+
+    assert "v2a-fast" not in elem_ids(avapp.build_app(pipeline, workdir=tmp_path / "a"))
+    upload = clip_file(tmp_path / "upload.mp4", 1.0)
+    with pytest.raises(gr.Error, match=r"the checkpoint/fusion-fast\.safetensors: not found") as err:
+        generator.v2a(str(upload), "", 1, 0, True)
+    assert str(pipeline.folder) not in str(err.value)
+    folder = random_checkpoint(tmp_path / "fast", **{"clip.duration": WINDOW})
+    add_fast_set(folder)
+    fast = Pipeline.load(folder, vocoder="griffinlim")
+    assert "v2a-fast" in elem_ids(avapp.build_app(fast, workdir=tmp_path / "b"))
+    movie, _ = avapp.Generator(fast, avapp.Limits(), tmp_path).v2a(str(upload), "", 1, 0, True)
+    assert_playable(movie, 1.0)

@@ -2,6 +2,7 @@ import argparse
 import json
 import statistics
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -258,3 +259,140 @@ def test_windowed_generation_rows(tmp_path, monkeypatch):
     assert "windows, " in bench.format_table(runner.result)
     assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["windows"] == rows[1]["windows"]
     assert not any(scratch.iterdir())  # the random checkpoint folder is gone
+
+
+# --- end to end ----------------------------------------------------------------------------------------------
+
+FAKE_NETWORKS = '''
+import torch
+from torch import nn
+
+CALLS = []  # (latent shape, which conditions) of every network evaluation
+
+
+class TinyPeer(nn.Module):
+    """MMAudio's network as the bench calls it: sequence lengths, empty features, conditions, guided velocity."""
+
+    latent_dim, latent_seq_len, clip_seq_len, sync_seq_len = 4, 10, 16, 8
+
+    def __init__(self):
+        super().__init__()
+        self.empty_clip_feat = nn.Parameter(torch.zeros(1, 6))
+        self.empty_sync_feat = nn.Parameter(torch.zeros(1, 5))
+        self.empty_string_feat = nn.Parameter(torch.zeros(3, 7))
+        self.proj = nn.Linear(4, 4)
+
+    def preprocess_conditions(self, clip_f, sync_f, text_f):
+        assert clip_f.shape == (1, 16, 6) and sync_f.shape == (1, 8, 5) and text_f.shape == (1, 3, 7)
+        return "cond"
+
+    def get_empty_conditions(self, bs):
+        return "empty"
+
+    def predict_flow(self, latent, t, conditions):
+        CALLS.append((tuple(latent.shape), conditions))
+        return self.proj(latent)
+
+    def ode_wrapper(self, t, latent, conditions, empty_conditions, cfg_strength):
+        if cfg_strength < 1.0:
+            return self.predict_flow(latent, t, conditions)
+        return (cfg_strength * self.predict_flow(latent, t, conditions)
+                + (1 - cfg_strength) * self.predict_flow(latent, t, empty_conditions))
+
+
+def get_my_mmaudio(name):
+    if name != "small_16k":
+        raise ValueError(f"Unknown model name: {name}")
+    return TinyPeer()
+'''
+
+
+def fake_peer(folder, networks: str = FAKE_NETWORKS):
+    """A checkout laid out as MMAudio's, holding a tiny network of the same interface."""
+    model = folder / "mmaudio" / "model"
+    model.mkdir(parents=True)
+    (folder / "mmaudio" / "__init__.py").write_text("")
+    (model / "__init__.py").write_text("")
+    (model / "networks.py").write_text(networks)
+    (model / "sequence_config.py").write_text("class SequenceConfig:\n    clip_frame_rate = 8\n")
+    return folder
+
+
+def test_end_to_end_times_v2a_from_file_to_mp4_default_fast_and_the_peer(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from avlink.pipeline import Pipeline, windows_for
+
+    calls = []
+    real = Pipeline.video_to_audio
+
+    def spy(self, frames, **options):
+        calls.append((options["fast"], options["steps"]))
+        return real(self, frames, **options)
+
+    monkeypatch.setattr(Pipeline, "video_to_audio", spy)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the peer's folder goes in front for this test only
+    peer = fake_peer(tmp_path / "peer")
+    out = tmp_path / "e2e.json"
+    code = main(["bench", "--end-to-end", "--presets", "tiny", "--seconds", "3", "--steps", "2", "--fast-steps", "1",
+                 "--vocoder", "griffinlim", "--peer", str(peer), "--peer-steps", "3", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    rows = {r["what"]: r for r in result["rows"]}
+    assert set(rows) == {"end-to-end (default)", "end-to-end (fast)", "peer: MMAudio small_16k network"}
+    # Each setting warms up on one window at one step, then one timed clip (the default --repeats here).
+    assert calls == [(False, 1), (False, 2), (True, 1), (True, 1)]
+    default, fast, peer_row = rows["end-to-end (default)"], rows["end-to-end (fast)"], rows[
+        "peer: MMAudio small_16k network"]
+    tiny = get_preset("tiny")
+    geometry = SimpleNamespace(clip=tiny.clip, fps=tiny.clip.video.fps)  # what windows_for reads of a pipeline
+    assert default["windows"] == fast["windows"] == windows_for(3.0, geometry) == 2
+    assert default["steps"] == 2 and fast["steps"] == 1
+    assert default["video_seconds"] == 3.0 and len(default["times"]) == 1
+    assert default["seconds_per_video_second"] == pytest.approx(default["seconds"] / 3.0)
+    summary = result["presets"]["tiny"]["end_to_end"]
+    assert summary["fast_speedup"] == pytest.approx(default["seconds"] / fast["seconds"])
+    # The peer: conditions once, 3 Euler steps of two evaluations (guided and empty), after a 1-step warm-up.
+    networks = sys.modules["mmaudio.model.networks"]
+    evaluations = networks.CALLS
+    assert evaluations == [((1, 10, 4), c) for _ in range(1 + 3) for c in ("cond", "empty")]
+    assert peer_row["network_evaluations"] == 6 and peer_row["video_seconds"] == 2.0  # 16 CLIP frames at 8 fps
+    assert peer_row["params"] == sum(p.numel() for p in networks.TinyPeer().parameters())
+    printed = capsys.readouterr().out
+    assert "end-to-end (fast) (1 steps)" in printed and "network only" in printed
+    assert "tiny end to end per clip: default" in printed and "fast / peer network" in printed
+
+
+def test_a_peer_that_cannot_be_had_is_one_line_before_anything_is_timed(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    out = tmp_path / "e2e.json"
+
+    def bench_line(*flags: str) -> str:
+        assert main(["bench", "--end-to-end", "--presets", "tiny", "--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err
+        return err
+
+    assert "not an MMAudio checkout" in bench_line("--peer", str(tmp_path / "nowhere"))
+    broken = fake_peer(tmp_path / "broken", "import einops_not_here\n")
+    assert "cannot import MMAudio's network" in bench_line("--peer", str(broken))
+    assert "--peer-model medium_1k" in bench_line("--peer", str(fake_peer(tmp_path / "ok")), "--peer-model",
+                                                  "medium_1k")
+    assert main(["bench", "--peer", str(tmp_path / "ok"), "--out", str(out)]) == 2
+    assert "needs --end-to-end" in capsys.readouterr().err
+    assert not out.exists()  # refused before any row was timed
+
+
+def test_a_vocoder_for_an_analysis_the_universal_hifigan_does_not_fit(tmp_path):
+    from avlink.codecs.vocoder import load_vocoder
+
+    assert bench.upsample_rates(256) == (4, 4, 4, 4) and bench.upsample_rates(160) == (5, 4, 4, 2)
+    tiny, small = get_preset("tiny").clip.audio, get_preset("small").clip.audio
+    assert bench.bench_vocoder(tiny, tmp_path / "tiny") == "hifigan"
+    assert bench.bench_vocoder(small, tmp_path / "gl", "griffinlim") == "griffinlim"
+    path = bench.bench_vocoder(small, tmp_path / "small")
+    vocoder = load_vocoder(path, small)
+    mel = torch.zeros(1, small.n_mels, 7)
+    assert vocoder(mel).shape == (1, 7 * small.hop_length)

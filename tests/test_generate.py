@@ -369,3 +369,21 @@ def test_one_file_refuses_each_existing_output(ckpt, tmp_path: Path, capsys, out
     assert err == f"avlink v2a: {tmp_path / existing}: exists (outputs of {source}); --overwrite replaces it"
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert (tmp_path / existing).read_bytes() == b"mine"
+
+
+def test_v2a_fast_uses_the_fast_set_and_a_folder_without_one_is_refused_in_one_line(tmp_path: Path, capsys):
+    from helpers import add_fast_set
+
+    source = make_video(tmp_path / "in.mp4", frames=7, fps=7.0)
+    plain = random_checkpoint(tmp_path / "plain")
+    assert v2a(plain, str(source), "--fast") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{plain / 'fusion-fast.safetensors'}: not found" in err
+    assert not (tmp_path / "in.v2a.wav").exists()
+    assert v2a(plain, str(source), "--fast", "--no-fusion") == 2
+    assert "--no-fusion" in capsys.readouterr().err
+    add_fast_set(plain)
+    assert v2a(plain, str(source), "--fast") == 0
+    fast = read_audio(tmp_path / "in.v2a.wav", 22050).samples
+    assert v2a(plain, str(source), "--overwrite") == 0
+    assert not np.array_equal(fast, read_audio(tmp_path / "in.v2a.wav", 22050).samples)

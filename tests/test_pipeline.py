@@ -384,3 +384,64 @@ def test_frames_enter_and_leave_the_video_flow_through_its_scaling(tmp_path, mon
     monkeypatch.setattr(pipeline_module, "sample_link", constant)
     out = pipe.audio_to_video(np.zeros(pipe.sample_rate, np.float32), steps=1)
     assert geometry.shift == -0.5 and (out == round((1.0 * 0.25 - 0.5 + 1) * 127.5)).all()
+
+
+@pytest.fixture(scope="module")
+def fast_pipe(tmp_path_factory):
+    from helpers import add_fast_set
+
+    folder = random_checkpoint(tmp_path_factory.mktemp("ckpt-fast"))
+    add_fast_set(folder)
+    return Pipeline.load(folder, vocoder="griffinlim")
+
+
+def count_calls(monkeypatch, backbone, names=("embed", "run_blocks")):
+    """How often each of a backbone's methods runs (an instance attribute shadows the class's method)."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        real = getattr(backbone, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(backbone, name, counted, raising=False)
+    return counts
+
+
+def test_fast_v2a_samples_the_static_set_in_fewer_steps_with_the_video_stream_once_per_window(fast_pipe, monkeypatch):
+    from avlink.pipeline import FAST_STEPS
+
+    assert fast_pipe.has_fast and FAST_STEPS == 16
+    frames = np.random.default_rng(3).integers(0, 255, (2 * fast_pipe.clip.num_frames, *fast_pipe.size, 3),
+                                               dtype=np.uint8)
+    windows = len(plan_windows(frames.shape[0], fast_pipe.clip.num_frames,
+                               fast_pipe.clip.audio.num_tokens(frames.shape[0] / fast_pipe.fps),
+                               fast_pipe.clip.num_audio_tokens, fast_pipe.fps, fast_pipe.clip.audio.eta))
+    assert windows > 1
+    calls = spy_on_sampling(monkeypatch)
+    video = count_calls(monkeypatch, fast_pipe.model.video)
+    audio = count_calls(monkeypatch, fast_pipe.model.audio, ("embed",))
+    fast = fast_pipe.video_to_audio(frames, fast=True)
+    assert len(calls) == windows and all(c.steps == FAST_STEPS for c in calls)
+    assert audio["embed"] == windows * FAST_STEPS  # one network evaluation per step
+    points = len(fast_pipe.system.fast_link().points)
+    # The video stream: embedded once per window, its blocks run up to each fusion point once per window.
+    assert video == {"embed": windows, "run_blocks": windows * (1 + points)}
+    # The full set runs the video stream's blocks at every step.
+    video.update(embed=0, run_blocks=0)
+    audio["embed"] = 0
+    full = fast_pipe.video_to_audio(frames, steps=FAST_STEPS)
+    assert audio["embed"] == windows * FAST_STEPS and video["run_blocks"] > windows * FAST_STEPS
+    assert np.isfinite(fast).all() and not np.array_equal(fast, full)
+    fast_pipe.video_to_audio(frames[: fast_pipe.clip.num_frames], fast=True, steps=3)
+    assert calls[-1].steps == 3  # --steps still rules
+
+
+def test_fast_needs_the_fast_set_and_fusion(pipe, fast_pipe):
+    frames = np.zeros((pipe.clip.num_frames, *pipe.size, 3), np.uint8)
+    assert not pipe.has_fast
+    with pytest.raises(UserError, match=r"fusion-fast\.safetensors: not found"):
+        pipe.video_to_audio(frames, fast=True, steps=1)
+    with pytest.raises(UserError, match="--no-fusion"):
+        fast_pipe.video_to_audio(frames, fast=True, fusion=False, steps=1)

@@ -78,3 +78,60 @@ def test_no_prompt_is_the_learned_null_text(tmp_path):
     assert mixed.mask[1].tolist() == [True] + [False] * (mixed.mask.shape[1] - 1)
     with pytest.raises(ValueError, match="without a vocoder"):
         system.decode("audio", torch.zeros(1, 4, system.clip.audio.latent_dim))
+
+
+# --- the fast V2A set ---------------------------------------------------------------------------------------
+
+
+def test_the_fast_set_links_the_same_generators_without_reinjection(tmp_path):
+    from avlink.checkpoint import FAST_FUSION
+
+    from helpers import add_fast_set
+
+    folder = random_checkpoint(tmp_path / "ckpt")
+    saved = add_fast_set(folder)
+    system = load_system(folder, vocoder=None)
+    fast = system.fast_link()
+    assert fast.cfg.fusion.injection == "static" and system.model.cfg.fusion.injection == "fusion"
+    assert fast.audio is system.model.audio and fast.video is system.model.video  # not loaded twice
+    assert fast.has_task("v2a") and not fast.has_task("a2v")
+    for key, value in saved.items():
+        assert torch.equal(fast.fusion.state_dict()[key], value), key
+    assert system.fast_link() is fast  # loaded once
+    # The full set's file in its place is refused in one line naming it: it holds the reinjected outputs.
+    (folder / FAST_FUSION).write_bytes((folder / "fusion.safetensors").read_bytes())
+    with pytest.raises(WeightsError, match=r"fusion-fast\.safetensors: tensors do not match"):
+        load_system(folder, vocoder=None).fast_link()
+
+
+def test_a_folder_without_the_fast_set_says_how_to_make_it_in_one_line(tmp_path):
+    from avlink.errors import UserError
+
+    folder = random_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(UserError) as err:
+        load_system(folder, vocoder=None).fast_link()
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"{folder / 'fusion-fast.safetensors'}: not found")
+    assert "avlink recipe --fusion-only" in text and "model.fusion.injection=static" in text
+
+
+def test_the_fast_sets_overrides_come_from_its_file(tmp_path):
+    """The overrides recorded in the file build the model; a file without them (an export copied in) is the
+    no-reinjection set; overrides beyond the fusion settings are refused."""
+    from safetensors.torch import load_file, save_file
+
+    from avlink.checkpoint import FAST_FUSION, FAST_OVERRIDES, fast_overrides
+
+    from helpers import add_fast_set
+
+    folder = random_checkpoint(tmp_path / "ckpt")
+    add_fast_set(folder)
+    path = folder / FAST_FUSION
+    assert fast_overrides(path) == FAST_OVERRIDES
+    state = load_file(str(path))
+    save_file(state, str(path), metadata={"part": "fusion"})
+    assert fast_overrides(path) == FAST_OVERRIDES
+    assert load_system(folder, vocoder=None).fast_link().cfg.fusion.injection == "static"
+    save_file(state, str(path), metadata={"model_overrides": json.dumps({"audio.depth": 2})})
+    with pytest.raises(WeightsError, match="fusion-fast.safetensors: its model_overrides metadata"):
+        fast_overrides(path)

@@ -2,7 +2,9 @@
 
 Two tabs. Video -> Audio: upload a video, get it back with generated sound (and the sound alone as a wav).
 Audio -> Video: upload a sound, get a generated video that moves with it (upscaled for viewing, with that
-sound). Both take an optional prompt, the number of sampling steps and a seed. Example clips are SyncBench
+sound). Both take an optional prompt, the number of sampling steps and a seed; where the checkpoint holds a fast V2A set
+(fusion-fast.safetensors), the V2A tab offers it as a "fast" box, which also moves the steps to the fast default
+(pipeline.py, `avlink v2a --fast`). Example clips are SyncBench
 test-split clips (never trained on), rendered once into a cache folder when the app starts.
 
 Offline by design: Gradio's analytics and version check are off, the Hugging Face hub is set offline, the
@@ -40,7 +42,7 @@ import numpy as np  # noqa: E402
 
 from avlink.data import media  # noqa: E402
 from avlink.errors import UserError  # noqa: E402
-from avlink.pipeline import Pipeline  # noqa: E402
+from avlink.pipeline import DEFAULT_STEPS, FAST_STEPS, Pipeline  # noqa: E402
 
 VIEW_SIDE = 256  # generated video is upscaled (nearest) until its shorter side reaches this
 REENCODE_SIDE = 640  # longest side of a re-encoded V2A result
@@ -120,9 +122,9 @@ class Generator:
         self.pipeline, self.limits, self.workdir = pipeline, limits, workdir
         self.uploads: dict[str, set[Path]] = {}  # session -> its uploaded files
 
-    def v2a(self, video: str | None, prompt: str, steps: float, seed: float,
+    def v2a(self, video: str | None, prompt: str, steps: float, seed: float, fast: bool = False,
             request: gr.Request | None = None) -> tuple[str, str]:
-        """Uploaded video -> (mp4 with the generated sound, wav of it)."""
+        """Uploaded video -> (mp4 with the generated sound, wav of it); fast: the checkpoint's fast set."""
         if not video:
             raise _refusal("Upload a video first.")
         self._remember(video, request)
@@ -130,7 +132,11 @@ class Generator:
         steps, seed = _steps(steps), _seed(seed)
         # (T, H, W, 3) at the model's fps and size; decoding stops past the limit, whatever the header says
         frames = _user_media(lambda p: self.pipeline.read_video(p, max_seconds=self.limits.max_seconds), video)
-        wave = self.pipeline.video_to_audio(frames, prompt=prompt.strip() or None, steps=steps, seed=seed)
+        try:
+            wave = self.pipeline.video_to_audio(frames, prompt=prompt.strip() or None, steps=steps, seed=seed,
+                                                fast=bool(fast))
+        except UserError as err:  # a fast set that does not load: its one line, no server path
+            raise _refusal(str(err).replace(str(self.pipeline.folder), "the checkpoint")) from None
         out = self._folder()
         sound, movie = out / "generated.wav", out / f"{Path(video).stem}.v2a.mp4"
         _user_media(lambda p: media.write_audio(sound, wave, self.pipeline.sample_rate), video)
@@ -272,7 +278,7 @@ def build_app(pipeline: Pipeline, *, limits: Limits = Limits(), examples: Sequen
 def _controls(prefix: str, placeholder: str) -> tuple[gr.Textbox, gr.Slider, gr.Number]:
     prompt = gr.Textbox(label="prompt (optional)", placeholder=placeholder, elem_id=f"{prefix}-prompt")
     with gr.Row():
-        steps = gr.Slider(1, 256, value=64, step=1, label="steps", elem_id=f"{prefix}-steps")
+        steps = gr.Slider(1, 256, value=DEFAULT_STEPS, step=1, label="steps", elem_id=f"{prefix}-steps")
         seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id=f"{prefix}-seed")
     return prompt, steps, seed
 
@@ -282,6 +288,12 @@ def _v2a_tab(generator: Generator, examples: Sequence[Example]) -> None:
         with gr.Column():
             video = gr.Video(label="your video", sources=["upload"], include_audio=True, elem_id="v2a-input")
             prompt, steps, seed = _controls("v2a", "what it should sound like")
+            inputs = [video, prompt, steps, seed]
+            if generator.pipeline.has_fast:
+                fast = gr.Checkbox(value=False, label=f"fast: Fusion Blocks without reinjection, {FAST_STEPS} steps",
+                                   elem_id="v2a-fast")
+                fast.change(lambda on: FAST_STEPS if on else DEFAULT_STEPS, inputs=fast, outputs=steps)
+                inputs.append(fast)
             button = gr.Button("Generate sound", variant="primary", elem_id="v2a-run")
         with gr.Column():
             movie = gr.Video(label="video with generated sound", interactive=False, elem_id="v2a-output")
@@ -289,7 +301,7 @@ def _v2a_tab(generator: Generator, examples: Sequence[Example]) -> None:
     if examples:
         gr.Examples([[str(e.video), e.caption] for e in examples], inputs=[video, prompt],
                     label="SyncBench test clips")
-    button.click(generator.v2a, inputs=[video, prompt, steps, seed], outputs=[movie, sound],
+    button.click(generator.v2a, inputs=inputs, outputs=[movie, sound],
                  concurrency_limit=1, concurrency_id="model")
 
 

@@ -32,6 +32,27 @@ evaluation per step):
 On a CPU the paper preset gets prepare, one step and one training step at batch 1, each timed once: a whole
 clip at that size is not a CPU job.
 
+`avlink bench --end-to-end [--presets small] [--seconds 8] [--peer PATH]`: speed where users feel it. Per preset
+(default small), `avlink v2a` on a synthetic --seconds video (a SyncBench clip, 256x144 at 24 fps, H.264), from
+the file to the muxed mp4 and the wav (`Pipeline.video_file_to_audio`, the command's own per-file path: decoding
+and resizing the frames, every window's sampling, VAE decoding, the vocoder, muxing), no prompt, in two
+settings: default (the full Fusion Blocks, --steps Euler steps) and fast (`--fast`: the no-reinjection set,
+--fast-steps, default pipeline.FAST_STEPS). The checkpoint folder is written with random weights (both fusion
+sets); the vocoder is `avlink v2a`'s default, the universal HiFi-GAN, where it fits the preset's mel analysis, and
+elsewhere a HiFi-GAN V1 of random weights built for that analysis (same network, upsampling by the preset's hop);
+--vocoder picks another as `avlink v2a --vocoder` does.
+Loading is not timed; before the timed clips each setting runs once, untimed, on one window at one step (warms
+up the kernels and loads the fast set) unless --warmup 0. --repeats (default 1 here) clips are timed per setting.
+
+`--peer PATH` adds a row measured in the same run: MMAudio's network (Cheng et al., CVPR 2025; the MMAudio-S
+configuration, `--peer-model small_16k`) from a checkout of its public code at PATH, which the bench imports
+(`mmaudio.model.networks.get_my_mmaudio`; the checkout's own requirements, einops among them, must be installed,
+else one line says what failed), builds with random weights (nothing is downloaded) at its 8 s sequence lengths
+and samples as its own `eval_utils.generate` does: `preprocess_conditions` and `get_empty_conditions` once, then
+--peer-steps (25) Euler steps of `ode_wrapper` with guidance --peer-cfg (4.5), two network evaluations per step,
+on random features of the shapes it expects. The peer row is its network alone (no CLIP / Synchformer features,
+no VAE decoding, no vocoder, no file), so it favours the peer; without --peer there is no such row.
+
 Timing: `--warmup` untimed calls, then the median of `--repeats` timed calls, the device synchronised after
 each. bf16 runs under torch.autocast with fp32 weights, as training does. Peak memory is the high-water mark
 over the timed calls, weights and runtime included: on CUDA `torch.cuda.max_memory_allocated` after resetting
@@ -81,6 +102,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import math
 import os
@@ -412,7 +434,7 @@ def plan_for(name: str, device: torch.device, args: argparse.Namespace) -> Plan:
     return Plan(warmup=args.warmup, repeats=args.repeats, clip=True, train_batch=batch)
 
 
-def randomize(model: AVLink, seed: int = 0) -> None:
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     """Every weight matrix drawn afresh on the model's device, so that no zero-initialised layer is left (a
     product with zeros can run faster than one with real data); biases and norm scales stay as built."""
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -447,14 +469,20 @@ def speedups(measured: float, flops: LinkFlops) -> dict[str, float]:
 RANDOM_VAE = {"hidden": 128, "depth": 2}
 
 
-def write_random_checkpoint(cfg: ModelConfig, folder: Path) -> Path:
-    """A complete checkpoint folder of random weights (linked model and audio VAE), for timing generation."""
+def write_random_checkpoint(cfg: ModelConfig, folder: Path, fast: bool = False) -> Path:
+    """A complete checkpoint folder of random weights (linked model and audio VAE), for timing generation; fast:
+    with a fast V2A set (checkpoint.FAST_FUSION) of random weights too."""
     from safetensors.torch import save_file
 
-    from avlink.checkpoint import save_link
+    from avlink.checkpoint import FAST_OVERRIDES, save_fast_fusion, save_link
     from avlink.codecs.vae import AudioVAE
 
-    save_link(folder, build_random(cfg, torch.device("cpu")))
+    model = build_random(cfg, torch.device("cpu"))
+    save_link(folder, model)
+    if fast:
+        static = AVLink(cfg.override(**FAST_OVERRIDES), model.audio, model.video, tasks=("v2a",))
+        randomize(static.fusion, seed=1)
+        save_fast_fusion(folder, static.fusion.state_dict(), {"part": "fusion", "task": "v2a", "weights": "random"})
     torch.manual_seed(0)
     vae = AudioVAE(cfg.clip.audio, **RANDOM_VAE)
     save_file(vae.state_dict(), str(folder / "vae.safetensors"),
@@ -522,7 +550,8 @@ class Bench:
             "machine": machine(device),
             "settings": {k: getattr(args, k) for k in (
                 "presets", "tasks", "precision", "batch", "steps", "repeats", "warmup", "text_tokens",
-                "matmul_size", "max_batch_search", "max_batch", "time_budget", "windows", "windows_presets")},
+                "matmul_size", "max_batch_search", "max_batch", "time_budget", "windows", "windows_presets",
+                "end_to_end", "seconds", "vocoder", "fast_steps", "peer", "peer_model", "peer_steps", "peer_cfg")},
             "memory_method": self.memory.method,
             "peak": {},
             "presets": {},
@@ -564,6 +593,14 @@ class Bench:
 
     # -- the run ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        if self.args.end_to_end:  # files in, files out: no matmul peak, no FLOPs
+            # The peer first: a checkout that does not import is refused before anything is timed.
+            peer = None if self.args.peer is None else load_peer(Path(self.args.peer), self.args.peer_model)
+            for name in self.args.presets:
+                self.end_to_end(name)
+            if peer is not None:
+                self.peer(*peer)
+            return self.result
         size = self.args.matmul_size
         repeats = max(5, self.args.repeats)
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -747,6 +784,69 @@ class Bench:
                         "seconds_per_window_ratio_to_1x": row["seconds_per_window"] / base["seconds_per_window"]}
                 self.row(name, "v2a", what, 1, timing, None, **row)
 
+    def end_to_end(self, name: str) -> None:
+        """`avlink v2a` on a --seconds video, file to mp4, default and fast (module docstring)."""
+        from avlink.pipeline import FAST_STEPS, Pipeline, windows_for
+
+        cfg, args = get_preset(name), self.args
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+
+            def load() -> Pipeline:
+                folder = write_random_checkpoint(cfg, work / name, fast=True)
+                vocoder = bench_vocoder(cfg.clip.audio, work / "vocoder", args.vocoder)
+                return Pipeline.load(folder, device=self.device.type, vocoder=vocoder, precision=args.precision)
+
+            pipe = self.guarded(name, "v2a", "end-to-end", 1, 0.0, load)
+            if pipe is None:
+                return
+            source = synthetic_video(work / "input.mp4", args.seconds)
+            one_window = synthetic_video(work / "warmup.mp4", pipe.clip_seconds)
+            windows = windows_for(args.seconds, pipe)
+            summary = self.result["presets"].setdefault(name, {}).setdefault("end_to_end", {})
+            for setting, fast, steps in (("default", False, args.steps),
+                                         ("fast", True, args.fast_steps or FAST_STEPS)):
+                def clip(video: Path = source, steps: int = steps, fast: bool = fast, out: str = setting) -> None:
+                    pipe.video_file_to_audio(video, work / f"{out}.mp4", work / f"{out}.wav", steps=steps,
+                                             fast=fast)
+
+                def timed(clip=clip) -> Timing:
+                    if args.warmup:
+                        clip(one_window, 1, out="warmup")
+                    return self.timed(clip, 0, args.repeats)
+
+                timing = self.guarded(name, "v2a", f"end-to-end ({setting})", 1, 0.0, timed)
+                if timing is None:
+                    continue
+                summary[setting] = timing.seconds
+                self.row(name, "v2a", f"end-to-end ({setting})", 1, timing, None, end_to_end=True,
+                         video_seconds=args.seconds, windows=windows, steps=steps, method="euler",
+                         seconds_per_video_second=timing.seconds / args.seconds)
+            if "default" in summary and "fast" in summary:
+                summary["fast_speedup"] = summary["default"] / summary["fast"]
+
+    def peer(self, net: torch.nn.Module, seconds: float) -> None:
+        """The peer's network (load_peer) on one clip of `seconds` (module docstring): conditions once, then
+        --peer-steps guided Euler steps."""
+        args = self.args
+        net = net.to(self.device)
+        inputs = PeerInputs.of(net, self.device)
+        params = sum(p.numel() for p in net.parameters())
+        evals = args.peer_steps * (2 if args.peer_cfg >= 1 else 1)  # ode_wrapper: one evaluation below 1
+
+        def timed() -> Timing:
+            if args.warmup:
+                peer_clip(net, inputs, 1, args.peer_cfg)
+            return self.timed(lambda: peer_clip(net, inputs, args.peer_steps, args.peer_cfg), 0, args.repeats)
+
+        what = f"peer: MMAudio {args.peer_model} network"
+        timing = self.guarded("mmaudio", "v2a", what, 1, 0.0, timed)
+        if timing is not None:
+            self.row("mmaudio", "v2a", what, 1, timing, None, peer=str(args.peer), peer_model=args.peer_model,
+                     params=params, peer_steps=args.peer_steps, peer_cfg=args.peer_cfg, network_evaluations=evals,
+                     seconds_per_evaluation=timing.seconds / evals, video_seconds=seconds)
+            self.result["peer"] = {"model": args.peer_model, "seconds": timing.seconds, "params": params}
+
     def train_timing(self, model: AVLink, task: Task, batch: int, plan: Plan) -> Timing:
         """Training steps as the training loop takes them (less its EMA and learning-rate schedule)."""
         model.train()
@@ -828,6 +928,117 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# --- end to end: `avlink v2a` on a file, and the peer's network ----------------------------------------------
+
+SYNTHETIC_SEED = 2_000_100  # a SyncBench test-split seed: the input video of the end-to-end rows
+PEER_MODULE = "mmaudio.model.networks"
+PEER_SEQUENCES = "mmaudio.model.sequence_config"  # its clip frame rate: the seconds its sequence lengths hold
+
+
+def synthetic_video(path: Path, seconds: float) -> Path:
+    """A SyncBench clip of `seconds` as a silent H.264 mp4 at SyncBench's own size and rate (256x144, 24 fps):
+    the model reads it as it reads a user's video, decoding and resizing every frame."""
+    from avlink.data import media
+    from avlink.data.syncbench import render_clip
+
+    clip = render_clip(SYNTHETIC_SEED, seconds)
+    media.write_video(path, clip.frames, clip.fps)
+    return path
+
+
+def upsample_rates(hop: int, stages: int = 4) -> tuple[int, ...]:
+    """HiFi-GAN upsampling rates whose product is `hop`: its prime factors, largest first, each multiplied into
+    the smallest stage so far (256 -> 4, 4, 4, 4; 160 -> 5, 4, 4, 2)."""
+    factors, n, p = [], hop, 2
+    while n > 1:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    rates = [1] * stages
+    for f in sorted(factors, reverse=True):
+        rates[rates.index(min(rates))] *= f
+    return tuple(sorted(rates, reverse=True))
+
+
+def bench_vocoder(geometry: Any, folder: Path, name: str = "hifigan") -> str:
+    """The vocoder `name` (as `avlink v2a --vocoder` takes it); for "hifigan", `avlink v2a`'s default, the
+    universal HiFi-GAN where it fits the mel analysis, elsewhere a HiFi-GAN V1 of random weights for that analysis,
+    written to folder (module docstring). Returns the --vocoder value to load."""
+    from safetensors.torch import save_file
+
+    from avlink.codecs.vocoder import HiFiGAN, HiFiGANConfig
+
+    if name != "hifigan" or not HiFiGANConfig().mismatch(geometry):
+        return name
+    rates = upsample_rates(geometry.hop_length)
+    # Kernel 2r (2r + 1 for an odd r) with padding (k - r) // 2 makes each stage exactly r times longer.
+    config = HiFiGANConfig(upsample_rates=rates, upsample_kernel_sizes=tuple(2 * r + r % 2 for r in rates),
+                           num_mels=geometry.n_mels, sampling_rate=geometry.sample_rate, n_fft=geometry.n_fft,
+                           hop_size=geometry.hop_length, win_size=geometry.win_length, fmin=geometry.f_min,
+                           fmax=geometry.f_max)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    save_file(HiFiGAN(config).state_dict(), str(folder / "generator.safetensors"))
+    (folder / "config.json").write_text(json.dumps(asdict(config)))
+    return str(folder / "generator.safetensors")
+
+
+def load_peer(path: Path, model: str) -> tuple[torch.nn.Module, float]:
+    """MMAudio's network `model` (get_my_mmaudio's names: small_16k, small_44k, ...) from the checkout at path,
+    with random weights, in eval mode, and the seconds of video its sequence lengths hold (its CLIP features come
+    at SequenceConfig.clip_frame_rate); one line naming the flag where it cannot be had."""
+    networks = path / "mmaudio" / "model" / "networks.py"
+    if not networks.is_file():
+        raise UserError(f"--peer {path}: not an MMAudio checkout (no mmaudio/model/networks.py in it)")
+    for name in [m for m in sys.modules if m == "mmaudio" or m.startswith("mmaudio.")]:
+        del sys.modules[name]  # another checkout's, imported before: this one's files count
+    sys.path.insert(0, str(path))
+    try:
+        build = importlib.import_module(PEER_MODULE).get_my_mmaudio
+        clip_rate = importlib.import_module(PEER_SEQUENCES).SequenceConfig.clip_frame_rate
+    except Exception as err:  # a missing requirement of the checkout, most often
+        raise UserError(f"--peer {path}: cannot import MMAudio's network from it ({describe(err)}); install "
+                        f"the checkout's own requirements in this environment") from None
+    try:
+        net = build(model)
+    except Exception as err:
+        raise UserError(f"--peer-model {model}: {PEER_MODULE} cannot build it ({describe(err)})") from None
+    randomize(net)
+    return net.eval(), net.clip_seq_len / clip_rate
+
+
+@dataclass
+class PeerInputs:
+    """Random inputs of the shapes MMAudio's network takes for one clip (its own sequence lengths)."""
+
+    clip_f: torch.Tensor  # (1, clip_seq_len, clip_dim): CLIP features at 8 fps
+    sync_f: torch.Tensor  # (1, sync_seq_len, sync_dim): Synchformer features at 24 fps
+    text_f: torch.Tensor  # (1, text_seq_len, text_dim): CLIP text states
+    x0: torch.Tensor  # (1, latent_seq_len, latent_dim): the initial noise
+
+    @classmethod
+    def of(cls, net: Any, device: torch.device) -> PeerInputs:
+        g = torch.Generator().manual_seed(0)
+        shapes = ((net.clip_seq_len, net.empty_clip_feat.shape[-1]), (net.sync_seq_len, net.empty_sync_feat.shape[-1]),
+                  tuple(net.empty_string_feat.shape), (net.latent_seq_len, net.latent_dim))
+        return cls(*(torch.randn(1, *shape, generator=g).to(device) for shape in shapes))
+
+
+def peer_clip(net: Any, inputs: PeerInputs, steps: int, cfg: float) -> torch.Tensor:
+    """One clip of MMAudio's sampling, network only, as its eval_utils.generate runs it: conditions once, then
+    Euler steps of its guided velocity (`ode_wrapper`: two network evaluations per step when cfg >= 1) from t 0
+    to 1, as its FlowMatching.to_data (min_sigma 0)."""
+    with torch.no_grad():
+        conditions = net.preprocess_conditions(inputs.clip_f, inputs.sync_f, inputs.text_f)
+        empty = net.get_empty_conditions(1)
+        ts = torch.linspace(0, 1, steps + 1)
+        x = inputs.x0
+        for i in range(steps):
+            x = x + (ts[i + 1] - ts[i]) * net.ode_wrapper(ts[i], x, conditions, empty, cfg)
+        return x
+
+
 # --- the table ---------------------------------------------------------------------------------------------
 
 
@@ -840,6 +1051,13 @@ def _bytes(n: int | None) -> str:
 
 
 def _note(r: dict[str, Any]) -> str:
+    if "end_to_end" in r:
+        return (f"{r['video_seconds']:g} s video to mp4, {r['windows']} window{'s' if r['windows'] != 1 else ''}, "
+                f"{r['steps']} {r['method']} steps each; {r['seconds_per_video_second']:.2f} s per video second")
+    if "peer" in r:
+        return (f"{r['params'] / 1e6:.0f}M params, {r['video_seconds']:g} s clip, {r['peer_steps']} Euler steps "
+                f"with guidance {r['peer_cfg']:g}: {r['network_evaluations']} evaluations of "
+                f"{_seconds(r['seconds_per_evaluation'])}; network only")
     if "clips_per_s" in r:
         return f"{r['clips_per_s']:.2f} clips/s"
     if "ratio_to_expected" in r:
@@ -883,23 +1101,41 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
         if j == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return "\n".join(lines + end_to_end_summary(result))
+
+
+def end_to_end_summary(result: dict[str, Any]) -> list[str]:
+    """One line per preset timed end to end: the clip's seconds in each setting, against each other and the peer."""
+    peer = result.get("peer")
+    lines = []
+    for name, preset in result["presets"].items():
+        timed = preset.get("end_to_end", {})
+        parts = [f"{setting} {_seconds(timed[setting])}" for setting in ("default", "fast") if setting in timed]
+        if not parts:
+            continue
+        if "fast_speedup" in timed:
+            parts.append(f"fast {timed['fast_speedup']:.2f}x faster than default")
+        if peer is not None:
+            parts += [f"{setting} / peer network {timed[setting] / peer['seconds']:.2f}"
+                      for setting in ("default", "fast") if setting in timed]
+        lines.append(f"{name} end to end per clip: " + ", ".join(parts))
+    return [""] + lines if lines else []
 
 
 # --- the command -------------------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small", "paper"], choices=sorted(PRESETS),
-                        help="presets to measure (default: tiny small paper)")
+    parser.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS),
+                        help="presets to measure (default: tiny small paper; with --end-to-end: small)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="default: v2a a2v")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     parser.add_argument("--batch", type=int, default=None,
                         help="clips per training step (default: 4 on CPU, 1 on CUDA; 1 for paper on CPU)")
     parser.add_argument("--steps", type=int, default=64, help="sampling steps of one clip (default: 64)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed calls per measurement, the median counts (default: 3)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per measurement, the median counts (default: 3; 1 with --end-to-end)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement")
     parser.add_argument("--text-tokens", type=int, default=16,
                         help="random text tokens per prompt (default: 16)")
@@ -914,10 +1150,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="windowed V2A on K x the clip length (1x always runs; default: 1 2 4; none: off)")
     parser.add_argument("--windows-presets", nargs="*", default=["tiny"], choices=sorted(PRESETS), metavar="NAME",
                         help="presets whose windowed generation is timed, if also in --presets (default: tiny)")
+    e2e = parser.add_argument_group("end to end: `avlink v2a` on a video file, and a peer's network")
+    e2e.add_argument("--end-to-end", action="store_true",
+                     help="time `avlink v2a` from a synthetic video file to the muxed mp4, default and --fast")
+    e2e.add_argument("--seconds", type=float, default=8.0, help="length of the input video (default: 8)")
+    e2e.add_argument("--vocoder", default="hifigan",
+                     help="as avlink v2a's (default hifigan: the universal one where the preset's mel analysis "
+                          "fits it, else a HiFi-GAN V1 of random weights for that analysis)")
+    e2e.add_argument("--fast-steps", type=int, default=None,
+                     help="steps of the fast setting (default: avlink v2a --fast's, 16); --steps: the default's")
+    e2e.add_argument("--peer", default=None, metavar="PATH",
+                     help="a checkout of MMAudio's public code: time its network in the same run (random weights)")
+    e2e.add_argument("--peer-model", default="small_16k",
+                     help="its network configuration (get_my_mmaudio's names; default small_16k: MMAudio-S)")
+    e2e.add_argument("--peer-steps", type=int, default=25, help="its Euler steps (default: 25, its own)")
+    e2e.add_argument("--peer-cfg", type=float, default=4.5, help="its guidance strength (default: 4.5, its own)")
     parser.add_argument("--out", default="bench.json", help="JSON with every number (default: bench.json)")
 
 
 def check_args(args: argparse.Namespace) -> torch.device:
+    if args.presets is None:
+        args.presets = ["small"] if args.end_to_end else ["tiny", "small", "paper"]
+    if args.repeats is None:
+        args.repeats = 1 if args.end_to_end else 3
+    if args.peer is not None and not args.end_to_end:
+        raise UserError("--peer: needs --end-to-end (the peer's row sits beside the end-to-end clips)")
+    if not args.seconds > 0:
+        raise UserError(f"--seconds {args.seconds}: need a positive length")
+    for flag in ("fast_steps", "peer_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: need at least 1")
     for flag in ("steps", "repeats", "text_tokens", "max_batch"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: need at least 1")

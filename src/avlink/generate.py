@@ -2,7 +2,7 @@
 
     avlink v2a VIDEO|FOLDER|LIST [-p PROMPT] [-o OUT] [--steps 64] [--seed N] [--cfg S] [--ckpt DIR]
                [--device cpu|cuda] [--precision fp32|bf16] [--method euler] [--vocoder hifigan] [--no-fusion]
-               [--overwrite]
+               [--fast] [--overwrite]
     avlink a2v AUDIO|FOLDER|LIST [-p PROMPT] [-o OUT.mp4] [--upscale 8] [...the same options]
 
 Both commands load the checkpoint once (`Pipeline`, the one inference path) and run it on every input, with the
@@ -46,7 +46,10 @@ hifigan (the universal HiFi-GAN shipped in a package), griffinlim (no weights, f
 HiFi-GAN checkpoint for the model's mel analysis; --no-fusion, the frozen text-to-audio / text-to-video
 generator alone with the same prompt, seed and length (the baseline: it ignores the input's content);
 --precision, fp32 (default) or bf16: the network evaluations under bf16 autocast, allowed on CUDA and on CPUs
-with bf16 matrix instructions and refused in one line elsewhere (see pipeline.py).
+with bf16 matrix instructions and refused in one line elsewhere (see pipeline.py); --fast (V2A), the
+checkpoint's fast set (fusion-fast.safetensors: Fusion Blocks without reinjection, whose video stream runs once
+per window) at 16 steps unless --steps says otherwise, refused in one line before any input where the folder
+has no such set.
 """
 
 from __future__ import annotations
@@ -99,12 +102,13 @@ class Settings:
     """What the user chose for the generation; the same for every file."""
 
     prompt: str | None
-    steps: int
+    steps: int | None  # None: the pipeline's default (64, or 16 with fast)
     seed: int
     cfg_scale: float
     method: str
     fusion: bool
     upscale: int
+    fast: bool = False  # V2A: the checkpoint's fast set (pipeline.py)
 
 
 # --- inputs and output names --------------------------------------------------------------------------------
@@ -209,22 +213,10 @@ def batch_jobs(task: Task, inputs: list[Path], out: Path | None) -> tuple[list[J
 # --- generation ---------------------------------------------------------------------------------------------
 
 
-def fit_length(wave: np.ndarray, length: int) -> np.ndarray:
-    """Cut or zero-pad a wave to exactly `length` samples."""
-    return np.pad(wave, (0, max(0, length - wave.shape[0])))[:length]
-
-
 def make_v2a(pipe, job: Job, settings: Settings, progress: bool) -> None:
-    from avlink.data import media
-
-    seconds = media.video_duration(job.source)  # before generating: a file without a video stream fails now
-    frames = pipe.stream_video(job.source)  # T frames as they decode, at the model's fps and size; T / fps >= seconds
-    wave = pipe.video_to_audio(frames, prompt=settings.prompt, steps=settings.steps, seed=settings.seed,
-                               cfg_scale=settings.cfg_scale, method=settings.method, fusion=settings.fusion,
-                               progress=progress)  # (round(T / fps * sample_rate),)
-    wave = fit_length(wave, round(seconds * pipe.sample_rate))
-    media.mux_audio(job.source, wave, pipe.sample_rate, job.video)
-    media.write_audio(job.wave, wave, pipe.sample_rate)
+    pipe.video_file_to_audio(job.source, job.video, job.wave, prompt=settings.prompt, steps=settings.steps,
+                             seed=settings.seed, cfg_scale=settings.cfg_scale, method=settings.method,
+                             fusion=settings.fusion, fast=settings.fast, progress=progress)
 
 
 def sound_to_keep(path: Path, model_wave: np.ndarray, model_rate: int) -> tuple[np.ndarray, int]:
@@ -240,6 +232,7 @@ def sound_to_keep(path: Path, model_wave: np.ndarray, model_rate: int) -> tuple[
 
 def make_a2v(pipe, job: Job, settings: Settings, progress: bool) -> None:
     from avlink.data import media
+    from avlink.pipeline import fit_length
 
     wave = pipe.read_audio(job.source)  # (N,) at the model's rate
     sound, rate = sound_to_keep(job.source, wave, pipe.sample_rate)
@@ -270,7 +263,9 @@ class LazyPipeline:
             vocoder = self.args.vocoder if self.args.task == "v2a" else "griffinlim"
             self.pipe = Pipeline.load(self.args.ckpt, device=self.args.device, vocoder=vocoder,
                                       precision=self.args.precision)
-            if self.args.fusion:  # before any input: a batch stops at once
+            if getattr(self.args, "fast", False):  # before any input: a batch stops at once
+                self.pipe.check_fast()
+            elif self.args.fusion:
                 self.pipe.check_task(self.args.task)
         return self.pipe
 
@@ -379,7 +374,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--prompt", help="text prompt (optional; guided by --cfg)")
     parser.add_argument("-o", "--out", type=Path,
                         help="output file or folder (default: next to the input; see the naming rule)")
-    parser.add_argument("--steps", type=int, default=64, help="sampling steps (default 64)")
+    from avlink.pipeline import DEFAULT_STEPS, FAST_STEPS
+
+    fast = f"; {FAST_STEPS} with --fast" if task == "v2a" else ""
+    parser.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULT_STEPS}{fast})")
     parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every file (default 0)")
     parser.add_argument("--cfg", type=float, default=1.0,
                         help="classifier-free guidance scale for the prompt (default 1: none; without a prompt "
@@ -392,6 +390,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     if task == "v2a":
         parser.add_argument("--vocoder", default="hifigan",
                             help="hifigan (universal, shipped), griffinlim, or a HiFi-GAN checkpoint path")
+        parser.add_argument("--fast", action="store_true",
+                            help=f"the checkpoint's fast set (fusion-fast.safetensors: no reinjection, the video "
+                                 f"stream once per window) at {FAST_STEPS} steps unless --steps is given")
     else:
         parser.add_argument("--upscale", type=int, default=8,
                             help="nearest-neighbour upscaling of the frames for viewing (default 8)")
@@ -402,7 +403,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    if args.steps < 1:
+    fast = getattr(args, "fast", False)
+    if fast and not args.fusion:
+        raise UserError("--fast and --no-fusion: the fast set is Fusion Blocks; the baseline has none")
+    if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     upscale = getattr(args, "upscale", 1)
     if upscale < 1:
@@ -410,7 +414,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if not math.isfinite(args.cfg):
         raise UserError(f"--cfg must be a number, got {args.cfg}")
     return Settings(prompt=args.prompt or None, steps=args.steps, seed=args.seed, cfg_scale=args.cfg,
-                    method=args.method, fusion=args.fusion, upscale=upscale)
+                    method=args.method, fusion=args.fusion, upscale=upscale, fast=fast)
 
 
 def run(args: argparse.Namespace) -> int:

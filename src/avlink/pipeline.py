@@ -14,6 +14,16 @@ frames, not the video. A window starts its audio at a whole token, less than a t
 encodes each window's audio clip alone, as training and evaluation encode each clip. Window i samples noise
 stream i of the seed (`sample.initial_noise`), drawn apart from every other window's and stream's.
 
+Fast V2A (`fast=True`, `avlink v2a --fast`): the checkpoint's second V2A set, Fusion Blocks without symmetric
+reinjection (checkpoint.py FAST_OVERRIDES, loaded by System.fast_link on the same frozen generators), and
+FAST_STEPS sampling steps instead of DEFAULT_STEPS. Without reinjection the video stream never takes a fused
+feature back, so `AVLink.prepare` runs it once per window and a step runs the audio stream and the Fusion Blocks
+alone. Euler stays the solver: at 16 network evaluations midpoint and Heun (8 steps each) scored the same as 16
+Euler steps within noise on an earlier tiny checkpoint (docs/performance.md: V2A onset accuracy 0.894 and 0.899
+against Euler's 0.897), so a second-order solver buys nothing at this cost; --method still picks another.
+
+`video_file_to_audio` is `avlink v2a` on one file (read, generate, mux), which `avlink bench --end-to-end` times.
+
 Precision: "fp32" (the default) or "bf16", where the linked model's network evaluations run under
 torch.autocast(bfloat16) with the fp32 weights. Only the sampling runs so; the solver's state stays fp32 (an
 fp32 x plus a bf16 velocity step is fp32) and the VAE, the vocoder and the text encoder, which run once per
@@ -38,9 +48,11 @@ from avlink.errors import UserError
 from avlink.fusion.linked import AVLink
 from avlink.sample import Known, sample_backbone, sample_link
 from avlink.seq import ClipGeometry
-from avlink.system import System, load_system, pixels_to_frames
+from avlink.system import FAST_FUSION, System, load_system, pixels_to_frames
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
+DEFAULT_STEPS = 64
+FAST_STEPS = 16  # matched 64 Euler steps within 0.02 on every alignment metric (docs/performance.md)
 MIN_OVERLAP = 0.25  # of a window
 PRECISIONS = ("fp32", "bf16")
 # cpuinfo's names (torch.cpu.get_capabilities) of native bf16 products: x86 AVX512-BF16 and AMX-BF16, Arm BF16.
@@ -183,6 +195,15 @@ class Pipeline:
     def check_task(self, task: str) -> None:
         self.system.check_task(task)
 
+    @property
+    def has_fast(self) -> bool:
+        """Whether the checkpoint folder holds a fast V2A set (fusion-fast.safetensors)."""
+        return self.folder is not None and (self.folder / FAST_FUSION).is_file()
+
+    def check_fast(self) -> None:
+        """Load the fast V2A set now, or refuse in one line (the folder has none): before any input is read."""
+        self.system.fast_link()
+
     # -- geometry -------------------------------------------------------------------------------------------
     @property
     def clip(self) -> ClipGeometry:
@@ -250,15 +271,23 @@ class Pipeline:
 
     # -- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def video_to_audio(self, frames: Iterable[np.ndarray], *, prompt: str | None = None, steps: int = 64,
+    def video_to_audio(self, frames: Iterable[np.ndarray], *, prompt: str | None = None, steps: int | None = None,
                        seed: int = 0, cfg_scale: float = 1.0, method: str = "euler", fusion: bool = True,
-                       progress: bool = False) -> np.ndarray:
+                       fast: bool = False, progress: bool = False) -> np.ndarray:
         """frames (T, H, W, 3) uint8 at fps/size, an array or frames as they come (stream_video) -> (round(T / fps
         * sample_rate),) float32 wave in [-1, 1]. A stream is taken one window at a time (frame_windows).
 
+        steps: None for DEFAULT_STEPS, or FAST_STEPS with fast. fast: the fast V2A set (module docstring).
         fusion=False: the frozen T2A generator alone with the same prompt, seed and length."""
-        if fusion:
+        if fast and not fusion:
+            raise UserError("--fast and --no-fusion: the fast set is Fusion Blocks; the baseline has none")
+        if steps is None:
+            steps = FAST_STEPS if fast else DEFAULT_STEPS
+        if fast:
+            model = self.system.fast_link()
+        elif fusion:
             self.check_task("v2a")
+            model = self.model
         clip, audio = self.clip, self.clip.audio
         win_frames, win_tokens = clip.num_frames, clip.num_audio_tokens
         text_a, text_v = self._text(prompt, "audio"), self._text(prompt, "video")
@@ -278,7 +307,7 @@ class Pipeline:
             x_cond = self.system.encode("video", w.frames)  # (1, C, T, H, W)
             with sampling_precision(self.precision, self.device):
                 if fusion:
-                    z = sample_link(self.model, "v2a", x_cond, text_gen=text_a, text_cond=text_v, steps=steps,
+                    z = sample_link(model, "v2a", x_cond, text_gen=text_a, text_cond=text_v, steps=steps,
                                     method=method, cfg_scale=cfg_scale, seed=seed, window=i,
                                     audio_start=start.offset, known=known)
                 else:
@@ -292,6 +321,20 @@ class Pipeline:
         wave = wave[:n_samples] if wave.shape[0] >= n_samples else np.pad(wave, (0, n_samples - wave.shape[0]))
         return np.clip(wave, -1.0, 1.0, out=wave)
 
+    def video_file_to_audio(self, source: str | Path, video_out: str | Path, wave_out: str | Path,
+                            **options) -> None:
+        """`avlink v2a` on one file (generate.py says what is written): the video read as it decodes, sound
+        generated for all of it (video_to_audio's options), cut to the video stream's duration, muxed into a copy
+        of the file (video_out) and written alone as a wav (wave_out)."""
+        from avlink.data import media
+
+        seconds = media.video_duration(source)  # before generating: a file without a video stream fails now
+        frames = self.stream_video(source)  # T frames as they decode, at the model's fps and size; T / fps >= seconds
+        wave = self.video_to_audio(frames, **options)  # (round(T / fps * sample_rate),)
+        wave = fit_length(wave, round(seconds * self.sample_rate))
+        media.mux_audio(source, wave, self.sample_rate, video_out)
+        media.write_audio(wave_out, wave, self.sample_rate)
+
     def _window_start(self, w: FrameWindow) -> Window:
         """plan_windows' window of a window of frames: before the last one it depends on its first frame alone,
         not on frames still to come; the last one reaches the input's last audio token."""
@@ -302,12 +345,14 @@ class Pipeline:
         return window_at(w.frame, self.fps, audio.eta, least=total_tokens - clip.num_audio_tokens)
 
     @torch.no_grad()
-    def audio_to_video(self, wave: np.ndarray, *, prompt: str | None = None, steps: int = 64, seed: int = 0,
-                       cfg_scale: float = 1.0, method: str = "euler", fusion: bool = True,
+    def audio_to_video(self, wave: np.ndarray, *, prompt: str | None = None, steps: int | None = None,
+                       seed: int = 0, cfg_scale: float = 1.0, method: str = "euler", fusion: bool = True,
                        progress: bool = False) -> np.ndarray:
         """wave (N,) float32 mono at sample_rate -> (round(N / sample_rate * fps), H, W, 3) uint8 frames.
 
-        fusion=False: the frozen T2V generator alone with the same prompt, seed and length."""
+        steps: None for DEFAULT_STEPS. fusion=False: the frozen T2V generator alone with the same prompt, seed
+        and length."""
+        steps = DEFAULT_STEPS if steps is None else steps
 
         if fusion:
             self.check_task("a2v")
@@ -367,6 +412,11 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         return tqdm(windows, desc=desc, unit="window")
+
+
+def fit_length(wave: np.ndarray, length: int) -> np.ndarray:
+    """Cut or zero-pad a wave to exactly `length` samples."""
+    return np.pad(wave, (0, max(0, length - wave.shape[0])))[:length]
 
 
 def windows_for(seconds: float, pipeline: Pipeline) -> int:

@@ -5,6 +5,8 @@ into the generators' tensors and back.
                                      by Fusion Blocks: every caller builds the model here
     load_system(folder, ...)         a checkpoint folder -> System (linked model, a codec per modality, text)
     load_link / load_codecs          the linked model alone, the codecs alone, of a folder
+    load_fast_link(folder, model)    the folder's fast V2A set (fusion-fast.safetensors) linking the same
+                                     generators as `model` (System.fast_link loads it on first use)
     System.encode(modality, media)   waves (audio) or uint8 frames (video) -> the flow's space
     System.decode(modality, x)       and back (encode_media / decode_media where only codecs are at hand)
     make_codecs(clip, vae, vocoder)  the codecs the clip geometry names (`clip.audio.codec`, `clip.video.codec`)
@@ -30,7 +32,16 @@ from torch import Tensor
 from avlink.backbones import build_backbone
 from avlink.backbones.dit import null_for_empty
 from avlink.backbones.protocol import TextCond
-from avlink.checkpoint import load_config, load_parts, read_fusion_tasks, stored_parts
+from avlink.checkpoint import (
+    FAST_FUSION,
+    fast_overrides,
+    fusion_tasks,
+    load_config,
+    load_parts,
+    load_weights,
+    read_fusion_tasks,
+    stored_parts,
+)
 from avlink.codecs.audio import AudioCodec
 from avlink.codecs.pixels import PixelCodec
 from avlink.codecs.vae import AudioVAE
@@ -38,6 +49,7 @@ from avlink.config import ModelConfig, PretrainedConfig, Task
 from avlink.errors import UserError
 from avlink.fusion.linked import TASKS, AVLink
 from avlink.seq import ClipGeometry, VideoGeometry
+from avlink.weights import read_tensors
 
 Modality = Literal["audio", "video"]
 VAE_FILE = "vae.safetensors"
@@ -78,6 +90,23 @@ def load_link(folder: str | Path, device: torch.device | str = "cpu", strict: bo
     return model.to(device).eval()
 
 
+def load_fast_link(folder: str | Path, base: AVLink) -> AVLink:
+    """The fast V2A set of a checkpoint folder (fusion-fast.safetensors, checkpoint.py) linking base's own
+    frozen generators: the backbones are shared, not loaded twice; only the Fusion Blocks are the fast set's,
+    built from base's config with the file's overrides (`checkpoint.fast_overrides`). A folder without the file
+    is refused in one line that says how to make it."""
+    path = Path(folder) / FAST_FUSION
+    if not path.is_file():
+        raise UserError(f"{path}: not found; --fast needs the no-reinjection V2A Fusion Blocks there (train them "
+                        f"with `avlink recipe --fusion-only {folder} --out NEW_FOLDER`, or copy in the "
+                        f"fusion.safetensors that `avlink train fusion --task v2a --set "
+                        f"model.fusion.injection=static ...` exports; README, 'Fast V2A')")
+    cfg = base.cfg.override(**fast_overrides(path))
+    fast = AVLink(cfg, base.audio, base.video, tasks=fusion_tasks(read_tensors(path).keys(), cfg))
+    load_weights(path, fast.fusion)
+    return fast.to(next(base.parameters()).device).eval()
+
+
 def _codec_class(kind: str) -> type:
     if kind not in CODECS:
         known = ", ".join([*CODECS, *PRETRAINED_CODECS])
@@ -113,6 +142,7 @@ class System:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     folder: Path | None = None  # the checkpoint folder it was loaded from
     text_encoders: dict[str, object] = field(default_factory=dict)  # by name, each loaded on its first prompt
+    fast: AVLink | None = None  # the fast V2A set on the same generators, loaded on first use (fast_link)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -121,6 +151,18 @@ class System:
     @property
     def clip(self) -> ClipGeometry:
         return self.model.cfg.clip
+
+    def fast_link(self) -> AVLink:
+        """The folder's fast V2A link (load_fast_link), loaded once; refused in one line where the folder has
+        none, or where its set holds no V2A blocks."""
+        if self.fast is None:
+            if self.folder is None:
+                raise UserError("--fast: this system was not loaded from a checkpoint folder")
+            fast = load_fast_link(self.folder, self.model)
+            if not fast.has_task("v2a"):
+                raise UserError(f"{self.folder / FAST_FUSION}: holds no V2A Fusion Blocks (--fast is V2A only)")
+            self.fast = fast
+        return self.fast
 
     def codec(self, modality: Modality):
         if modality not in self.codecs:

@@ -102,6 +102,19 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a readable safetensors file ({load_failure(err)})") from None
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of one of our safetensors files (empty when it has none)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise WeightsError(f"{path}: weight file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # as read_tensors
+        raise WeightsError(f"{path}: not a readable safetensors file ({load_failure(err)})") from None
+
+
 def check_state(path: Path, state: dict[str, torch.Tensor], module: nn.Module) -> None:
     """Refuse, in one line naming the file, what load_state_dict would refuse with a page of text or would load
     silently: missing or unexpected tensors, another shape (another model size), integer tensors where the

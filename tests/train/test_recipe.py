@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import save_file
 
 from avlink import cli
-from avlink.checkpoint import save_config
+from avlink.checkpoint import FAST_CARD, FAST_OVERRIDES, save_config
 from avlink.data import prepare as prepare_command
 from avlink.data import syncbench
 from avlink.errors import UserError
-from avlink.system import load_link
+from avlink.system import build_model, load_fast_link, load_link
 from avlink.train import cli as train_command
 from avlink.train import recipe
 from avlink.train.recipe import SETTINGS, Budget, budget_overrides, collect, run_recipe, size_overrides
@@ -43,6 +43,17 @@ def fake_exports(runs, model):
     for task in ("v2a", "a2v"):
         state = {k: v for k, v in model.fusion.state_dict().items() if k.startswith(task)}
         part(task, "fusion", state)
+    fast = fast_fusion_state(model)
+    part("v2a-fast", "fusion", fast)
+    return fast
+
+
+def fast_fusion_state(model):
+    """V2A Fusion Blocks without reinjection on the model's generators, of random weights."""
+    static = build_model(model.cfg.override(**FAST_OVERRIDES), "meta", tasks=("v2a",))
+    static.fusion.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(3)
+    return {k: torch.randn(v.shape, generator=g) for k, v in static.fusion.state_dict().items()}
 
 
 def test_collect_lays_out_a_loadable_link(tmp_path):
@@ -50,13 +61,20 @@ def test_collect_lays_out_a_loadable_link(tmp_path):
     with torch.no_grad():
         for p in model.fusion.parameters():
             p.add_(0.5)
-    fake_exports(tmp_path / "runs", model)
+    fast = fake_exports(tmp_path / "runs", model)
     collect(tmp_path / "out", tmp_path / "runs")
     loaded = load_link(tmp_path / "out")
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     cards = json.loads((tmp_path / "out" / "fusion.card.json").read_text())
     assert set(cards) == {"v2a", "a2v"}
+    # The fast V2A set beside them, with its card and its overrides, links the same generators.
+    quick = load_fast_link(tmp_path / "out", loaded)
+    assert quick.cfg.fusion.injection == "static" and quick.audio is loaded.audio
+    for key, value in fast.items():
+        assert torch.equal(quick.fusion.state_dict()[key], value), key
+    card = json.loads((tmp_path / "out" / FAST_CARD).read_text())
+    assert card["model_overrides"] == FAST_OVERRIDES and card["part"] == "v2a-fast"
 
 
 def test_scores_say_which_guidance_made_them():
@@ -95,8 +113,11 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path, monkeypatch):
         assert any(k.endswith("class_acc") for k in validation["metrics"]), (part, validation)
     assert "| AV-Link |" in (tmp_path / "out" / "scores.md").read_text()
     assert load_link(tmp_path / "out") is not None
-    for name in ("vae", "audio_dit", "video_dit", "fusion", "classifiers"):
+    for name in ("vae", "audio_dit", "video_dit", "fusion", "fusion-fast", "classifiers"):
         assert (tmp_path / "out" / f"{name}.safetensors").is_file()
+    fast_card = json.loads((tmp_path / "out" / FAST_CARD).read_text())
+    assert "model.fusion.injection=static" in fast_card["command"] and fast_card["task"] == "v2a"
+    assert load_fast_link(tmp_path / "out", load_link(tmp_path / "out")).cfg.fusion.injection == "static"
     assert card["v2a"]["train"]["lr"] == Budget().fusion_lr
     for name, lr in (("vae", Budget().vae_lr), ("video_dit", Budget().video_lr)):
         assert json.loads((tmp_path / "out" / f"{name}.card.json").read_text())["train"]["lr"] == lr
@@ -185,8 +206,10 @@ def test_overrides_reach_every_training_and_the_work_folder_keeps_its_settings(t
         assert all(line[k] == v for k, v in options.items()), name
     for args in fake_steps["train"]:
         assert parsed(train_command, args.command_line) == {k: v for k, v in vars(args).items() if k != "command_line"}
-        name = f"train fusion {args.task}" if args.part == "fusion" else f"train {args.part}"
+        name = f"train fusion {args.out.name}" if args.part == "fusion" else f"train {args.part}"
         assert commands[name] == args.command_line
+    fast = [args for args in fake_steps["train"] if args.out.name == "v2a-fast"]
+    assert len(fast) == 1 and fast[0].task == "v2a" and fast[0].set[-1] == "model.fusion.injection=static"
     settings = json.loads((work / SETTINGS).read_text())
     assert settings["model"] == sizes and settings["budget"]["video_steps"] == 7
     # The same settings go on (every step resumes); other ones are refused before any step runs.
@@ -255,8 +278,8 @@ def test_a_fusion_only_recipe_trains_the_fusion_blocks_on_a_checkpoints_parts(tm
     monkeypatch.setattr(scorecard, "score_checkpoint", score)
     with pytest.raises(Scored):
         run_recipe(tmp_path / "out", tmp_path / "work", fusion_only=ckpt, progress=False)
-    trained = [args.part for args in fake_steps["train"]]
-    assert trained == ["fusion", "fusion"]
+    trained = [(args.part, args.task, args.out.name) for args in fake_steps["train"]]
+    assert trained == [("fusion", "v2a", "v2a"), ("fusion", "a2v", "a2v"), ("fusion", "v2a", "v2a-fast")]
     assert all(args.audio_dit == ckpt.resolve() / "audio_dit.safetensors" for args in fake_steps["train"])
     assert all(args.val_classifiers == ckpt.resolve() / "classifiers.safetensors" for args in fake_steps["train"])
     assert [spec for spec, _, _ in fake_steps["prepare"]] == [f"syncbench:{tmp_path / 'work' / 'syncbench'}:train"]

@@ -2,8 +2,12 @@
 SyncBench on one machine, in one command.
 
     synth train / val / test clips -> prepare shards -> SyncBench classifiers -> VAE -> shards with VAE latents
-    -> T2A, T2V generators -> V2A and A2V Fusion Blocks -> OUT/ (safetensors, config.json, one card per part)
-    -> scores on the test split (train/scorecard.py) into the cards, OUT/scores.md
+    -> T2A, T2V generators -> V2A and A2V Fusion Blocks -> the fast V2A set -> OUT/ (safetensors, config.json,
+    one card per part) -> scores on the test split (train/scorecard.py) into the cards, OUT/scores.md
+
+The fast V2A set (OUT/fusion-fast.safetensors, `avlink v2a --fast`) is V2A Fusion Blocks without reinjection
+(checkpoint.py FAST_OVERRIDES), trained as the V2A set is, on the same budget: the training of `avlink ablate`'s
+"no_reinjection" row, which scores it. The scorecard scores the full sets only.
 
 The generators and fusion blocks validate once, at their last step, on 4 clips of the val split (16 Euler
 steps, class accuracy by the classifiers just trained): samples under runs/<part>/samples/, numbers in the card.
@@ -32,6 +36,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from avlink.checkpoint import FAST_OVERRIDES, save_fast_fusion
 from avlink.data.prepare import MANIFEST, WORKERS, prepare
 from avlink.errors import UserError
 from avlink.files import atomic_write
@@ -104,6 +109,7 @@ class Budget:
 
 
 SETTINGS = "recipe-settings.json"  # in the work folder: what its runs were started with
+FAST_RUN = "v2a-fast"  # the run folder of the fast V2A set
 MODEL_SECTIONS = ("audio", "video", "fusion")  # what --set may size; clip geometry is the preset's (synth, prepare)
 
 
@@ -248,10 +254,11 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
             sets = ([] if lr is None else [f"train.lr={lr}"]) + model
             generators[part] = train_step(f"train {part}", part, log, data=data, out=runs / part, vae=vae,
                                           max_steps=steps, set=sets, **validate, **common)
-    for task in ("v2a", "a2v"):
-        train_step(f"train fusion {task}", "fusion", log, task=task, data=data, out=runs / task, vae=vae,
+    fast = [f"model.{key}={value}" for key, value in FAST_OVERRIDES.items()]
+    for name, task, extra in (("v2a", "v2a", []), ("a2v", "a2v", []), (FAST_RUN, "v2a", fast)):
+        train_step(f"train fusion {name}", "fusion", log, task=task, data=data, out=runs / name, vae=vae,
                    audio_dit=generators["audio"], video_dit=generators["video"], max_steps=b.fusion_steps,
-                   set=[f"train.lr={b.fusion_lr}", *model], **validate, **common)
+                   set=[f"train.lr={b.fusion_lr}", *model, *extra], **validate, **common)
     collect(out, runs, reused)
     # Imported here: the scorecard brings the evaluation harness (librosa and the rest), which `Budget`'s users
     # (`avlink ablate --train-only`) do not need.
@@ -296,8 +303,9 @@ def check_reused(folder: Path, out: Path) -> Path:
 
 
 def collect(out: Path, runs: Path, reused: Path | None = None) -> None:
-    """The exported parts, in the layout `system.load_link` reads; both fusion sets in one file. reused: the
-    folder of the VAE, classifiers and generators of a fusion-only recipe."""
+    """The exported parts, in the layout `system.load_link` reads; both fusion sets in one file, the fast V2A set
+    in its own (checkpoint.save_fast_fusion). reused: the folder of the VAE, classifiers and generators of a
+    fusion-only recipe."""
     out.mkdir(parents=True, exist_ok=True)
     for part, name in (("vae", "vae"), ("audio", "audio_dit"), ("video", "video_dit"),
                        ("classifiers", "classifiers")):
@@ -312,6 +320,9 @@ def collect(out: Path, runs: Path, reused: Path | None = None) -> None:
     atomic_write(out / "fusion.safetensors", lambda tmp: save_file(fusion, str(tmp), metadata={"part": "fusion"}))
     text = json.dumps(cards, indent=2)
     atomic_write(out / "fusion.card.json", lambda tmp: tmp.write_text(text))
+    export = runs / FAST_RUN / "export"
+    save_fast_fusion(out, load_file(str(export / "fusion.safetensors")),
+                     json.loads((export / "fusion.card.json").read_text()), FAST_OVERRIDES)
     # One model config for the linked model: the fusion run's (it holds the generators' sizes too).
     shutil.copyfile(runs / "v2a" / "export" / "config.json", out / "config.json")
 
