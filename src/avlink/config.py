@@ -85,7 +85,18 @@ class FusionConfig:
     # backbone gets the same fraction of its own depth.
     placement: Placement = "interleaved"
     after_block: int = 1
+    # The depth `after_block` is counted in: 0, the video backbone's own; else (the Table 2 rows: the paper's
+    # 24-block video DiT) the block at the same place in the video backbone (fusion/linked.py `after_video_block`).
+    after_depth: int = 0
     injection: Injection = "fusion"
+    # What the Fusion Blocks read of the conditioning modality (Table 2, "Conditioning features type"):
+    # "generator", the frozen generator's activations (the paper's); or the name of a pretrained extractor
+    # (eval/features.py EXTRACTORS) whose per-time features, computed once per clip, take the conditioning stream's
+    # place. Such a link is built with the extractor (`build_model(..., features=...)`).
+    features: str = "generator"
+    # Train the generated stream's backbone with the fusion parameters (Table 2, "w/FT"): its fine-tuned weights
+    # are exported beside the Fusion Blocks (train/objectives.py `FusionObjective`).
+    finetune: bool = False
     # The conditioning modality is noised once to a fixed flow time (paper: 0.96 V2A, 0.8 A2V), or, for the
     # ablation, to t ~ U(0, 1) in training.
     t_cond_mode: TCondMode = "fixed"

@@ -47,6 +47,7 @@ from avlink.codecs.pixels import PixelCodec
 from avlink.codecs.vae import AudioVAE
 from avlink.config import ModelConfig, PretrainedConfig, Task
 from avlink.errors import UserError
+from avlink.fusion.features import ConditioningFeatures
 from avlink.fusion.linked import TASKS, AVLink
 from avlink.seq import ClipGeometry, VideoGeometry
 from avlink.weights import read_tensors
@@ -70,13 +71,15 @@ def checkpoint_files(cfg: ModelConfig) -> tuple[str, ...]:
     return (*files, VAE_FILE) if cfg.clip.audio.codec in CODECS else tuple(files)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", tasks: tuple[Task, ...] = TASKS) -> AVLink:
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", tasks: tuple[Task, ...] = TASKS,
+                features: ConditioningFeatures | None = None) -> AVLink:
     """Frozen audio and video backbones linked by the fusion parameters of `tasks` (both by default), at their
-    initial weights (`load_system` / checkpoint.load_link fill them)."""
+    initial weights (`load_system` / checkpoint.load_link fill them). features: the extractor that a config with
+    `fusion.features` other than "generator" conditions on (eval/features.py `load_features` builds it)."""
     with torch.device(device):
         audio = build_backbone("audio", cfg.audio, cfg.clip.audio)
         video = build_backbone("video", cfg.video, cfg.clip.video)
-        return AVLink(cfg, audio, video, tasks=tasks)
+        return AVLink(cfg, audio, video, tasks=tasks, features=features)
 
 
 def load_link(folder: str | Path, device: torch.device | str = "cpu", strict: bool = True) -> AVLink:

@@ -8,7 +8,7 @@ from torch import nn
 from avlink.backbones.protocol import PreparedText, TextCond
 from avlink.flow.guidance import classifier_free_guidance
 from avlink.fusion.block import Alignment
-from avlink.fusion.linked import AVLink, fusion_points
+from avlink.fusion.linked import AVLink, after_video_block, fusion_points
 
 from helpers import tiny_batch, tiny_link
 
@@ -102,6 +102,48 @@ def test_fusion_points_interleaved_and_after():
     assert fusion_points(replace(cfg, placement="after", after_block=3), 4, 6) == [(2, 3)] * 2
     with pytest.raises(ValueError):
         fusion_points(replace(cfg, placement="after", after_block=7), 4, 6)
+
+
+def test_after_block_rows_name_the_papers_24_blocks_and_map_to_any_depth():
+    """Table 2's "After Block-1 / 11 / 22" count the paper's 24 video blocks (after_depth 24); a backbone of
+    another depth takes the same place, rounded, after at least one block and before its last."""
+    cfg = replace(tiny_link().cfg.fusion, placement="after", after_depth=24)
+    mapped = {depth: [after_video_block(replace(cfg, after_block=k), depth) for k in (0, 1, 11, 22, 24)]
+              for depth in (6, 12, 24)}
+    assert mapped == {6: [0, 1, 3, 5, 6], 12: [0, 1, 6, 11, 12], 24: [0, 1, 11, 22, 24]}
+    # The points follow: the tiny preset's 6 + 6 blocks and the paper preset's 24 + 24.
+    assert fusion_points(replace(cfg, after_block=22), 6, 6) == [(5, 5)] * 2
+    assert fusion_points(replace(cfg, after_block=11), 4, 6) == [(2, 3)] * 2
+    assert fusion_points(replace(cfg, after_block=22), 24, 24) == [(22, 22)] * 2
+    assert after_video_block(replace(cfg, after_block=3, after_depth=0), 6) == 3  # 0: the backbone's own count
+    with pytest.raises(ValueError, match="0..24 blocks"):
+        fusion_points(replace(cfg, after_block=25), 6, 6)
+
+
+def test_finetune_trains_the_generated_backbone_and_leaves_the_conditioning_one():
+    """"w/FT": the generated stream's generator trains with the fusion set; the conditioning one stays frozen."""
+    from avlink.system import build_model
+
+    from helpers import randomize_backbone
+
+    model = build_model(tiny_link().cfg.override(**{"fusion.injection": "direct", "fusion.finetune": True}),
+                        tasks=("v2a",))
+    randomize_backbone(model.audio)
+    randomize_backbone(model.video, 1)
+    assert model.finetuned == ("audio",)
+    audio_before = {k: v.clone() for k, v in model.audio.state_dict().items()}
+    video_before = {k: v.clone() for k, v in model.video.state_dict().items()}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    model.train()
+    audio, video = tiny_batch(model.cfg)
+    for _ in range(2):
+        opt.zero_grad()
+        model.loss("v2a", audio, video, text(2), text(2, seed=1)).backward()
+        opt.step()
+    assert all(torch.equal(v, video_before[k]) for k, v in model.video.state_dict().items())
+    assert all(p.grad is None for p in model.video.parameters())
+    changed = [k for k, v in model.audio.state_dict().items() if not torch.equal(v, audio_before[k])]
+    assert any(k.startswith("blocks.") for k in changed) and any(k.startswith("final.") for k in changed)
 
 
 @pytest.mark.parametrize("placement", [{}, {"fusion.placement": "after", "fusion.after_block": 2}])

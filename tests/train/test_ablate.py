@@ -201,3 +201,145 @@ def test_overrides_rebuild_the_checkpoint_config_with_the_variant() -> None:
     preset, overrides = ablate.model_overrides(base, "no_reinjection")
     assert preset == "tiny" and overrides["fusion.injection"] == "static"
     assert get_preset(preset).override(**overrides) == base.override(**{"fusion.injection": "static"})
+
+
+# --- the rows beyond the default six: w/FT, conditioning features, fusion block arrangement ------------------
+
+
+def test_finetuned_rows_export_their_generator_and_are_scored_with_it(inputs: dict[str, Path], tmp_path: Path,
+                                                                      capsys) -> None:
+    """"w/FT": the generated stream's generator trains too; the export holds it beside the Fusion Blocks, and
+    the variant is loaded and scored with it (the conditioning generator stays the checkpoint's)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ft"
+    assert cli.main(ablate_argv(inputs, out, "--variants", "direct_ft", "text_concat_ft")) == 0
+    table = (out / "table2.md").read_text()
+    ckpt_audio = load_file(inputs["ckpt"] / "audio_dit.safetensors")
+    ckpt_video = load_file(inputs["ckpt"] / "video_dit.safetensors")
+    for variant in ("direct_ft", "text_concat_ft"):
+        assert f"| {ablate.VARIANTS[variant][0]} |" in table
+        run = out / "runs" / variant
+        tuned = load_file(run / "export" / "audio_dit.safetensors")
+        assert tuned.keys() == ckpt_audio.keys()
+        assert any(not torch.equal(tuned[k], ckpt_audio[k]) for k in tuned)
+        assert all(k.startswith("v2a.") for k in load_file(run / "export" / "fusion.safetensors"))
+        assert load_config(run / "export" / "config.json").fusion.finetune
+        model = ablate.load_variant(inputs["ckpt"], run, "v2a", torch.device("cpu"))
+        assert all(torch.equal(v, tuned[k]) for k, v in model.audio.state_dict().items())
+        assert all(torch.equal(v, ckpt_video[k]) for k, v in model.video.state_dict().items())
+        assert "audio_dit.safetensors" in json.loads((run / "eval" / "source.json").read_text())
+    # An export that lacks its fine-tuned generator is not this variant trained: it is trained here.
+    local = tmp_path / "local"
+    shutil.copytree(out / "runs" / "direct_ft" / "export", local / "runs" / "direct_ft" / "export")
+    (local / "runs" / "direct_ft" / "export" / "audio_dit.safetensors").unlink()
+    capsys.readouterr()
+    assert cli.main(ablate_argv(inputs, local, "--variants", "direct_ft", "--train-only")) == 0
+    assert "avlink train fusion" in capsys.readouterr().out
+    assert (local / "runs" / "direct_ft" / "export" / "audio_dit.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def feature_ckpt(inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test checkpoint with SyncBench classifiers of random weights (the syncbench-video row's extractor)."""
+    import shutil
+
+    import torch
+
+    from avlink.eval import classifiers as clf
+
+    folder = tmp_path_factory.mktemp("feature_ckpt") / "ckpt"
+    shutil.copytree(inputs["ckpt"], folder)
+    torch.manual_seed(0)
+    clf.save_classifiers(folder / "classifiers.safetensors",
+                         clf.SyncBenchClassifiers(clf.ClassifierConfig(audio_width=16, video_width=8, embed_dim=24)))
+    return folder
+
+
+def test_the_syncbench_feature_row_conditions_on_the_classifier_not_the_video_generator(
+        inputs: dict[str, Path], feature_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    from avlink.backbones.video_dit import VideoDiT
+    from avlink.eval.embed.syncbench import SyncBenchEmbedder
+
+    calls = []
+    timed = SyncBenchEmbedder.timed_features
+
+    def counted(self, x, modality):
+        calls.append(len(x))
+        return timed(self, x, modality)
+
+    def ran(*_):
+        raise AssertionError("the video generator ran in a feature row")
+
+    monkeypatch.setattr(SyncBenchEmbedder, "timed_features", counted)
+    for name in ("embed", "run_blocks", "head"):
+        monkeypatch.setattr(VideoDiT, name, ran)
+    out = tmp_path / "features"
+    assert cli.main(ablate_argv(inputs, out, "--ckpt", str(feature_ckpt), "--variants", "features_syncbench")) == 0
+    assert calls == [2, 2, 2]  # two training steps of 2 clips, then the 2 clips generated in one batch
+    assert "| Conditioning features: SyncBench classifier |" in (out / "table2.md").read_text()
+    run = out / "runs" / "features_syncbench"
+    assert load_config(run / "export" / "config.json").fusion.features == "syncbench-video"
+    assert "--feature-weights" in json.loads((run / "export" / "fusion.card.json").read_text())["command"]
+    assert "syncbench-video" in json.loads((run / "eval" / "source.json").read_text())  # the extractor's digest
+
+
+def test_the_clip_and_cavp_rows_train_on_imagebind_and_synchformer(inputs: dict[str, Path], tmp_path: Path,
+                                                                   capsys) -> None:
+    """The rows of the published extractors build and train on their weight files (small random networks in the
+    published layouts), and are refused in one line without them or for A2V."""
+    import torch
+    from safetensors.torch import load_file
+
+    from avlink.eval.embed import imagebind as ib
+    from avlink.eval.embed import synchformer as sf
+
+    torch.manual_seed(0)
+    ib_file, sf_file = tmp_path / ib.WEIGHTS_FILE, tmp_path / sf.WEIGHTS_FILE
+    heads = {"vision_heads": 2, "audio_heads": 2}  # not in the files: loading takes one head of these widths
+    torch.save(ib.ImageBindAV(ib.ImageBindConfig(out_dim=16, vision_width=32, vision_depth=1, audio_width=32,
+                                                 audio_depth=1, **heads)).state_dict(), ib_file)
+    torch.save(sf.Synchformer(sf.SynchformerConfig(width=32, video_depth=1, video_heads=2, image_size=32,
+                                                   audio_depth=1, audio_heads=2, sync_width=24, sync_depth=1,
+                                                   sync_heads=2)).state_dict(), sf_file)
+    out = tmp_path / "out"
+    assert cli.main(ablate_argv(inputs, out, "--variants", "features_imagebind", "features_synchformer", "--train-only",
+                                "--weights", f"imagebind={ib_file}", f"synchformer={sf_file}")) == 0
+    for variant, name, dim in (("features_imagebind", "imagebind", 16), ("features_synchformer", "synchformer", 32)):
+        export = out / "runs" / variant / "export"
+        assert load_config(export / "config.json").fusion.features == name
+        assert load_file(export / "fusion.safetensors")["v2a.blocks.0.v.proj_in.weight"].shape[1] == dim
+    capsys.readouterr()
+    assert cli.main(ablate_argv(inputs, tmp_path / "r", "--variants", "features_imagebind", "--train-only")) == 2
+    assert "needs the extractor's weights: pass --weights imagebind=PATH" in capsys.readouterr().err
+    assert cli.main(ablate_argv(inputs, tmp_path / "r", "--variants", "features_syncbench", "--train-only")) == 2
+    assert "classifiers.safetensors: not found; variant features_syncbench" in capsys.readouterr().err
+    assert cli.main(ablate_argv(inputs, tmp_path / "r", "--variants", "features_synchformer", "--task", "a2v",
+                                "--weights", f"synchformer={sf_file}", "--train-only")) == 2
+    assert "V2A only" in capsys.readouterr().err
+
+
+def test_the_arrangement_rows_take_the_papers_blocks_to_the_checkpoint_depth(inputs: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    """After Block-1 / 11 / 22 of the paper's 24 video blocks: after block 1 / 3 / 5 of the test checkpoint's 6
+    (its audio backbone has 4: the same fractions), the blocks themselves on the paper preset."""
+    from avlink.config import PRESETS
+    from avlink.fusion.linked import fusion_points
+    from avlink.system import build_model
+
+    out = tmp_path / "out"
+    assert cli.main(ablate_argv(inputs, out, "--variants", "after_block_11", "after_block_22", "--train-only")) == 0
+    base = load_config(inputs["ckpt"] / "config.json")
+    for variant, points in (("after_block_1", (1, 1)), ("after_block_11", (2, 3)), ("after_block_22", (3, 5))):
+        if variant != "after_block_1":
+            cfg = load_config(out / "runs" / variant / "export" / "config.json")
+            assert build_model(cfg, tasks=("v2a",)).points == [points] * cfg.fusion.num_blocks
+        preset, overrides = ablate.model_overrides(base, variant)
+        fusion = PRESETS[preset].override(**overrides).fusion  # the checkpoint's config with the variant's rows
+        assert fusion_points(fusion, 4, 6) == [points] * fusion.num_blocks
+        paper = PRESETS["paper"].override(**ablate.VARIANTS[variant][1]).fusion
+        k = int(variant.rsplit("_", 1)[1])
+        assert fusion_points(paper, 24, 24) == [(k, k)] * 8

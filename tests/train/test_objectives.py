@@ -83,6 +83,35 @@ def test_fusion_objective_leaves_backbones_untouched(tmp_path, task):
     assert saved.is_file()
 
 
+def test_a_finetuning_fusion_objective_trains_saves_and_exports_the_generated_backbone(tmp_path):
+    """"w/FT": the objective's trainable holds the fusion set and the generated stream's generator; the
+    checkpoints hold both (with their EMA), and export_parts files them apart, each loadable as it is."""
+    from avlink.system import build_model
+
+    from helpers import randomize_backbone
+
+    model = build_model(tiny_config(**{"fusion.injection": "text_concat", "fusion.finetune": True}), tasks=("a2v",))
+    randomize_backbone(model.audio)
+    randomize_backbone(model.video, 1)
+    audio_before = {k: v.clone() for k, v in model.audio.state_dict().items()}
+    video_before = {k: v.clone() for k, v in model.video.state_dict().items()}
+    objective = FusionObjective(model, "a2v")
+    assert set(objective.trainable) == {"fusion", "video"} and objective.steps_leave_weights_unused
+    fit(objective, batches_of(model.cfg), TC, tmp_path, progress=False)
+    assert all(torch.equal(v, audio_before[k]) for k, v in model.audio.state_dict().items())
+    assert any(not torch.equal(v, video_before[k]) for k, v in model.video.state_dict().items())
+    from avlink.train.state import CheckpointManager
+
+    weights = CheckpointManager(tmp_path / "checkpoints").latest().weights(ema=True)
+    parts = objective.export_parts(weights)
+    assert set(parts) == {"fusion", "video_dit"}
+    assert all(k.startswith("a2v.") for k in parts["fusion"])
+    model.video.load_state_dict(parts["video_dit"])  # strict: the generator's own keys, all of them
+    model.fusion.load_state_dict(parts["fusion"])
+    plain = FusionObjective(tiny_link(), "v2a")
+    assert plain.trainable is plain.model.fusion and set(plain.export_parts({"v2a.x": torch.zeros(1)})) == {"fusion"}
+
+
 def test_video_flows_run_on_the_geometry_normalised_pixels(monkeypatch):
     """Both the T2V objective and the fusion objective feed the flow the video codec's encoding of the pixels."""
     from avlink.train import objectives

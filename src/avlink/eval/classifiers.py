@@ -104,14 +104,27 @@ class VideoClassifier(nn.Module):
         self.embed_proj = nn.Linear(2 * 4 * w, cfg.embed_dim)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
 
-    def embed(self, video: Tensor) -> Tensor:
+    time_stride = 2  # frames per step of the last conv map: step k is centred on frame 2k
+
+    def feature_map(self, video: Tensor) -> Tensor:
+        """(B, 3, T, H, W) -> the last conv map (B, 4w, ceil(T / 2), H/8, W/8)."""
         assert video.ndim == 5 and video.shape[1] == 3, f"expected video (B, 3, T, H, W), got {tuple(video.shape)}"
         # What changed since the previous frame, beside the frame: motion and flashes are what tell a bouncing
         # ball from a resting one, a struck drum from a drum.
         change = F.pad(video.diff(dim=2), (0, 0, 0, 0, 1, 0))  # (B, 3, T, H, W), zero at the first frame
-        x = self.convs(torch.cat([video, change], dim=1)).flatten(2)  # (B, 4w, T/2 * H/8 * W/8)
+        return self.convs(torch.cat([video, change], dim=1))
+
+    def embed(self, video: Tensor) -> Tensor:
+        x = self.feature_map(video).flatten(2)  # (B, 4w, T/2 * H/8 * W/8)
         x = torch.cat([x.mean(-1), x.amax(-1)], dim=1)  # (B, 8w)
         return F.gelu(self.embed_proj(x))  # (B, D)
+
+    def frame_features(self, video: Tensor) -> Tensor:
+        """(B, 3, T, H, W) -> (B, ceil(T / 2), D): the penultimate features of each step of the last conv map,
+        pooled over space alone (by mean and max, as `embed` pools over space and time)."""
+        x = self.feature_map(video).flatten(3)  # (B, 4w, T', H/8 * W/8)
+        x = torch.cat([x.mean(-1), x.amax(-1)], dim=1).transpose(1, 2)  # (B, T', 8w)
+        return F.gelu(self.embed_proj(x))  # (B, T', D)
 
     def forward(self, video: Tensor) -> Tensor:
         return self.head(self.embed(video))  # (B, C)

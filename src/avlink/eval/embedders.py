@@ -42,6 +42,19 @@ class Embedder(Protocol):
         ...
 
 
+@runtime_checkable
+class TimedEmbedder(Embedder, Protocol):
+    """An embedder that also gives features per time step of a clip (syncbench-video, imagebind, synchformer):
+    the Table 2 feature rows condition on these (eval/features.py)."""
+
+    timed_dim: int  # width of the per-time features
+
+    def timed_features(self, x: np.ndarray, modality: Modality) -> tuple[Tensor, Tensor]:
+        """(B, ...) media -> (B, N, timed_dim) float32 features and the (N,) start time of each step in seconds
+        (float64) from the clip's start."""
+        ...
+
+
 # name -> (module, factory). A factory takes `weights: Path | None` and keyword options; modules load lazily.
 REGISTRY: dict[str, tuple[str, str]] = {
     # offline, trained on SyncBench by a recipe in this repo

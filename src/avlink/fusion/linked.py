@@ -8,6 +8,7 @@ every step then recomputes what the cache holds (the conditioning stream from it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,12 +19,38 @@ from avlink.backbones.protocol import Backbone, PreparedText, StreamState, TextC
 from avlink.config import FusionConfig, ModelConfig, Task
 from avlink.flow.path import flow_matching_errors, interpolate, logit_normal, uniform
 from avlink.fusion.block import Alignment, CrossAttentionFusion, DirectAlignment, FusionBlock, TextConcat, drop_prefix
+from avlink.fusion.features import ConditioningFeatures, FeatureStream
 from avlink.nn.layers import AdaLN, TimestepEmbedder
 
 TASKS: tuple[Task, ...] = ("v2a", "a2v")
 GENERATED = {"v2a": "a", "a2v": "v"}
+CONDITIONING = {"v2a": "video", "a2v": "audio"}  # the conditioning modality of each task
+STREAMS = {"a": "audio", "v": "video"}
 REINJECTED = ("fusion", "cross_attention")  # injections whose fused conditioning stream goes on to later blocks
 MODULATED = ("fusion", "static", "cross_attention")  # injections whose blocks take adaLN from the flow times
+
+
+def after_video_block(cfg: FusionConfig, depth_v: int) -> int:
+    """The video block that the "after" placement stacks the fusion blocks after.
+
+    after_depth 0: after_block itself. Otherwise after_block counts in a video DiT of after_depth blocks (the
+    Table 2 rows name blocks of the paper's 24) and maps to the same place in this one, k * depth_v / after_depth
+    rounded half up, then kept where the paper's block is: after at least one block (block 0, the embedding,
+    only for block 0) and before the last block for a block before the paper's last. So "After Block-1 / 11 /
+    22" of 24 is after block 1 / 3 / 5 of the tiny preset's 6, 1 / 6 / 11 of the small preset's 12.
+    """
+    depth = cfg.after_depth or depth_v
+    if cfg.after_depth < 0 or not 0 <= cfg.after_block <= depth:
+        raise ValueError(f"after_block {cfg.after_block} outside the video backbone's 0..{depth} blocks"
+                         + (f" (counted in after_depth {cfg.after_depth})" if cfg.after_depth else ""))
+    if not cfg.after_depth:
+        return cfg.after_block
+    k = math.floor(cfg.after_block * depth_v / depth + 0.5)
+    if cfg.after_block >= 1:
+        k = max(k, 1)
+    if cfg.after_block < depth:
+        k = min(k, depth_v - 1)
+    return max(k, 0)
 
 
 def fusion_points(cfg: FusionConfig, depth_a: int, depth_v: int) -> list[tuple[int, int]]:
@@ -31,15 +58,13 @@ def fusion_points(cfg: FusionConfig, depth_a: int, depth_v: int) -> list[tuple[i
 
     Points are fractions of depth, so backbones of different depths line up: "interleaved" puts block i after
     fraction (i + 1) / n of each backbone; "after" stacks all blocks after video block k (the paper's Table 2
-    counts video DiT blocks) and the audio backbone's matching fraction.
+    counts video DiT blocks; `after_video_block`) and the audio backbone's matching fraction.
     """
     n = cfg.num_blocks
     if cfg.placement == "interleaved":
         fractions = [(i + 1) / n for i in range(n)]
     elif cfg.placement == "after":
-        if not 0 <= cfg.after_block <= depth_v:
-            raise ValueError(f"after_block {cfg.after_block} outside the video backbone's 0..{depth_v} blocks")
-        fractions = [cfg.after_block / depth_v] * n
+        fractions = [after_video_block(cfg, depth_v) / depth_v] * n
     else:
         raise ValueError(f"unknown fusion placement {cfg.placement!r}")
     return [(round(f * depth_a), round(f * depth_v)) for f in fractions]
@@ -126,7 +151,11 @@ class Condition:
 
 
 class AVLink(nn.Module):
-    def __init__(self, cfg: ModelConfig, audio: Backbone, video: Backbone, tasks: tuple[Task, ...] = TASKS):
+    """features: the extractor of a link whose Fusion Blocks read pretrained features instead of the conditioning
+    generator's activations (`FusionConfig.features`, fusion/features.py); None for the generator's own."""
+
+    def __init__(self, cfg: ModelConfig, audio: Backbone, video: Backbone, tasks: tuple[Task, ...] = TASKS,
+                 features: ConditioningFeatures | None = None):
         super().__init__()
         self.cfg = cfg
         self.audio = audio
@@ -136,13 +165,51 @@ class AVLink(nn.Module):
             backbone.eval()
         self.points = fusion_points(cfg.fusion, audio.num_blocks, video.num_blocks)
         fcfg = cfg.fusion
+        # A plain attribute, not a submodule: the extractor's weights are its own file's, never the link's.
+        self.feature_stream = self._feature_stream(fcfg, features, tasks)
         if fcfg.shared:
             sets = {"joint": FusionSet(fcfg, audio.hidden_dim, video.hidden_dim, ("a", "v"))}
         else:
-            sets = {task: FusionSet(fcfg, audio.hidden_dim, video.hidden_dim, (GENERATED[task],)) for task in tasks}
+            sets = {task: FusionSet(fcfg, *self._widths(task), (GENERATED[task],)) for task in tasks}
         self.fusion = nn.ModuleDict(sets)
+        # "w/FT": the generated stream's backbone trains with the fusion sets (a shared set: both backbones).
+        generated = ("a", "v") if fcfg.shared else tuple(GENERATED[task] for task in tasks)
+        self.finetuned: tuple[str, ...] = tuple(STREAMS[g] for g in generated) if fcfg.finetune else ()
+        for name in self.finetuned:
+            getattr(self, name).requires_grad_(True)
         self.activation_checkpointing = False  # fusion blocks too; set_activation_checkpointing sets all
         self.initialize_weights()
+
+    @staticmethod
+    def _feature_stream(cfg: FusionConfig, features: ConditioningFeatures | None,
+                        tasks: tuple[Task, ...]) -> FeatureStream | None:
+        if cfg.features == "generator":
+            if features is not None:
+                raise ValueError(f"features {features.name} given to a link that reads the generator's activations "
+                                 "(fusion.features = generator)")
+            return None
+        if features is None:
+            raise ValueError(f"fusion.features = {cfg.features}: this link conditions on {cfg.features} features; "
+                             "build it with that extractor (system.build_model(..., features=...))")
+        if features.name != cfg.features:
+            raise ValueError(f"fusion.features = {cfg.features}, but the extractor given is {features.name}")
+        if cfg.shared:
+            raise ValueError(f"fusion.features = {cfg.features}: a set shared by both directions would need "
+                             "features of both modalities; train one direction")
+        for task in tasks:
+            if CONDITIONING[task] != features.modality:
+                raise ValueError(f"fusion.features = {cfg.features} reads {features.modality}, which conditions "
+                                 f"{'V2A' if features.modality == 'video' else 'A2V'} only, not {task}")
+        return FeatureStream(features)
+
+    def _widths(self, task: Task) -> tuple[int, int]:
+        """(audio, video) widths that the task's fusion blocks read: the conditioning side's is the features'
+        in a feature row."""
+        dim_a, dim_v = self.audio.hidden_dim, self.video.hidden_dim
+        if self.feature_stream is not None:
+            width = self.feature_stream.hidden_dim
+            return (dim_a, width) if task == "v2a" else (width, dim_v)
+        return dim_a, dim_v
 
     def initialize_weights(self) -> None:
         for module in self.fusion.modules():
@@ -165,7 +232,9 @@ class AVLink(nn.Module):
 
     def train(self, mode: bool = True) -> AVLink:
         super().train(mode)
-        self.audio.eval()  # frozen parts stay in eval mode
+        # Frozen parts stay in eval mode; so does a fine-tuned backbone, which holds no dropout or batch
+        # statistics: it computes the same in either mode, and alike in training and in sampling.
+        self.audio.eval()
         self.video.eval()
         return self
 
@@ -183,15 +252,24 @@ class AVLink(nn.Module):
         return self.fusion["joint"] if self.cfg.fusion.shared else self.fusion[task]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.fusion.parameters() if p.requires_grad]
+        """The fusion sets' parameters, and a fine-tuned backbone's ("w/FT")."""
+        modules = [self.fusion, *(getattr(self, name) for name in self.finetuned)]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     def backbones(self, task: Task) -> tuple[Backbone, Backbone]:
         """(generated, conditioning) backbone of a task."""
         return (self.audio, self.video) if task == "v2a" else (self.video, self.audio)
 
     def _points(self, task: Task) -> list[tuple[int, int]]:
-        """Fusion points as (generated block, conditioning block)."""
-        return self.points if task == "v2a" else [(v, a) for a, v in self.points]
+        """Fusion points as (generated block, conditioning block); a feature stream has no blocks (0)."""
+        points = self.points if task == "v2a" else [(v, a) for a, v in self.points]
+        if self.feature_stream is not None:
+            return [(gen, 0) for gen, _ in points]
+        return points
+
+    def _conditioning(self, task: Task) -> Backbone | FeatureStream:
+        """What runs the conditioning stream between fusion points: its backbone, or a feature row's stream."""
+        return self.feature_stream if self.feature_stream is not None else self.backbones(task)[1]
 
     @property
     def _reinject(self) -> bool:
@@ -217,9 +295,16 @@ class AVLink(nn.Module):
             noise = torch.randn(x_cond_clean.shape, generator=generator, dtype=x_cond_clean.dtype,
                                 device=x_cond_clean.device)
         x_cond = interpolate(noise, x_cond_clean, t_cond)
+        gen_bb, cond_bb = self.backbones(task)
+        if self.feature_stream is not None:
+            # The features are the input, not a cache: computed here once per clip on either path.
+            state = self.feature_stream.state(x_cond_clean, t_cond)
+            static = None if self._reinject else [state.x] * len(self.points)
+            if cache and not torch.is_grad_enabled():
+                text_gen = prepare_text(gen_bb, text_gen, b)
+            return Condition(task, x_cond, t_cond, text_gen, text_cond, state, 0, static, audio_start)
         if not cache:
             return Condition(task, x_cond, t_cond, text_gen, text_cond, audio_start=audio_start)
-        gen_bb, cond_bb = self.backbones(task)
         prepared_cond: TextCond | PreparedText | None = text_cond
         if not torch.is_grad_enabled():
             text_gen = prepare_text(gen_bb, text_gen, b)
@@ -260,7 +345,7 @@ class AVLink(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Condition) -> Tensor:
         """Velocity of the generated modality at (x, t) given a prepared condition."""
         task = cond.task
-        gen_bb, cond_bb = self.backbones(task)
+        gen_bb, cond_bb = self.backbones(task)[0], self._conditioning(task)
         fset = self.fusion_set(task)
         gen = gen_bb.embed(x, t, cond.text_gen)
         c_state, cond_at, static = cond.cond_state, cond.cond_start, cond.static_features

@@ -2,12 +2,25 @@
 
     avlink ablate --task v2a [--ckpt checkpoints/tiny] [--data runs/recipe/shards/latent]
                   [--syncbench runs/recipe/syncbench] [--steps 1000] [--eval-clips 100] [--out runs/ablate/v2a]
-                  [--variants fusion no_reinjection ...]
+                  [--variants fusion no_reinjection ...] [--weights imagebind=PATH synchformer=PATH]
 
-Each variant is a set of `model.fusion` overrides (config.py FusionConfig). For every variant, fresh Fusion
-Blocks are trained between the checkpoint's frozen generators as by `avlink train fusion --resume` into
-OUT/runs/<variant>/ (so a killed ablation continues where it stopped), then they generate the other modality of
-the first --eval-clips clips of the SyncBench test split through the evaluation sweep's path (`sample_link`,
+Each variant is a set of `model.fusion` overrides (config.py FusionConfig). Beside the six default rows (VARIANTS
+below) the opt-in ones are the rest of the paper's Table 2:
+- "Direct alignment w/FT", "Concat. to text w/FT" (direct_ft, text_concat_ft): the generated stream's generator
+  is trained too (`fusion.finetune`); its fine-tuned weights are exported with the Fusion Blocks
+  (OUT/runs/<variant>/export/audio_dit.safetensors for V2A) and the variant is scored with them;
+- "Conditioning features" (features_syncbench, features_imagebind, features_synchformer; V2A): a pretrained
+  extractor's per-time video features, computed once per clip, take the video generator's activations' place as
+  the Fusion Blocks' conditioning stream (`fusion.features`; fusion/features.py, eval/features.py). ImageBind's
+  vision branch is CLIP's ViT-H/14 (the paper's CLIP row); Synchformer stands in for CAVP. The SyncBench video
+  classifier needs no download: its weights are CKPT/classifiers.safetensors; the others' files come with
+  --weights NAME=PATH;
+- "After Block-1 / 11 / 22" (after_block_1, after_block_11, after_block_22): every Fusion Block after that block
+  of the paper's 24-block video DiT, mapped to the same place in the checkpoint's (`fusion.after_depth`).
+For every variant, fresh Fusion Blocks are trained between the checkpoint's frozen generators as by `avlink train
+fusion --resume` into OUT/runs/<variant>/ (so a killed ablation continues where it stopped), then they generate
+the other modality of the first --eval-clips clips of the SyncBench test split through the evaluation sweep's
+path (`sample_link`,
 the checkpoint's VAE, --vocoder), and `avlink eval` scores them in OUT/runs/<variant>/eval/. OUT/table2.md and
 OUT/table2.json put the variants side by side with the ground-truth ceiling and the shuffled floor.
 
@@ -45,6 +58,15 @@ from avlink.errors import UserError
 from avlink.train.cli import parse_override, train_args, train_part
 from avlink.train.recipe import Budget
 
+PAPER_DEPTH = PRESETS["paper"].video.depth  # the paper's video DiT, whose blocks the arrangement rows name
+
+
+def after_block(k: int) -> dict[str, Any]:
+    """Fusion block arrangement "After Block-k": every block after the paper's video block k, at the same place in
+    the checkpoint's video backbone (fusion/linked.py `after_video_block`: 1 / 11 / 22 of 24 are 1 / 3 / 5 of 6)."""
+    return {"fusion.placement": "after", "fusion.after_block": k, "fusion.after_depth": PAPER_DEPTH}
+
+
 # name -> (row title, model.fusion overrides): the rows of the paper's Table 2 that this model can run.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fusion": ("Fusion blocks (ours)", {}),
@@ -53,10 +75,27 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "direct": ("Direct alignment", {"fusion.injection": "direct"}),
     "text_concat": ("Concat. to text", {"fusion.injection": "text_concat"}),
     "uniform_t_cond": ("Conditioning t: uniform samp.", {"fusion.t_cond_mode": "uniform"}),
-    # Fusion block arrangement: all blocks stacked after the first video block (not run by default).
-    "after_block_1": ("After Block-1", {"fusion.placement": "after", "fusion.after_block": 1}),
+    # Feature injection with the generated stream's generator fine-tuned ("w/FT").
+    "direct_ft": ("Direct alignment w/FT", {"fusion.injection": "direct", "fusion.finetune": True}),
+    "text_concat_ft": ("Concat. to text w/FT", {"fusion.injection": "text_concat", "fusion.finetune": True}),
+    # Conditioning features type: a pretrained extractor's features in place of the video generator's activations,
+    # into the same Fusion Blocks (eval/features.py; ImageBind's vision branch is CLIP's ViT-H, and Synchformer,
+    # trained contrastively for audio-visual synchrony, takes CAVP's place).
+    "features_syncbench": ("Conditioning features: SyncBench classifier", {"fusion.features": "syncbench-video"}),
+    "features_imagebind": ("Conditioning features: CLIP (ImageBind)", {"fusion.features": "imagebind"}),
+    "features_synchformer": ("Conditioning features: CAVP (Synchformer)", {"fusion.features": "synchformer"}),
+    # Fusion block arrangement: all blocks stacked after one video block.
+    "after_block_1": ("After Block-1", after_block(1)),
+    "after_block_11": ("After Block-11", after_block(11)),
+    "after_block_22": ("After Block-22", after_block(22)),
 }
+# The rows run without --variants. The others are opt-in: each row is one more training run at the recipe's
+# budget, generation and scoring on top of the six; the w/FT rows also train a whole generator (with its Adam and
+# EMA states), and the feature rows need an extractor's weights (the checkpoint's classifiers, or ImageBind's or
+# Synchformer's files) and run V2A only.
 DEFAULT_VARIANTS = ("fusion", "no_reinjection", "cross_attention", "direct", "text_concat", "uniform_t_cond")
+# Extractor weights a feature row falls back on without --weights: the checkpoint's SyncBench classifiers.
+CHECKPOINT_FEATURE_WEIGHTS = {"syncbench-video": "classifiers.safetensors"}
 COLUMNS = ("onset_acc", "onset_ap", "event_f1", "av_align", "class_acc")
 METRIC_GROUPS = ("onset", "events", "av_align", "class_acc")  # the evaluation groups behind COLUMNS
 BASE_PARTS = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "vae.safetensors")
@@ -87,6 +126,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=25, help="clips per sampling batch (default 25)")
     parser.add_argument("--vocoder", default="hifigan", help="V2A: hifigan, griffinlim or a checkpoint path")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--weights", nargs="+", default=[], metavar="NAME=PATH",
+                        help="weights of the feature rows' extractors: imagebind=imagebind_huge.pth, "
+                             "synchformer=synchformer_state_dict.pth, syncbench-video=PATH (default: CKPT's "
+                             "classifiers.safetensors)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="training overrides for every variant, as `avlink train --set` (train.precision=fp32)")
     parser.add_argument("--train-only", action="store_true",
@@ -117,10 +160,38 @@ def model_overrides(base: ModelConfig, variant: str) -> tuple[str, dict[str, Any
     return preset, {**overrides, **VARIANTS[variant][1]}
 
 
+def variant_features(variant: str) -> str | None:
+    """The extractor a feature row conditions on (None: the generator's activations)."""
+    return VARIANTS[variant][1].get("fusion.features")
+
+
+def feature_weights(args: argparse.Namespace, name: str) -> Path:
+    """The weight file of extractor `name`: --weights NAME=PATH, else the checkpoint's (syncbench-video)."""
+    from avlink.eval.scoring import parse_weights
+
+    given = parse_weights(args.weights)  # a malformed item or a missing file: one line
+    if name in given:
+        return given[name]
+    if name in CHECKPOINT_FEATURE_WEIGHTS:
+        return args.ckpt / CHECKPOINT_FEATURE_WEIGHTS[name]
+    raise UserError(f"the {name} feature row needs the extractor's weights: pass --weights {name}=PATH")
+
+
 def check_inputs(args: argparse.Namespace) -> None:
     missing = [name for name in BASE_PARTS if not (args.ckpt / name).is_file()]
     if missing:
         raise UserError(f"{args.ckpt}: not a checkpoint folder with frozen generators, missing {', '.join(missing)}")
+    for variant in args.variants:
+        name = variant_features(variant)
+        if name is None:
+            continue
+        if args.task != "v2a":
+            raise UserError(f"variant {variant}: the feature rows condition on video features, V2A only "
+                            f"(--task {args.task})")
+        path = feature_weights(args, name)
+        if not path.is_file():
+            raise UserError(f"{path}: not found; variant {variant} reads {name}'s weights there (--weights "
+                            f"{name}=PATH)")
     if not args.train_only and not (args.syncbench / "metadata.jsonl").is_file():
         raise UserError(f"{args.syncbench}: not a SyncBench folder (no metadata.jsonl); make one with "
                         f"`avlink synth --split test`")
@@ -151,6 +222,7 @@ def trained_export(run_dir: Path, args: argparse.Namespace, overrides: dict[str,
         return None
     train = card.get("train") or {}
     wanted = {"train": {**train, "lr": args.lr}, "model": {**exported, **overrides}}
+    finetuned = finetuned_files(bool(exported.get("fusion.finetune")), args.task)
     for item in args.set:  # --set train.X / model.X: the export must have been trained with them too
         key, value = parse_override(item)  # `avlink train --set`'s reading of an item
         section, _, name = key.partition(".")
@@ -158,6 +230,7 @@ def trained_export(run_dir: Path, args: argparse.Namespace, overrides: dict[str,
             wanted[section][name] = value
     same = (card.get("steps") == args.steps and card.get("task") == args.task
             and card.get("batch_size") == args.batch_size and (export / "fusion.safetensors").is_file()
+            and all((export / name).is_file() for name in finetuned)
             and wanted["train"] == train and wanted["model"] == exported)
     return card if same else None
 
@@ -176,10 +249,12 @@ def train_variant(args: argparse.Namespace, base: ModelConfig, variant: str) -> 
     config = run_dir / "ablation.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump({"train": {"lr": args.lr}, "model": overrides}, sort_keys=False))
+    name = variant_features(variant)
     training = train_args("fusion", task=args.task, preset=preset, data=args.data, out=run_dir, config=config,
                           vae=args.ckpt / "vae.safetensors", audio_dit=args.ckpt / "audio_dit.safetensors",
                           video_dit=args.ckpt / "video_dit.safetensors", max_steps=args.steps,
                           batch_size=args.batch_size, device=args.device, resume=True, set=args.set,
+                          feature_weights=None if name is None else feature_weights(args, name),
                           no_progress=args.no_progress)
     print(f"avlink ablate: {variant}: {training.command_line}", flush=True)
     try:
@@ -192,16 +267,36 @@ def train_variant(args: argparse.Namespace, base: ModelConfig, variant: str) -> 
 # --- evaluation ---------------------------------------------------------------------------------------------
 
 
-def load_variant(ckpt: Path, run_dir: Path, task: Task, device: torch.device) -> torch.nn.Module:
-    """The checkpoint's frozen generators linked by the variant's trained fusion blocks (its export)."""
-    from avlink.checkpoint import load_config, load_weights
+def finetuned_files(finetune: bool, task: Task) -> list[str]:
+    """The generator files that a variant's export holds in place of the checkpoint's: with fusion.finetune
+    ("w/FT"), the generated stream's."""
+    from avlink.checkpoint import PARTS
+
+    generated = "audio" if task == "v2a" else "video"
+    return [f"{stem}.safetensors" for stem, attr in PARTS.items() if finetune and attr == generated]
+
+
+def load_variant(ckpt: Path, run_dir: Path, task: Task, device: torch.device,
+                 weights: dict[str, Path] | None = None) -> torch.nn.Module:
+    """The checkpoint's frozen generators linked by the variant's trained fusion blocks (its export); a w/FT
+    variant's generated stream takes the fine-tuned generator of the export, a feature row the extractor whose
+    weights `weights` names (extractor name -> file)."""
+    from avlink.checkpoint import PARTS, load_config, load_weights
     from avlink.system import build_model
 
     export = run_dir / "export"
     cfg = load_config(export / "config.json")  # every damaged or missing file: one line (WeightsError)
-    model = build_model(cfg, tasks=(task,))
-    load_weights(ckpt / "audio_dit.safetensors", model.audio)
-    load_weights(ckpt / "video_dit.safetensors", model.video)
+    features = None
+    if cfg.fusion.features != "generator":
+        from avlink.eval.features import load_features
+
+        features = load_features(cfg.fusion.features, cfg, (weights or {}).get(cfg.fusion.features), device)
+    model = build_model(cfg, tasks=(task,), features=features)
+    own = finetuned_files(cfg.fusion.finetune, task)
+    for stem, attr in PARTS.items():
+        if attr != "fusion":
+            name = f"{stem}.safetensors"
+            load_weights((export if name in own else ckpt) / name, getattr(model, attr))
     load_weights(export / "fusion.safetensors", model.fusion)
     return model.to(device).eval()
 
@@ -329,11 +424,16 @@ def run(args: argparse.Namespace) -> int:
     reports = {}
     texts = None
     for variant, run_dir in runs.items():
-        export = run_dir / "export" / "fusion.safetensors"
-        model = load_variant(args.ckpt, run_dir, args.task, device)
+        export = run_dir / "export"
+        name = variant_features(variant)
+        extractor = {} if name is None else {name: feature_weights(args, name)}
+        model = load_variant(args.ckpt, run_dir, args.task, device, extractor)
         if texts is None and args.prompts == "captions":  # the text encoder is the checkpoint's, as every variant's
             texts = caption_texts(model, args.syncbench, conds).to(device)
-        source = {"fusion": file_digest(export), "sample_steps": args.sample_steps, "seed": args.sample_seed,
+        weights = {"fusion": file_digest(export / "fusion.safetensors"),
+                   **{f: file_digest(export / f) for f in finetuned_files(model.cfg.fusion.finetune, args.task)},
+                   **{n: file_digest(path) for n, path in extractor.items()}}
+        source = {**weights, "sample_steps": args.sample_steps, "seed": args.sample_seed,
                   "prompts": args.prompts, "batch": args.batch, "vocoder": args.vocoder,
                   "clips": [c.id for c in conds]}
         folder = run_dir / "eval"

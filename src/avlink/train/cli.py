@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", type=Path, help="trained VAE (.safetensors) to encode mels to latents")
     parser.add_argument("--audio-dit", type=Path, help="trained text-to-audio generator (fusion only)")
     parser.add_argument("--video-dit", type=Path, help="trained text-to-video generator (fusion only)")
+    parser.add_argument("--feature-weights", type=Path, metavar="PATH",
+                        help="fusion only: weights of the extractor that model.fusion.features names (Table 2 "
+                             "feature rows; syncbench-video defaults to checkpoints/PRESET/classifiers.safetensors)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--workers", type=int, default=0, help="data loader workers per process")
     parser.add_argument("--no-progress", action="store_true")
@@ -202,7 +205,15 @@ def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Names
         return GeneratorObjective(build_backbone("video", cfg.video, cfg.clip.video).to(device), "video", device=device)
     if task == "joint":
         cfg = cfg.override(**{"fusion.shared": True})
-    model = build_model(cfg, tasks=("v2a", "a2v") if task == "joint" else (task,))
+    features = None  # a Table 2 feature row: the extractor in the conditioning generator's place
+    if cfg.fusion.features != "generator":
+        from avlink.eval.features import load_features
+
+        features = load_features(cfg.fusion.features, cfg, args.feature_weights, device)
+    try:
+        model = build_model(cfg, tasks=("v2a", "a2v") if task == "joint" else (task,), features=features)
+    except ValueError as err:  # settings that do not go together (a feature row of the wrong direction, ...)
+        raise UserError(f"bad config: {err}") from None
     codecs = {}  # a published generator comes with its weights (from its folder) and its codec
     for modality, path, what, flag in (("audio", args.audio_dit, "text-to-audio generator", "--audio-dit"),
                                        ("video", args.video_dit, "text-to-video generator", "--video-dit")):
@@ -224,8 +235,10 @@ def git_commit() -> str | None:
 
 
 def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, Any]) -> Path:
-    """EMA weights of the last checkpoint -> out/export/<part>.safetensors, config.json, <part>.card.json."""
-    from avlink.checkpoint import save_config
+    """EMA weights of the last checkpoint -> out/export/<part>.safetensors, config.json, <part>.card.json. A
+    fusion run that fine-tuned a generator ("w/FT") also writes that generator's weights under its checkpoint
+    name (audio_dit.safetensors or video_dit.safetensors; FusionObjective.export_parts)."""
+    from avlink.checkpoint import PARTS, save_config
     from avlink.files import atomic_write
     from avlink.train.state import CheckpointManager
 
@@ -242,7 +255,11 @@ def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, An
         from avlink.eval.classifiers import weights_metadata
 
         meta.update(weights_metadata())
-    atomic_write(target, lambda tmp: save_file(weights, str(tmp), metadata=meta))
+    parts = objective.export_parts(weights) if part == "fusion" else {name: weights}
+    for stem, tensors in parts.items():
+        info = meta if stem == name else {"part": PARTS[stem], "finetuned_in": "fusion"}
+        atomic_write(out / "export" / f"{stem}.safetensors",
+                     lambda tmp, tensors=tensors, info=info: save_file(tensors, str(tmp), metadata=info))
     save_config(out / "export" / "config.json", cfg)
     text = json.dumps(card, indent=2)
     atomic_write(out / "export" / f"{name}.card.json", lambda tmp: tmp.write_text(text))

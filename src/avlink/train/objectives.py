@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from avlink.backbones.dit import DiT, drop_text
 from avlink.backbones.protocol import TextCond
+from avlink.checkpoint import PARTS
 from avlink.codecs.mel import LOG_FLOOR
 from avlink.codecs.vae import AudioVAE, vae_loss
 from avlink.config import PretrainedConfig
@@ -110,7 +111,14 @@ class FusionObjective:
     the global RNG (so a resumed run draws the same), over the one shared parameter set ("Ours-Joint"); under
     torchrun every rank takes rank 0's draw, so a step trains one direction on the whole global batch.
 
-    A link holding both tasks' sets trains only the one of its task: the other gets no gradient."""
+    A link holding both tasks' sets trains only the one of its task: the other gets no gradient.
+
+    With `fusion.finetune` ("w/FT" in Table 2) the generated stream's backbone trains too, at the same learning
+    rate: `trainable` then holds {"fusion": the sets, "audio" or "video": that backbone}, so checkpoints, the EMA
+    and validation cover both, and `export_parts` files the backbone's weights beside the Fusion Blocks (the
+    checkpoint's generator file name, e.g. audio_dit.safetensors), which scoring loads in place of the frozen
+    one. It costs what training that generator alone costs: its gradients, two Adam moments and an EMA copy
+    (activation checkpointing, `train.activation_checkpointing`, cuts the activations)."""
 
     model: AVLink
     task: str  # "v2a" | "a2v" | "joint"
@@ -128,17 +136,32 @@ class FusionObjective:
             used = self.model.fusion_set(self.task)
             for fset in self.model.fusion.values():
                 fset.requires_grad_(fset is used)
+        finetuned = {name: getattr(self.model, name) for name in self.model.finetuned}
+        self._trainable = nn.ModuleDict({"fusion": self.model.fusion, **finetuned}) if finetuned else self.model.fusion
 
     @property
     def trainable(self) -> nn.Module:
-        return self.model.fusion
+        return self._trainable
+
+    def export_parts(self, weights: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """The trained weights by export file stem: "fusion", and a fine-tuned backbone's checkpoint name."""
+        if not self.model.finetuned:
+            return {"fusion": weights}
+        files = {attr: stem for stem, attr in PARTS.items()}  # a backbone's file is the checkpoint's name for it
+        stems = {"fusion": "fusion", **{name: files[name] for name in self.model.finetuned}}
+        parts: dict[str, dict[str, Tensor]] = {stem: {} for stem in stems.values()}
+        for key, value in weights.items():
+            head, _, rest = key.partition(".")
+            parts[stems[head]][rest] = value
+        return parts
 
     @property
     def steps_leave_weights_unused(self) -> bool:
         """Whether a step may leave trained weights without a gradient: where one set serves both directions
         (shared), each leaves unread what only the other reads (the last conditioning-side output), and "joint"
-        changes the direction from step to step (with two sets: the set)."""
-        return self.task == "joint" or self.model.cfg.fusion.shared
+        changes the direction from step to step (with two sets: the set). A fine-tuned generator's null text
+        gets a gradient only in steps with a dropped caption."""
+        return self.task == "joint" or self.model.cfg.fusion.shared or bool(self.model.finetuned)
 
     def draw_task(self) -> str:
         """V2A or A2V for this step. Under torchrun all ranks take rank 0's draw: DDP then averages gradients of

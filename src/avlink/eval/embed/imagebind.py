@@ -39,7 +39,8 @@ per-clip (and per-crop) outputs of its postprocessor; we normalise that mean onc
 cosine score unchanged. With `video_as="image"` a video is embedded as its middle frame through the image path
 (the image side of IB-AI); the default `"video"` gives the video side of IB-AV. `video_as` is an option of
 the instance and of each `embed(x, "video", video_as=...)` call, so one loaded network (632M parameters in
-the vision branch) serves both scores.
+the vision branch) serves both scores. `timed_features(x, "video")` gives one embedding per 2-frame clip of a
+video, for the Table 2 feature rows (eval/features.py).
 """
 
 from __future__ import annotations
@@ -527,6 +528,34 @@ class ImageBindEmbedder:
         else:
             views = [video_views(clip, self.fps, size) for clip in x]  # (15, 3, 2, S, S) each
         return self._pooled(views, "vision")
+
+    @property
+    def timed_dim(self) -> int:
+        return self.dim
+
+    @torch.no_grad()
+    def timed_features(self, x: np.ndarray, modality: Modality) -> tuple[Tensor, Tensor]:
+        """Video (B, T, H, W, 3) uint8 at `fps` -> (B, ceil(T / 2), D) unit vectors, one per pair of frames
+        (2k, 2k + 1), and the (T',) start time of each pair, 2k / fps: ImageBind's vision branch on every
+        2-frame clip of the video as it comes (one tubelet deep: the finest step the branch sees), each clip
+        prepared as `video_views` prepares one (short side to 224, CLIP normalisation), centre crop only. The
+        last pair of an odd count repeats its frame. Video only: a feature row conditions on video."""
+        if modality != "video":
+            raise ValueError(f"{self.name}: per-time features of video only")
+        check_frames(x, "video", self.name)
+        size, step = self.model.cfg.image_size, self.model.cfg.frames
+        out = []
+        for clip in x:
+            frames = as_tensor(clip)  # (T, H, W, 3)
+            starts = range(0, len(frames), step)
+            views = []
+            for start in starts:
+                picks = [min(start + i, len(frames) - 1) for i in range(step)]
+                pair = frames[picks].permute(3, 0, 1, 2).float() / 255.0  # (3, 2, H, W)
+                views.extend(uniform_crops(normalize_rgb(short_side_scale(pair, size)[None])[0], size, crops=1))
+            out.append(self._batched(torch.stack(views), "vision"))  # (T', D)
+        features = torch.stack(out)
+        return features, torch.arange(features.shape[1], dtype=torch.float64) * step / self.fps
 
     def embed(self, x: np.ndarray, modality: Modality, video_as: VideoAs | None = None) -> Tensor:
         """`video_as` (video only) overrides the instance's setting for this call, so one loaded network

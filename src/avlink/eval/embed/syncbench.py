@@ -11,7 +11,8 @@ the training clips, so a clip scores the same here as in training:
   frames come close to the training view without being identical to it. Reading at 16 x 16 (as the
   evaluation does for generated video) gives exactly that view.
 `embed` gives the penultimate features (B, 128), `logits` the per-class logits (B, C) in `classes` order
-(sigmoid: the probability that the class is present), `predict` the set of classes present (logit > 0).
+(sigmoid: the probability that the class is present), `predict` the set of classes present (logit > 0);
+`timed_features` (video) the features of each time step, for the Table 2 feature rows (eval/features.py).
 
 Weights: one file holds both networks (`avlink train classifiers` writes it to RUN/export/classifiers.safetensors).
 By default it is read from checkpoints/<preset>/classifiers.safetensors in the repository.
@@ -117,6 +118,23 @@ class SyncBenchEmbedder:
     def logits(self, x: np.ndarray, modality: Modality) -> Tensor:
         """(B, ...) media -> (B, C) per-class logits, in `classes` order."""
         return self._run(x, modality, logits=True)
+
+    @property
+    def timed_dim(self) -> int:
+        return self.network.embed_proj.out_features
+
+    @torch.no_grad()
+    def timed_features(self, x: np.ndarray, modality: Modality) -> tuple[Tensor, Tensor]:
+        """Video (B, T, H, W, 3) -> (B, ceil(T / 2), D) penultimate features per step of the video classifier's
+        last conv map (`VideoClassifier.frame_features`) and the (T',) time of each step, 2k / fps (the frame
+        it is centred on). Video only: the audio classifier serves no feature row."""
+        if modality != "video" or modality not in self.modalities:
+            raise ValueError(f"{self.name}: per-time features of video only, from syncbench-video")
+        out = [self.network.frame_features(self.inputs(x[start:start + self.batch_size], modality)).float().cpu()
+               for start in range(0, len(x), self.batch_size)]
+        features = torch.cat(out)
+        steps = torch.arange(features.shape[1], dtype=torch.float64)
+        return features, steps * self.network.time_stride / self.fps
 
     def predict(self, x: np.ndarray, modality: Modality) -> list[set[str]]:
         """The classes present in each clip (sigmoid > 0.5)."""

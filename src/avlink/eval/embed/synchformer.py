@@ -39,11 +39,13 @@ Embedding: this network has no single-modality embedding for Frechet distances. 
 the segment features of one stream, flattened to (B, S * t * 768) (t = 8 video, 6 audio): the features
 av-benchmark caches per file, so a harness can read each side once and score the pair later with
 `desync_from_features`. `logits(x, modality)` is None (offsets need both streams): use `offset_logits(video,
-audio)` for the (B, windows, 21) offset logits and `desync(video, audio)` for DeSync.
+audio)` for the (B, windows, 21) offset logits and `desync(video, audio)` for DeSync. `timed_features(x, "video")`
+gives per-time video features of a clip of any length, for the Table 2 feature rows (eval/features.py).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -661,6 +663,34 @@ class SynchformerEmbedder:
                                                                      .to(self.device))).float().cpu()
                                   for i in range(0, len(segments), self.batch_size)]))
         return torch.stack(out)
+
+    @property
+    def timed_dim(self) -> int:
+        return self.model.cfg.width
+
+    @torch.no_grad()
+    def timed_features(self, x: np.ndarray, modality: Modality) -> tuple[Tensor, Tensor]:
+        """Video (B, T, H, W, 3) uint8 at 25 fps -> (B, N, C) per-time features and the (N,) start time of each:
+        MotionFormer's output of segments of 16 frames laid end to end (not every 8 frames as for offsets, so
+        that each 2-frame step of the clip has one token, at (16 s + 2 j) / 25 s), the last segment filled by
+        repeating the last frame and the tokens past the clip's end dropped. No window of 14 segments is needed:
+        the offset head is not used. Video only: a feature row conditions on video."""
+        if modality != "video":
+            raise ValueError(f"{self.name}: per-time features of video only")
+        check_frames(x, "video", self.name)
+        cfg = self.model.cfg
+        size, step = cfg.segment_frames, cfg.tubelet  # 16 frames a segment, 2 a token
+        out = []
+        for clip in x:
+            frames = video_frames(clip, cfg.image_size)  # (T, 3, S, S)
+            fill = -len(frames) % size
+            frames = torch.cat([frames, frames[-1:].expand(fill, *frames.shape[1:])])
+            segments = frames.unflatten(0, (-1, size))  # (segments, 16, 3, S, S)
+            feats = torch.cat([self.model.video_features(segments[i:i + self.batch_size].to(self.device))
+                               .float().cpu() for i in range(0, len(segments), self.batch_size)])
+            out.append(feats.flatten(0, 1)[:math.ceil(len(clip) / step)])  # (N, C)
+        features = torch.stack(out)
+        return features, torch.arange(features.shape[1], dtype=torch.float64) * step / FPS
 
     def segment_features(self, x: np.ndarray, modality: Modality) -> Tensor:
         if modality == "video":
