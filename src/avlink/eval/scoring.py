@@ -15,7 +15,7 @@ reference set's own IS.
 
 Metric groups (`METRIC_GROUPS`; default all that can run; a group that cannot run is skipped with a note):
     onset      Onset ACC / AP / count accuracy (V2A), onset.py
-    av_align   AV-Align, av_align.py
+    av_align   AV-Align, avlink/av_align.py
     events     event precision / recall / F1 against SyncBench's true times (SyncBench references only),
                events.py
     fd, kl, is Frechet distance, KL, Inception Score over every embedder given weights (--weights) that reads
@@ -44,11 +44,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from avlink.av_align import audio_peaks, av_align_score, video_peaks
 from avlink.config import Task
 from avlink.errors import UserError
 from avlink.eval import distances, events, onset
 from avlink.eval import report as rep
-from avlink.eval.av_align import audio_peaks, av_align_score, video_peaks
 from avlink.eval.embedders import REGISTRY, Embedder, WeightsMissing, load_embedder
 
 METRIC_GROUPS = ("onset", "av_align", "events", "fd", "kl", "is", "class_acc", "clap", "imagebind", "desync")
