@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from avlink.config import ModelConfig, get_preset
@@ -120,3 +121,32 @@ def assert_states_close(a: dict, b: dict, *, atol: float, rtol: float = 0.0, wha
         raise AssertionError(
             f"{what}: {len(over)} of {len(a)} tensors differ beyond atol {atol:.3g} + rtol {rtol:.3g}; the largest "
             f"excess is {key}{list(where)}: {x!r} vs {y!r} (difference {abs(x - y):.3g})")
+
+
+# --- synthetic events (AV-Align, best-of-N) ---------------------------------------------------------------
+
+
+def clicks(times: list[float], duration: float, sample_rate: int = 22050) -> np.ndarray:
+    """Short decaying noise bursts at `times` (seconds) in silence: one audio onset each."""
+    rng = np.random.default_rng(0)
+    wave = np.zeros(int(duration * sample_rate))  # no noise floor: its start would be an onset of its own
+    n = int(0.08 * sample_rate)
+    burst = rng.normal(size=n) * np.exp(-np.arange(n) / (0.015 * sample_rate))
+    for t in times:
+        start = int(t * sample_rate)
+        stop = min(len(wave), start + n)
+        wave[start:stop] += 0.5 * burst[:stop - start]
+    return wave.astype(np.float32)
+
+
+def jumping_square(num_frames: int, jumps: list[int], size: int = 64) -> np.ndarray:
+    """A textured square that stands still and jumps 6 px at each frame in `jumps`: motion peaks there."""
+    rng = np.random.default_rng(1)
+    texture = rng.integers(60, 255, size=(16, 16, 3), dtype=np.uint8)
+    frames = np.full((num_frames, size, size, 3), 20, np.uint8)
+    x = 10
+    for k in range(num_frames):
+        if k in jumps:
+            x += 6
+        frames[k, 24:40, x:x + 16] = texture
+    return frames

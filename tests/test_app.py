@@ -357,6 +357,25 @@ def test_odd_seeds_and_steps_are_refused_without_a_traceback_or_a_path(generator
         generator.a2v(str(upload), "", float("nan"), 0)
 
 
+@pytest.mark.parametrize("candidates", [0, 9, 2.5, float("nan")])
+def test_odd_candidates_are_refused(generator, tmp_path, candidates):
+    upload = clip_file(tmp_path / "clip.mp4", 1.0)
+    with pytest.raises(gr.Error, match="candidates must be a whole number from 1 to 8"):
+        generator.v2a(str(upload), "", 1, 0, candidates)
+
+
+def test_the_candidates_control_reaches_the_pipeline(generator, pipeline, tmp_path, monkeypatch):
+    calls = []
+    for name in ("video_to_audio", "audio_to_video"):
+        original = getattr(pipeline, name)
+        monkeypatch.setattr(pipeline, name, lambda media_in, original=original, **kw: calls.append(kw["candidates"])
+                            or original(media_in, **kw))
+    upload = clip_file(tmp_path / "clip.mp4", 1.0)
+    generator.v2a(str(upload), "", 1, 0, 3)
+    generator.a2v(str(upload), "", 1, 0, 2.0)
+    assert calls == [3, 2]
+
+
 def test_a_sound_with_nan_is_refused_by_name(generator, tmp_path):
     wave = np.zeros(22050, np.float32)
     wave[10] = np.nan
@@ -440,11 +459,11 @@ def test_the_fast_box_is_offered_where_the_checkpoint_has_a_fast_set(pipeline, g
     assert "v2a-fast" not in elem_ids(avapp.build_app(pipeline, workdir=tmp_path / "a"))
     upload = clip_file(tmp_path / "upload.mp4", 1.0)
     with pytest.raises(gr.Error, match=r"the checkpoint/fusion-fast\.safetensors: not found") as err:
-        generator.v2a(str(upload), "", 1, 0, True)
+        generator.v2a(str(upload), "", 1, 0, fast=True)
     assert str(pipeline.folder) not in str(err.value)
     folder = random_checkpoint(tmp_path / "fast", **{"clip.duration": WINDOW})
     add_fast_set(folder)
     fast = Pipeline.load(folder, vocoder="griffinlim")
     assert "v2a-fast" in elem_ids(avapp.build_app(fast, workdir=tmp_path / "b"))
-    movie, _ = avapp.Generator(fast, avapp.Limits(), tmp_path).v2a(str(upload), "", 1, 0, True)
+    movie, _ = avapp.Generator(fast, avapp.Limits(), tmp_path).v2a(str(upload), "", 1, 0, fast=True)
     assert_playable(movie, 1.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import resource
 import subprocess
@@ -17,9 +19,10 @@ import torch
 
 from avlink.cli import main
 from avlink.data.media import MediaError, probe, read_audio, write_audio, write_video
-from avlink.pipeline import Pipeline, bf16_matmul
+from avlink.pipeline import Pipeline, bf16_matmul, windows_for
+from avlink.rank import best
 
-from helpers import random_checkpoint
+from helpers import clicks, random_checkpoint
 
 FAST = ["--steps", "2", "--seed", "3"]
 
@@ -387,3 +390,58 @@ def test_v2a_fast_uses_the_fast_set_and_a_folder_without_one_is_refused_in_one_l
     fast = read_audio(tmp_path / "in.v2a.wav", 22050).samples
     assert v2a(plain, str(source), "--overwrite") == 0
     assert not np.array_equal(fast, read_audio(tmp_path / "in.v2a.wav", 22050).samples)
+
+
+# --- best-of-N -----------------------------------------------------------------------------------------------
+
+
+def test_best_of_n_writes_every_candidate_s_score_beside_the_outputs(ckpt, geometry, tmp_path: Path):
+    source = make_video(tmp_path / "clip.mp4", frames=round(2 * geometry.clip_seconds * 10))  # 3 windows
+    assert v2a(ckpt, str(source), "--candidates", "3") == 0
+    record = json.loads((tmp_path / "clip.v2a.json").read_text())
+    assert (record["task"], record["candidates"], record["score"], record["seed"]) == ("v2a", 3, "av_align", 3)
+    assert [w["window"] for w in record["windows"]] == list(range(windows_for(2 * geometry.clip_seconds, geometry)))
+    for window in record["windows"]:
+        scores = [math.nan if s is None else s for s in window["scores"]]
+        assert len(scores) == 3 and window["kept"] == best(scores)
+    sound = make_sound(tmp_path / "beat.wav", 1.0)
+    assert a2v(ckpt, str(sound), "--candidates", "2", "-o", str(tmp_path / "beat.mp4")) == 0
+    assert len(json.loads((tmp_path / "beat.json").read_text())["windows"][0]["scores"]) == 2
+    assert a2v(ckpt, str(sound), "-o", str(tmp_path / "one.mp4")) == 0
+    assert not (tmp_path / "one.json").exists(), "one candidate has nothing to rank"
+
+
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_best_of_n_never_reads_the_input_s_other_stream(ckpt, geometry, tmp_path: Path, task):
+    """The ranker sees the conditioning input and the candidates only: the same frames with their true sound, a
+    deliberately wrong one or none (V2A), or the same sound with another video stream (A2V), give the same
+    output and the same scores."""
+    rate, seconds = 22050, 1.5 * geometry.clip_seconds
+    frames = np.random.default_rng(9).integers(0, 256, (round(seconds * 10), 16, 16, 3), dtype=np.uint8)
+    true = clicks([0.3, 0.8, 1.2], seconds, rate)
+    wrong = (0.3 * np.random.default_rng(10).standard_normal(true.shape[0])).astype(np.float32)
+    if task == "v2a":
+        variants = {"true": (frames, true), "wrong": (frames, wrong), "none": (frames, None)}
+    else:
+        variants = {"true": (frames, true), "wrong": (frames[::-1] // 2, true), "black": (0 * frames, true)}
+    outputs = []
+    for name, (video, sound) in variants.items():
+        source = tmp_path / f"{name}.mp4"
+        write_video(source, video, 10.0, audio=sound, sample_rate=rate)
+        run = v2a if task == "v2a" else a2v
+        assert run(ckpt, str(source), "--candidates", "3") == 0
+        made = tmp_path / (f"{name}.v2a.wav" if task == "v2a" else f"{name}.a2v.mp4")
+        scores = json.loads((tmp_path / f"{name}.{task}.json").read_text())["windows"]
+        outputs.append((read_audio(made, rate).samples if task == "v2a" else read_frames(made), scores))
+    for made, scores in outputs[1:]:
+        assert np.array_equal(made, outputs[0][0]) and scores == outputs[0][1]
+
+
+def test_candidates_below_one_are_refused_in_one_line(ckpt, tmp_path: Path, capsys):
+    source = make_video(tmp_path / "in.mp4", frames=3)
+    assert v2a(ckpt, str(source), "--candidates", "0") == 2
+    assert a2v(ckpt, str(make_sound(tmp_path / "beat.wav", 0.5)), "--candidates", "-2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["avlink v2a: --candidates must be at least 1, got 0",
+                   "avlink a2v: --candidates must be at least 1, got -2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beat.wav", "in.mp4"]

@@ -12,6 +12,7 @@ from avlink.data import media
 from avlink.errors import UserError
 from avlink.pipeline import (
     Pipeline,
+    Window,
     bf16_matmul,
     check_precision,
     frame_windows,
@@ -19,6 +20,7 @@ from avlink.pipeline import (
     sampling_precision,
     window_hop,
 )
+from avlink.rank import Ranking
 from avlink.sample import Known, sample_backbone, sample_link
 from avlink.system import load_system
 
@@ -445,3 +447,95 @@ def test_fast_needs_the_fast_set_and_fusion(pipe, fast_pipe):
         pipe.video_to_audio(frames, fast=True, steps=1)
     with pytest.raises(UserError, match="--no-fusion"):
         fast_pipe.video_to_audio(frames, fast=True, fusion=False, steps=1)
+
+
+# --- best-of-N -----------------------------------------------------------------------------------------------
+
+
+def spy_on_ranking(monkeypatch, scores=None):
+    """Record every call of the ranker; `scores(window)` replaces its scores where given."""
+    calls = []
+    real = pipeline_module.sync_scores
+
+    def spy(*args, **kwargs):
+        calls.append(SimpleNamespace(args=args, kwargs=kwargs))
+        return real(*args, **kwargs) if scores is None else scores(len(calls) - 1)
+
+    monkeypatch.setattr(pipeline_module, "sync_scores", spy)
+    return calls
+
+
+def test_one_candidate_is_generation_without_best_of_n(pipe, monkeypatch):
+    calls = spy_on_ranking(monkeypatch)
+    frames = np.random.default_rng(3).integers(0, 255, (pipe.clip.num_frames + 3, *pipe.size, 3), dtype=np.uint8)
+    wave = (0.1 * np.random.default_rng(4).standard_normal(pipe.sample_rate)).astype(np.float32)
+    ranking = []
+    assert np.array_equal(pipe.video_to_audio(frames, steps=2, candidates=1, ranking=ranking),
+                          pipe.video_to_audio(frames, steps=2))
+    assert np.array_equal(pipe.audio_to_video(wave, steps=2, candidates=1, ranking=ranking),
+                          pipe.audio_to_video(wave, steps=2))
+    assert calls == [] and ranking == [], "one candidate is not ranked"
+
+
+def test_v2a_keeps_the_best_candidate_and_records_every_score(pipe, monkeypatch):
+    """Three candidates sampled as one batch; the ranker gets the window's frames and the three decoded sounds, and
+    nothing else; the output is the candidate it scored best, and every score is recorded."""
+    calls = spy_on_ranking(monkeypatch, scores=lambda window: [0.1, 0.9, 0.3])
+    batches = spy_on_sampling(monkeypatch)
+    frames = np.random.default_rng(5).integers(0, 255, (pipe.clip.num_frames, *pipe.size, 3), dtype=np.uint8)
+    ranking = []
+    wave = pipe.video_to_audio(frames, steps=2, candidates=3, ranking=ranking)
+    assert [b.x_cond.shape[0] for b in batches] == [3] and batches[0].rows == "candidates"
+    assert ranking == [Ranking(0, (0.1, 0.9, 0.3), 1)]
+    (call,) = calls
+    task, conditioning, candidates, fps, rate, audio_start = call.args
+    assert call.kwargs == {} and (task, fps, rate, audio_start) == ("v2a", pipe.fps, pipe.sample_rate, 0.0)
+    assert np.array_equal(conditioning, frames) and len(candidates) == 3
+    n = wave.shape[0]
+    gaps = [np.abs(wave - c[:n]).max() for c in candidates]
+    assert gaps[1] < 1e-4 < min(gaps[0], gaps[2]), f"the output is not the kept candidate: {gaps}"
+
+
+def test_each_window_continues_from_the_kept_candidate(pipe, monkeypatch):
+    """Windowed continuation pins a window's overlap to what the window before kept, not to its candidate 0."""
+    calls = spy_on_ranking(monkeypatch, scores=lambda window: [0.0, 0.0, 1.0])
+    sampled = []  # (the known part as the window was given it, its candidates)
+    real = pipeline_module.sample_link
+
+    def spy(*args, known=None, **kwargs):
+        given = None if known is None else Known(known.values.clone(), known.mask.clone())  # views of the output
+        sampled.append((given, real(*args, known=known, **kwargs)))
+        return sampled[-1][1]
+
+    monkeypatch.setattr(pipeline_module, "sample_link", spy)
+    total = 2 * pipe.clip.num_frames
+    pipe.video_to_audio(np.random.default_rng(6).integers(0, 255, (total, *pipe.size, 3), dtype=np.uint8),
+                        steps=2, candidates=3)
+    clip = pipe.clip
+    windows = plan_windows(total, clip.num_frames, clip.audio.num_tokens(total / pipe.fps), clip.num_audio_tokens,
+                           pipe.fps, clip.audio.eta)
+    assert len(calls) == len(sampled) == len(windows) >= 2
+    (known, _), (_, before) = sampled[1], sampled[0]
+    overlap = int(known.mask.sum())
+    assert overlap == clip.num_audio_tokens - windows[1].token > 0
+    pinned = known.values[0, :overlap]
+    torch.testing.assert_close(pinned, before[2, windows[1].token:].float())
+    assert not torch.allclose(pinned, before[0, windows[1].token:].float())
+
+
+def test_a2v_keeps_the_best_candidate_of_each_window(pipe, monkeypatch):
+    calls = spy_on_ranking(monkeypatch, scores=lambda window: [0.2, 0.1, 0.7] if window == 0 else [0.5, 0.5, 0.1])
+    seconds = 1.5 * pipe.clip_seconds
+    wave = (0.1 * np.random.default_rng(7).standard_normal(round(seconds * pipe.sample_rate))).astype(np.float32)
+    ranking = []
+    frames = pipe.audio_to_video(wave, steps=2, candidates=3, ranking=ranking)
+    assert [(r.window, r.kept) for r in ranking] == [(0, 2), (1, 0)]
+    first = calls[0].args
+    assert first[0] == "a2v" and np.array_equal(first[1], pipe.window_wave(wave, Window(0, 0)))
+    candidates = first[2]
+    assert len(candidates) == 3 and all(c.shape == (pipe.clip.num_frames, *pipe.size, 3) for c in candidates)
+    n = pipe.clip.num_frames - (len(frames) - pipe.clip.num_frames)  # frames of window 0 that window 1 leaves
+    head = frames[:n].astype(int)
+    gaps = [np.abs(head - c[:n].astype(int)).max() for c in candidates]
+    assert gaps[2] <= 1 < min(gaps[0], gaps[1]), f"the output is not the kept candidate: {gaps}"
+

@@ -1,5 +1,6 @@
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 
@@ -210,9 +211,30 @@ def test_noise_streams_never_coincide(monkeypatch):
     rows = [x.flatten()[:64] for x in drawn]
     rows += [real((3, 64), seed, clip=c, window=w, stream=s).flatten(1)[0]
              for seed in (1, 2) for c in (0, 1) for w in (0, 1) for s in ("generated", "conditioning")]
+    rows += [x for seed in (1, 2) for c in (0, 1) for w in (0, 1) for s in ("generated", "conditioning")
+             for x in real((3, 64), seed, clip=c, window=w, stream=s, rows="candidates")[1:]]  # best-of-N's
     for i, a in enumerate(rows):
         for b in rows[:i]:
             assert not torch.isclose(a, b).all(), "two noise streams coincide"
     assert torch.equal(real((3, 64), 4, clip=2)[1], real((1, 64), 4, clip=3)[0])  # a row is its clip's stream
+
+
+def test_candidate_zero_is_the_clip_s_own_stream():
+    """Best-of-N's candidate 0 is the noise sampled without it, so one candidate changes nothing; the others
+    are the clip's candidate streams whatever the clip's place in a batch."""
+    from avlink.sample import initial_noise, noise_generator
+
+    for stream in ("generated", "conditioning"):
+        candidates = initial_noise((3, 64), 4, clip=2, window=1, stream=stream, rows="candidates")
+        assert torch.equal(candidates[0], initial_noise((1, 64), 4, clip=2, window=1, stream=stream)[0])
+        expected = noise_generator(4, 2, 1, stream, candidate=2).standard_normal(64, dtype=np.float32)
+        assert torch.equal(candidates[2], torch.from_numpy(expected))
+    model = tiny_link()
+    _, video = tiny_batch(model.cfg, b=1)
+    alone = sample_link(model, "v2a", video, steps=2, seed=3, clip=1, window=2)
+    three = sample_link(model, "v2a", video.expand(3, -1, -1, -1, -1), steps=2, seed=3, clip=1, window=2,
+                        rows="candidates")
+    torch.testing.assert_close(three[0], alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(three[1], three[0]) and not torch.allclose(three[2], three[1])
 
 

@@ -2,9 +2,11 @@
 
 Two tabs. Video -> Audio: upload a video, get it back with generated sound (and the sound alone as a wav).
 Audio -> Video: upload a sound, get a generated video that moves with it (upscaled for viewing, with that
-sound). Both take an optional prompt, the number of sampling steps and a seed; where the checkpoint holds a fast V2A set
-(fusion-fast.safetensors), the V2A tab offers it as a "fast" box, which also moves the steps to the fast default
-(pipeline.py, `avlink v2a --fast`). Example clips are SyncBench
+sound). Both take an optional prompt, the number of sampling steps, a seed and a number of candidates (best-of-N:
+each window is sampled that many times and the one whose timing agrees best with the upload is kept, see
+pipeline.py); where the checkpoint holds a fast V2A set (fusion-fast.safetensors), the V2A tab offers it as a
+"fast" box, which also moves the steps to the fast default (pipeline.py, `avlink v2a --fast`). Example clips are
+SyncBench
 test-split clips (never trained on), rendered once into a cache folder when the app starts.
 
 Offline by design: Gradio's analytics and version check are off, the Hugging Face hub is set offline, the
@@ -122,19 +124,19 @@ class Generator:
         self.pipeline, self.limits, self.workdir = pipeline, limits, workdir
         self.uploads: dict[str, set[Path]] = {}  # session -> its uploaded files
 
-    def v2a(self, video: str | None, prompt: str, steps: float, seed: float, fast: bool = False,
-            request: gr.Request | None = None) -> tuple[str, str]:
+    def v2a(self, video: str | None, prompt: str, steps: float, seed: float, candidates: float = 1,
+            fast: bool = False, request: gr.Request | None = None) -> tuple[str, str]:
         """Uploaded video -> (mp4 with the generated sound, wav of it); fast: the checkpoint's fast set."""
         if not video:
             raise _refusal("Upload a video first.")
         self._remember(video, request)
         self._check(video, "video")
-        steps, seed = _steps(steps), _seed(seed)
+        steps, seed, candidates = _steps(steps), _seed(seed), _candidates(candidates)
         # (T, H, W, 3) at the model's fps and size; decoding stops past the limit, whatever the header says
         frames = _user_media(lambda p: self.pipeline.read_video(p, max_seconds=self.limits.max_seconds), video)
         try:
             wave = self.pipeline.video_to_audio(frames, prompt=prompt.strip() or None, steps=steps, seed=seed,
-                                                fast=bool(fast))
+                                                candidates=candidates, fast=bool(fast))
         except UserError as err:  # a fast set that does not load: its one line, no server path
             raise _refusal(str(err).replace(str(self.pipeline.folder), "the checkpoint")) from None
         out = self._folder()
@@ -143,16 +145,17 @@ class Generator:
         _with_sound(video, wave, self.pipeline.sample_rate, movie)
         return str(movie), str(sound)
 
-    def a2v(self, audio: str | None, prompt: str, steps: float, seed: float,
+    def a2v(self, audio: str | None, prompt: str, steps: float, seed: float, candidates: float = 1,
             request: gr.Request | None = None) -> str:
         """Uploaded sound -> mp4 of the generated video (upscaled for viewing) with that sound."""
         if not audio:
             raise _refusal("Upload a sound first.")
         self._remember(audio, request)
         self._check(audio, "audio")
-        steps, seed = _steps(steps), _seed(seed)
+        steps, seed, candidates = _steps(steps), _seed(seed), _candidates(candidates)
         wave = _user_media(lambda p: self.pipeline.read_audio(p, max_seconds=self.limits.max_seconds), audio)
-        frames = self.pipeline.audio_to_video(wave, prompt=prompt.strip() or None, steps=steps, seed=seed)
+        frames = self.pipeline.audio_to_video(wave, prompt=prompt.strip() or None, steps=steps, seed=seed,
+                                              candidates=candidates)
         factor = max(1, math.ceil(VIEW_SIDE / min(frames.shape[1:3])))
         movie = self._folder() / f"{Path(audio).stem}.a2v.mp4"
         _user_media(lambda p: media.write_video(movie, frames, self.pipeline.fps, wave, self.pipeline.sample_rate,
@@ -214,6 +217,7 @@ def _user_media(read, path: str):
 
 MAX_STEPS = 1024
 MAX_SEED = 2**32 - 1
+MAX_CANDIDATES = 8  # each one costs a window's sampling: the page offers a few
 
 
 def _steps(value: float | None) -> int:
@@ -227,6 +231,12 @@ def _seed(value: float | None) -> int:
         return 0
     if not math.isfinite(value) or value != int(value) or not 0 <= value <= MAX_SEED:
         raise _refusal(f"seed must be a whole number from 0 to {MAX_SEED}, got {value}")
+    return int(value)
+
+
+def _candidates(value: float | None) -> int:
+    if value is None or not math.isfinite(value) or value != int(value) or not 1 <= value <= MAX_CANDIDATES:
+        raise _refusal(f"candidates must be a whole number from 1 to {MAX_CANDIDATES}, got {value}")
     return int(value)
 
 
@@ -275,20 +285,22 @@ def build_app(pipeline: Pipeline, *, limits: Limits = Limits(), examples: Sequen
     return app
 
 
-def _controls(prefix: str, placeholder: str) -> tuple[gr.Textbox, gr.Slider, gr.Number]:
+def _controls(prefix: str, placeholder: str) -> tuple[gr.Textbox, gr.Slider, gr.Number, gr.Slider]:
     prompt = gr.Textbox(label="prompt (optional)", placeholder=placeholder, elem_id=f"{prefix}-prompt")
     with gr.Row():
         steps = gr.Slider(1, 256, value=DEFAULT_STEPS, step=1, label="steps", elem_id=f"{prefix}-steps")
         seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id=f"{prefix}-seed")
-    return prompt, steps, seed
+        candidates = gr.Slider(1, MAX_CANDIDATES, value=1, step=1, label="candidates (best of N)",
+                               elem_id=f"{prefix}-candidates")
+    return prompt, steps, seed, candidates
 
 
 def _v2a_tab(generator: Generator, examples: Sequence[Example]) -> None:
     with gr.Row():
         with gr.Column():
             video = gr.Video(label="your video", sources=["upload"], include_audio=True, elem_id="v2a-input")
-            prompt, steps, seed = _controls("v2a", "what it should sound like")
-            inputs = [video, prompt, steps, seed]
+            prompt, steps, seed, candidates = _controls("v2a", "what it should sound like")
+            inputs = [video, prompt, steps, seed, candidates]
             if generator.pipeline.has_fast:
                 fast = gr.Checkbox(value=False, label=f"fast: Fusion Blocks without reinjection, {FAST_STEPS} steps",
                                    elem_id="v2a-fast")
@@ -309,14 +321,14 @@ def _a2v_tab(generator: Generator, examples: Sequence[Example]) -> None:
     with gr.Row():
         with gr.Column():
             audio = gr.Audio(label="your sound", sources=["upload"], type="filepath", elem_id="a2v-input")
-            prompt, steps, seed = _controls("a2v", "what it should look like")
+            prompt, steps, seed, candidates = _controls("a2v", "what it should look like")
             button = gr.Button("Generate video", variant="primary", elem_id="a2v-run")
         with gr.Column():
             movie = gr.Video(label="generated video with your sound", interactive=False, elem_id="a2v-output")
     if examples:
         gr.Examples([[str(e.audio), e.caption] for e in examples], inputs=[audio, prompt],
                     label="SyncBench test clips")
-    button.click(generator.a2v, inputs=[audio, prompt, steps, seed], outputs=[movie],
+    button.click(generator.a2v, inputs=[audio, prompt, steps, seed, candidates], outputs=[movie],
                  concurrency_limit=1, concurrency_id="model")
 
 

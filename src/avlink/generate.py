@@ -2,7 +2,7 @@
 
     avlink v2a VIDEO|FOLDER|LIST [-p PROMPT] [-o OUT] [--steps 64] [--seed N] [--cfg S] [--ckpt DIR]
                [--device cpu|cuda] [--precision fp32|bf16] [--method euler] [--vocoder hifigan] [--no-fusion]
-               [--fast] [--overwrite]
+               [--fast] [--candidates N] [--overwrite]
     avlink a2v AUDIO|FOLDER|LIST [-p PROMPT] [-o OUT.mp4] [--upscale 8] [...the same options]
 
 Both commands load the checkpoint once (`Pipeline`, the one inference path) and run it on every input, with the
@@ -25,6 +25,11 @@ other gets the same name with the other suffix; `-o FOLDER` (an existing one) pu
 `<stem>.v2a.mp4` there; without -o they go next to the input. A2V: `-o OUT.mp4`, `-o FOLDER` for
 `<stem>.a2v.mp4`, or that name next to the input. An output that exists (either of V2A's two) is refused in
 one line unless --overwrite is given.
+
+Best-of-N. `--candidates N` (N > 1) samples every window N times, scores each candidate against the input
+alone (AV-Align, rank.py) and keeps the best (pipeline.py). Every candidate's score goes to a third output, the
+mp4's name with .json (`<stem>.v2a.json`, `OUT.json`): per window the scores in candidate order and the one
+kept. N = 1, the default, is generation without best-of-N, bit for bit, and writes no such file.
 
 Batches. A folder gives its files (not subfolders') with a video suffix (V2A) or an audio suffix (A2V), leaving
 out hidden files and our own outputs (`*.v2a.*`, `*.a2v.*`). A list file (.txt or .list) gives one path per
@@ -56,11 +61,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import math
 import stat
 import sys
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +94,11 @@ class Job:
     source: Path
     video: Path  # the mp4 (V2A: the user's video with the generated sound; A2V: the generated video)
     wave: Path | None = None  # V2A: the generated sound alone
+    scores: Path | None = None  # best-of-N: every candidate's score (JSON)
 
     @property
     def outputs(self) -> tuple[Path, ...]:
-        return (self.video,) if self.wave is None else (self.video, self.wave)
+        return tuple(path for path in (self.video, self.wave, self.scores) if path is not None)
 
     def done(self) -> bool:
         return all(path.is_file() for path in self.outputs)
@@ -109,6 +116,7 @@ class Settings:
     fusion: bool
     upscale: int
     fast: bool = False  # V2A: the checkpoint's fast set (pipeline.py)
+    candidates: int = 1  # best-of-N per window (pipeline.py)
 
 
 # --- inputs and output names --------------------------------------------------------------------------------
@@ -197,6 +205,11 @@ def single_job(task: Task, source: Path, out: Path | None) -> Job:
     return job
 
 
+def ranked_job(job: Job, settings: Settings) -> Job:
+    """With best-of-N the candidates' scores are an output too: the mp4's name with .json."""
+    return replace(job, scores=job.video.with_suffix(".json")) if settings.candidates > 1 else job
+
+
 def batch_jobs(task: Task, inputs: list[Path], out: Path | None) -> tuple[list[Job], list[str]]:
     """Jobs for a batch, and one line per input that cannot have its own outputs (two inputs, one name)."""
     jobs, bad, taken = [], [], {}
@@ -213,10 +226,25 @@ def batch_jobs(task: Task, inputs: list[Path], out: Path | None) -> tuple[list[J
 # --- generation ---------------------------------------------------------------------------------------------
 
 
+def write_ranking(job: Job, task: Task, settings: Settings, ranking: list) -> None:
+    """The best-of-N sidecar: per window every candidate's score (null where undefined) and the one kept."""
+    from avlink.files import atomic_write
+
+    windows = [{"window": r.window, "scores": [s if math.isfinite(s) else None for s in r.scores], "kept": r.kept}
+               for r in ranking]
+    text = json.dumps({"input": str(job.source), "task": task, "score": "av_align", "candidates": settings.candidates,
+                       "seed": settings.seed, "windows": windows}, indent=2)
+    atomic_write(job.scores, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+
+
 def make_v2a(pipe, job: Job, settings: Settings, progress: bool) -> None:
+    ranking: list = []
     pipe.video_file_to_audio(job.source, job.video, job.wave, prompt=settings.prompt, steps=settings.steps,
                              seed=settings.seed, cfg_scale=settings.cfg_scale, method=settings.method,
-                             fusion=settings.fusion, fast=settings.fast, progress=progress)
+                             fusion=settings.fusion, fast=settings.fast, progress=progress,
+                             candidates=settings.candidates, ranking=ranking)
+    if job.scores is not None:
+        write_ranking(job, "v2a", settings, ranking)
 
 
 def sound_to_keep(path: Path, model_wave: np.ndarray, model_rate: int) -> tuple[np.ndarray, int]:
@@ -239,11 +267,15 @@ def make_a2v(pipe, job: Job, settings: Settings, progress: bool) -> None:
     # The frame in which the sound ends is generated too: pad the conditioning with silence to its end.
     n_frames = math.ceil(wave.shape[0] / pipe.sample_rate * pipe.fps - 1e-6)
     wave = fit_length(wave, max(wave.shape[0], round(n_frames / pipe.fps * pipe.sample_rate)))
+    ranking: list = []
     frames = pipe.audio_to_video(wave, prompt=settings.prompt, steps=settings.steps, seed=settings.seed,
                                  cfg_scale=settings.cfg_scale, method=settings.method, fusion=settings.fusion,
-                                 progress=progress)  # (n_frames, H, W, 3)
+                                 progress=progress, candidates=settings.candidates,
+                                 ranking=ranking)  # (n_frames, H, W, 3)
     assert frames.shape[0] == n_frames, f"the pipeline gave {frames.shape[0]} frames for {n_frames}"
     media.write_video(job.video, frames, pipe.fps, audio=sound, sample_rate=rate, scale=settings.upscale)
+    if job.scores is not None:
+        write_ranking(job, "a2v", settings, ranking)
 
 
 MAKERS = {"v2a": make_v2a, "a2v": make_a2v}
@@ -318,7 +350,7 @@ def existing_outputs(job: Job) -> list[Path]:
 
 
 def run_single(args: argparse.Namespace, settings: Settings) -> int:
-    job = single_job(args.task, args.input, args.out)
+    job = ranked_job(single_job(args.task, args.input, args.out), settings)
     taken = existing_outputs(job)
     if taken and not args.overwrite:
         names = " and ".join(str(path) for path in taken)
@@ -340,6 +372,7 @@ def run_batch(args: argparse.Namespace, settings: Settings) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     inputs, bad = batch_inputs(args.task, args.input)
     jobs, clashes = batch_jobs(args.task, inputs, args.out)
+    jobs = [ranked_job(job, settings) for job in jobs]
     bad += clashes
     remove_killed_temps({job.video.parent for job in jobs})
     pipe, written, skipped = LazyPipeline(args), 0, 0
@@ -398,6 +431,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="nearest-neighbour upscaling of the frames for viewing (default 8)")
     parser.add_argument("--no-fusion", dest="fusion", action="store_false",
                         help="baseline: the frozen generator alone, ignoring the input")
+    parser.add_argument("--candidates", type=int, default=1, metavar="N",
+                        help="best-of-N: sample N candidates per window, keep the one whose timing agrees best "
+                             "with the input (AV-Align); their scores go to the mp4's name with .json (default 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs that exist (default: a batch skips such inputs, one file is refused)")
 
@@ -413,8 +449,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UserError(f"--upscale must be at least 1, got {upscale}")
     if not math.isfinite(args.cfg):
         raise UserError(f"--cfg must be a number, got {args.cfg}")
+    if args.candidates < 1:
+        raise UserError(f"--candidates must be at least 1, got {args.candidates}")
     return Settings(prompt=args.prompt or None, steps=args.steps, seed=args.seed, cfg_scale=args.cfg,
-                    method=args.method, fusion=args.fusion, upscale=upscale, fast=fast)
+                    method=args.method, fusion=args.fusion, upscale=upscale, fast=fast, candidates=args.candidates)
 
 
 def run(args: argparse.Namespace) -> int:

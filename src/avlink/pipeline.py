@@ -24,6 +24,12 @@ against Euler's 0.897), so a second-order solver buys nothing at this cost; --me
 
 `video_file_to_audio` is `avlink v2a` on one file (read, generate, mux), which `avlink bench --end-to-end` times.
 
+Best-of-N (`candidates=N`): each window is sampled N times in one batch, candidate k from its own noise streams
+(`sample.noise_generator`'s candidate k of the window; candidate 0 is the stream that N = 1 samples, so N = 1
+is generation without best-of-N, bit for bit). Each candidate is decoded alone and scored against the window's
+conditioning input, and only that (rank.py); the best is kept, and the next window continues from it. Cost: N
+times the sampling, and a decode and a score per candidate and window.
+
 Precision: "fp32" (the default) or "bf16", where the linked model's network evaluations run under
 torch.autocast(bfloat16) with the fp32 weights. Only the sampling runs so; the solver's state stays fp32 (an
 fp32 x plus a bf16 velocity step is fp32) and the VAE, the vocoder and the text encoder, which run once per
@@ -35,7 +41,7 @@ a result labelled bf16 must have been made in bf16. fp16 is never used (DESIGN.m
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +50,10 @@ import numpy as np
 import torch
 
 from avlink.backbones.protocol import TextCond
+from avlink.config import Task
 from avlink.errors import UserError
 from avlink.fusion.linked import AVLink
+from avlink.rank import Ranking, best, sync_scores
 from avlink.sample import Known, sample_backbone, sample_link
 from avlink.seq import ClipGeometry
 from avlink.system import FAST_FUSION, System, load_system, pixels_to_frames
@@ -263,22 +271,26 @@ class Pipeline:
         return samples.astype(np.float32, copy=False)
 
     # -- text -----------------------------------------------------------------------------------------------
-    def _text(self, prompt: str | None, modality: str) -> TextCond | None:
-        """The prompt's text condition; None without a prompt: the backbones take their learned null text then,
-        and guidance, which compares the generated stream's prompt with the null text, is not run (it would
-        compare the null text with itself: twice the network evaluations for the same velocity)."""
-        return self.system.text(prompt, modality) if prompt else None
+    def _text(self, prompt: str | None, modality: str, rows: int = 1) -> TextCond | None:
+        """The prompt's text condition for a batch of `rows`; None without a prompt: the backbones take their
+        learned null text then, and guidance, which compares the generated stream's prompt with the null text, is
+        not run (it would compare the null text with itself: twice the network evaluations for the same
+        velocity)."""
+        return self.system.text(prompt, modality, rows) if prompt else None
 
     # -- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def video_to_audio(self, frames: Iterable[np.ndarray], *, prompt: str | None = None, steps: int | None = None,
                        seed: int = 0, cfg_scale: float = 1.0, method: str = "euler", fusion: bool = True,
-                       fast: bool = False, progress: bool = False) -> np.ndarray:
+                       fast: bool = False, progress: bool = False, candidates: int = 1,
+                       ranking: list[Ranking] | None = None) -> np.ndarray:
         """frames (T, H, W, 3) uint8 at fps/size, an array or frames as they come (stream_video) -> (round(T / fps
         * sample_rate),) float32 wave in [-1, 1]. A stream is taken one window at a time (frame_windows).
 
         steps: None for DEFAULT_STEPS, or FAST_STEPS with fast. fast: the fast V2A set (module docstring).
-        fusion=False: the frozen T2A generator alone with the same prompt, seed and length."""
+        fusion=False: the frozen T2A generator alone with the same prompt, seed and length. candidates: best-of-N
+        (module docstring); a `ranking` list receives each window's Ranking when N > 1."""
+        assert candidates >= 1, f"candidates must be >= 1, got {candidates}"
         if fast and not fusion:
             raise UserError("--fast and --no-fusion: the fast set is Fusion Blocks; the baseline has none")
         if steps is None:
@@ -290,7 +302,7 @@ class Pipeline:
             model = self.model
         clip, audio = self.clip, self.clip.audio
         win_frames, win_tokens = clip.num_frames, clip.num_audio_tokens
-        text_a, text_v = self._text(prompt, "audio"), self._text(prompt, "video")
+        text_a, text_v = self._text(prompt, "audio", candidates), self._text(prompt, "video", candidates)
         latent = torch.zeros(1, 0, audio.latent_dim, device=self.device)  # grows with the windows
         done = torch.zeros(0, dtype=torch.bool, device=self.device)
         windows = frame_windows(frames, win_frames, window_hop(win_frames, self.fps, audio.eta))
@@ -305,15 +317,21 @@ class Pipeline:
                 done = torch.cat([done, done.new_zeros(grow)])
             known = Known(latent[:, span], done[span][None, :, None]) if done[span].any() else None
             x_cond = self.system.encode("video", w.frames)  # (1, C, T, H, W)
-            with sampling_precision(self.precision, self.device):
+            with sampling_precision(self.precision, self.device):  # z: (N, Ta, Da), one row per candidate
                 if fusion:
-                    z = sample_link(model, "v2a", x_cond, text_gen=text_a, text_cond=text_v, steps=steps,
-                                    method=method, cfg_scale=cfg_scale, seed=seed, window=i,
-                                    audio_start=start.offset, known=known)
+                    z = sample_link(model, "v2a", _repeat(x_cond, candidates), text_gen=text_a,
+                                    text_cond=text_v, steps=steps, method=method, cfg_scale=cfg_scale, seed=seed,
+                                    window=i, audio_start=start.offset, known=known, rows="candidates")
                 else:
-                    z = sample_backbone(self.model.audio, (1, win_tokens, audio.latent_dim), text=text_a,
+                    z = sample_backbone(self.model.audio, (candidates, win_tokens, audio.latent_dim), text=text_a,
                                         steps=steps, method=method, cfg_scale=cfg_scale, seed=seed, window=i,
-                                        known=known)
+                                        known=known, rows="candidates")
+            if candidates > 1:
+                # each candidate's window alone, one at a time: Griffin-Lim draws its first phase per batch row,
+                # so only a candidate decoded on its own is scored as it will sound
+                waves = [self.system.decode("audio", z[k:k + 1].float())[0] for k in range(candidates)]
+                kept = self._keep_best("v2a", i, w.frames, waves, start.offset, ranking)
+                z = z[kept:kept + 1]
             latent[:, span] = z.float()
             done[span] = True
         n_samples = round(w.total / self.fps * self.sample_rate)
@@ -347,13 +365,14 @@ class Pipeline:
     @torch.no_grad()
     def audio_to_video(self, wave: np.ndarray, *, prompt: str | None = None, steps: int | None = None,
                        seed: int = 0, cfg_scale: float = 1.0, method: str = "euler", fusion: bool = True,
-                       progress: bool = False) -> np.ndarray:
+                       progress: bool = False, candidates: int = 1,
+                       ranking: list[Ranking] | None = None) -> np.ndarray:
         """wave (N,) float32 mono at sample_rate -> (round(N / sample_rate * fps), H, W, 3) uint8 frames.
 
         steps: None for DEFAULT_STEPS. fusion=False: the frozen T2V generator alone with the same prompt, seed
-        and length."""
+        and length. candidates and ranking: as video_to_audio's."""
+        assert candidates >= 1, f"candidates must be >= 1, got {candidates}"
         steps = DEFAULT_STEPS if steps is None else steps
-
         if fusion:
             self.check_task("a2v")
         assert wave.ndim == 1, f"wave must be mono (N,), got {wave.shape}"
@@ -364,7 +383,7 @@ class Pipeline:
         seconds = frames_used / self.fps
         total_tokens = max(audio.num_tokens(seconds), win_tokens)
         windows = plan_windows(frames_used, win_frames, total_tokens, win_tokens, self.fps, audio.eta)
-        text_a, text_v = self._text(prompt, "audio"), self._text(prompt, "video")
+        text_a, text_v = self._text(prompt, "audio", candidates), self._text(prompt, "video", candidates)
         # A codec that keeps frames (pixels) lets each window continue the last: the overlap's frames are pinned
         # (Known) in the flow's space and all is decoded at the end. A causal latent codec (Wan's VAE: one latent
         # frame per 4 frames, the first alone) has no latent frame of its own for a window's overlap, so there each
@@ -377,25 +396,42 @@ class Pipeline:
             span = slice(w.frame, w.frame + win_frames)
             pinned = per_frame and bool(done[span].any())
             known = Known(video[:, :, span], done[span][None, None, :, None, None]) if pinned else None
-            x_cond = self.system.encode("audio", self.window_wave(wave, w), win_tokens) if fusion else None
-            with sampling_precision(self.precision, self.device):
+            sound = self.window_wave(wave, w)
+            x_cond = self.system.encode("audio", sound, win_tokens) if fusion else None
+            with sampling_precision(self.precision, self.device):  # x: (N, C, T, H, W), one row per candidate
                 if fusion:
-                    x = sample_link(self.model, "a2v", x_cond, text_gen=text_v, text_cond=text_a, steps=steps,
-                                    method=method, cfg_scale=cfg_scale, seed=seed, window=i, audio_start=w.offset,
-                                    known=known)
+                    x = sample_link(self.model, "a2v", _repeat(x_cond, candidates), text_gen=text_v,
+                                    text_cond=text_a, steps=steps, method=method, cfg_scale=cfg_scale, seed=seed,
+                                    window=i, audio_start=w.offset, known=known, rows="candidates")
                 else:
-                    x = sample_backbone(self.model.video, (1, *v.flow_shape(win_frames)), text=text_v, steps=steps,
-                                        method=method, cfg_scale=cfg_scale, seed=seed, window=i, known=known)
+                    x = sample_backbone(self.model.video, (candidates, *v.flow_shape(win_frames)), text=text_v,
+                                        steps=steps, method=method, cfg_scale=cfg_scale, seed=seed, window=i,
+                                        known=known, rows="candidates")
+            pixels = None if per_frame else self.system.codec("video").decode(x.float())[:, :, :win_frames]
+            if candidates > 1:
+                shown = (self.system.decode("video", x[:, :, :win_frames]) if per_frame
+                         else pixels_to_frames(pixels.clamp(-1, 1)).cpu().numpy())  # (N, T, H, W, 3)
+                kept = self._keep_best("a2v", i, sound, shown, w.offset, ranking)
+                x, pixels = x[kept:kept + 1], None if per_frame else pixels[kept:kept + 1]
             if per_frame:
                 video[:, :, span] = x[:, :, :win_frames].float()
-            else:
-                pixels = self.system.codec("video").decode(x.float())[:, :, :win_frames]  # (1, 3, T, H, W)
+            else:  # pixels: (1, 3, T, H, W)
                 new = ~done[span]
                 video[:, :, span][:, :, new] = pixels[:, :, new.cpu()].to(video)
             done[span] = True
         if per_frame:
             return self.system.decode("video", video[:, :, :n_frames])[0]
         return pixels_to_frames(video[:, :, :n_frames].clamp(-1, 1)).cpu().numpy()[0]
+
+    def _keep_best(self, task: Task, window: int, conditioning: np.ndarray, candidates: Sequence[np.ndarray],
+                   audio_start: float, ranking: list[Ranking] | None) -> int:
+        """Which of a window's decoded candidates to keep: scored against the window's conditioning input alone
+        (rank.py), the ranking recorded where the caller asked for it."""
+        scores = sync_scores(task, conditioning, list(candidates), self.fps, self.sample_rate, audio_start)
+        kept = best(scores)
+        if ranking is not None:
+            ranking.append(Ranking(window, tuple(scores), kept))
+        return kept
 
     def window_wave(self, wave: np.ndarray, w: Window) -> np.ndarray:
         """The clip of wave that a window conditions on, encoded alone as training encodes each clip: the clip's
@@ -417,6 +453,12 @@ class Pipeline:
 def fit_length(wave: np.ndarray, length: int) -> np.ndarray:
     """Cut or zero-pad a wave to exactly `length` samples."""
     return np.pad(wave, (0, max(0, length - wave.shape[0])))[:length]
+
+
+def _repeat(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """A batch of one (1, ...) as `rows` rows of the same values (the condition of every candidate)."""
+    assert x.shape[0] == 1, f"one condition expected, got a batch of {x.shape[0]}"
+    return x.expand(rows, *x.shape[1:])
 
 
 def windows_for(seconds: float, pipeline: Pipeline) -> int:

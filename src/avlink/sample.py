@@ -63,26 +63,36 @@ def constrain(velocity: Velocity, x0: Tensor, known: Known | None) -> Velocity:
 
 Stream = Literal["generated", "conditioning"]
 STREAMS: tuple[Stream, ...] = ("generated", "conditioning")
+Rows = Literal["clips", "candidates"]  # what the rows of a batch are: clips, or candidates of one clip (best-of-N)
 
 
-def noise_generator(seed: int, clip: int = 0, window: int = 0, stream: Stream = "generated") -> np.random.Generator:
+def noise_generator(seed: int, clip: int = 0, window: int = 0, stream: Stream = "generated",
+                    candidate: int = 0) -> np.random.Generator:
     """The noise of one (clip, window, stream) of a run seeded `seed`, as its own generator.
 
     numpy's SeedSequence hashes the seed and the spawn key (clip, window, stream) into a 128-bit PCG64 state, so
     no two tuples share a stream, not even shifted (seeds seed + 1 and seed + start did that: clip i's conditioning
-    noise was clip i + 1's initial noise). Clips, windows and the two streams draw independent noise."""
-    assert clip >= 0 and window >= 0, f"clip {clip} and window {window} must be >= 0"
-    key = np.random.SeedSequence(seed % 2**64, spawn_key=(clip, window, STREAMS.index(stream)))
-    return np.random.Generator(np.random.PCG64(key))
+    noise was clip i + 1's initial noise). Clips, windows and the two streams draw independent noise.
+    candidate: best-of-N (pipeline.py) samples candidate k > 0 from the key (clip, window, stream, k), a key of
+    another length, which no three-part key hashes like; candidate 0 keeps the three-part key, so one candidate
+    is the sample without best-of-N."""
+    assert clip >= 0 and window >= 0 and candidate >= 0, f"clip {clip}, window {window}, candidate {candidate} < 0"
+    spawn = (clip, window, STREAMS.index(stream)) + ((candidate,) if candidate else ())
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed % 2**64, spawn_key=spawn)))
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu", *, clip: int = 0,
-                  window: int = 0, stream: Stream = "generated") -> Tensor:
+                  window: int = 0, stream: Stream = "generated", rows: Rows = "clips") -> Tensor:
     """x0 ~ N(0, I) of shape (B, ...), reproducible whatever the device: row b is clip `clip + b`'s own stream
-    (`noise_generator`), so a clip's noise does not depend on the batch it is sampled in."""
-    rows = [noise_generator(seed, clip + b, window, stream).standard_normal(shape[1:], dtype=np.float32)
-            for b in range(shape[0])]
-    return torch.from_numpy(np.stack(rows) if rows else np.zeros(shape, np.float32)).reshape(shape).to(device)
+    (`noise_generator`), so a clip's noise does not depend on the batch it is sampled in; rows="candidates":
+    row b is candidate b of clip `clip`."""
+    def generator(b: int) -> np.random.Generator:
+        if rows == "candidates":
+            return noise_generator(seed, clip, window, stream, candidate=b)
+        return noise_generator(seed, clip + b, window, stream)
+
+    noise = [generator(b).standard_normal(shape[1:], dtype=np.float32) for b in range(shape[0])]
+    return torch.from_numpy(np.stack(noise) if noise else np.zeros(shape, np.float32)).reshape(shape).to(device)
 
 
 @torch.no_grad()
@@ -90,20 +100,22 @@ def sample_link(
     model: AVLink, task: Task, x_cond: Tensor, *, text_gen: TextCond | None = None,
     text_cond: TextCond | None = None, steps: int = 64, method: str = "euler", cfg_scale: float = 1.0,
     t_cond: float | None = None, seed: int = 0, clip: int = 0, window: int = 0, audio_start: float = 0.0,
-    progress: bool = False, known: Known | None = None, cache: bool = True,
+    progress: bool = False, known: Known | None = None, cache: bool = True, rows: Rows = "clips",
 ) -> Tensor:
     """Generate the other modality for x_cond (V2A: video (B, C, T, H, W) in [-1, 1]; A2V: latent (B, Ta, Da)).
 
     Guidance applies to the generated stream's prompt: it needs text_gen, and compares it with the null text.
-    Noise: row b's conditioning and initial noise are streams (seed, clip + b, window) of `initial_noise`.
+    Noise: row b's conditioning and initial noise are streams (seed, clip + b, window) of `initial_noise`, or
+    with rows="candidates" candidate b's streams of (seed, clip, window).
     audio_start: seconds from the video's first frame to the audio's first token (a window of a long input,
     pipeline.plan_windows), which the Fusion Blocks' alignment takes. cache=False: the plain path (module docstring).
     """
     device = x_cond.device
-    cond_noise = initial_noise(tuple(x_cond.shape), seed, device, clip=clip, window=window, stream="conditioning")
+    cond_noise = initial_noise(tuple(x_cond.shape), seed, device, clip=clip, window=window, stream="conditioning",
+                               rows=rows)
     cond = model.prepare(task, x_cond, text_gen, text_cond, t_cond=t_cond, noise=cond_noise, cache=cache,
                          audio_start=audio_start)
-    x0 = initial_noise(generated_shape(model, task, x_cond), seed, device, clip=clip, window=window)
+    x0 = initial_noise(generated_shape(model, task, x_cond), seed, device, clip=clip, window=window, rows=rows)
     if cfg_scale != 1.0 and text_gen is not None:
         gen_bb, _ = model.backbones(task)
         uncond = model.with_gen_text(cond, gen_bb.null_text_cond(x_cond.shape[0]))
@@ -118,12 +130,12 @@ def sample_link(
 def sample_backbone(
     backbone: DiT, shape: tuple[int, ...], *, text: TextCond | None = None, steps: int = 64,
     method: str = "euler", cfg_scale: float = 1.0, seed: int = 0, clip: int = 0, window: int = 0,
-    progress: bool = False, known: Known | None = None, cache: bool = True,
+    progress: bool = False, known: Known | None = None, cache: bool = True, rows: Rows = "clips",
 ) -> Tensor:
     """A generator alone (T2A / T2V): noise of `shape` to data, row b's from stream (seed, clip + b, window) of
-    `initial_noise`, as sample_link's. cache=False: the plain path (module docstring)."""
+    `initial_noise` (rows as sample_link's). cache=False: the plain path (module docstring)."""
     b = shape[0]
-    x0 = initial_noise(shape, seed, next(backbone.parameters()).device, clip=clip, window=window)
+    x0 = initial_noise(shape, seed, next(backbone.parameters()).device, clip=clip, window=window, rows=rows)
 
     def once(prompt: TextCond | None) -> TextCond | PreparedText | None:
         return prepare_text(backbone, prompt, b) if cache else prompt

@@ -94,7 +94,8 @@ def markdown(report: EvalReport) -> str:
     for m in report.metrics:
         values = " | ".join(_cell(report.rows[row].get(m.name)) for row in ROWS)
         lines.append(f"| {m.name} | {values} | {report.used.get(m.name, 0)} | {m.better} |")
-    lines += ["", "n/a: the sanity row does not apply (a set-level metric); -: undefined on these clips.", ""]
+    lines += ["", "n/a: the sanity row does not apply (a set-level metric, or a score of one file); -: undefined on "
+              "these clips.", ""]
     lines += ["## Metrics", ""] + [f"- **{m.name}**: {m.description}" for m in report.metrics]
     for title, items in (("Notes", report.notes),
                          ("Files left out", [f"`{p.file}`: {p.reason}" for p in report.problems]),

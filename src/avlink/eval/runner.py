@@ -1,13 +1,17 @@
 """`avlink eval`: score generated clips against their references, with a ceiling and a floor beside them.
 
     avlink eval --task v2a|a2v --generated DIR --reference DIR --out DIR [--metrics ...]
-                [--weights NAME=PATH ...]
+                [--weights NAME=PATH ...] [--ckpt DIR]
     avlink eval --sweep t_cond|steps|evals|cfg --ckpt DIR --data SYNCBENCH_DIR --task v2a|a2v --out DIR [--values ...]
 
 The command reads its options into `EvalSettings`, scores with `evaluate` (scoring.py: how files pair, the
 ceiling and floor rows, the metric groups of --metrics) and writes the report to --out (metrics.json,
 metrics.md, per_clip.csv; report.py). Every video is read at --fps, every clip over the reference's length
 or --duration. --sweep generates with a checkpoint first and scores each setting (sweep.py).
+
+The seam metrics need the windows the outputs were generated in: the clip geometry of --ckpt's config, the
+model that made them, or without --ckpt that of the shipped checkpoint, which `avlink v2a` / `a2v` use by
+default (`window_geometry`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from avlink.errors import UserError
 from avlink.eval import report as rep
 from avlink.eval.embedders import REGISTRY
 from avlink.eval.scoring import METRIC_GROUPS, EvalSettings, evaluate, parse_weights
+from avlink.seq import ClipGeometry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,11 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=6.0, help="frame rate of every video read (default 6)")
     parser.add_argument("--duration", type=float, help="seconds scored per clip (default: the reference's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled-pairs floor (default 0)")
+    parser.add_argument("--ckpt", type=Path,
+                        help="checkpoint folder: the model that generated the clips, whose windows the seam metrics "
+                             "read (default: the shipped checkpoints/tiny); --sweep generates with it")
     sweep = parser.add_argument_group("sweep (the paper's Figure 3 study)")
     sweep.add_argument("--sweep", choices=("t_cond", "steps", "evals", "cfg"),
                        help="generate at each value and score it (evals: network evaluations per sample; "
                             "cfg: guidance scale, with --prompts captions)")
-    sweep.add_argument("--ckpt", type=Path, help="checkpoint folder (config.json, parts, vae.safetensors)")
     sweep.add_argument("--data", type=Path, help="SyncBench folder whose clips condition the generation")
     sweep.add_argument("--values", nargs="+", type=float, help="values of the swept setting")
     sweep.add_argument("--n", type=int, help="clips of --data to use (default all)")
@@ -54,12 +61,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--batch", type=int, default=1, help="clips sampled together (default 1)")
 
 
+def window_geometry(ckpt: Path | None) -> ClipGeometry | None:
+    """The clip geometry of the model that generated the clips: --ckpt's config, else the shipped checkpoint's
+    (the generation commands' default); None where that one is not there (the seam metrics are then skipped)."""
+    from avlink.checkpoint import load_config
+    from avlink.pipeline import DEFAULT_CHECKPOINT
+
+    config = (DEFAULT_CHECKPOINT if ckpt is None else Path(ckpt)) / "config.json"
+    if ckpt is None and not config.is_file():
+        return None
+    return load_config(config).clip  # a missing or broken --ckpt config: one line naming it
+
+
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     if args.fps <= 0 or (args.duration is not None and args.duration <= 0):
         raise UserError("--fps and --duration must be positive")
-    return EvalSettings(task=args.task, metrics=tuple(args.metrics or METRIC_GROUPS),
-                        weights=parse_weights(args.weights), fps=args.fps, duration=args.duration,
-                        seed=args.seed)
+    metrics = tuple(args.metrics or METRIC_GROUPS)
+    return EvalSettings(task=args.task, metrics=metrics, weights=parse_weights(args.weights), fps=args.fps,
+                        duration=args.duration, seed=args.seed,
+                        clip=window_geometry(args.ckpt) if "seams" in metrics else None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ reference set's own IS.
 
 Metric groups (`METRIC_GROUPS`; default all that can run; a group that cannot run is skipped with a note):
     onset      Onset ACC / AP / count accuracy (V2A), onset.py
-    av_align   AV-Align, av_align.py
+    av_align   AV-Align, avlink/av_align.py
     events     event precision / recall / F1 against SyncBench's true times (SyncBench references only),
                events.py
     fd, kl, is Frechet distance, KL, Inception Score over every embedder given weights (--weights) that reads
@@ -30,6 +30,11 @@ Metric groups (`METRIC_GROUPS`; default all that can run; a group that cannot ru
                (video_as="image"), so the vision tower is not loaded twice.
     desync     DeSync: Synchformer's mean |predicted audio-video offset| in seconds of the generated modality
                against the reference's other one (first and last 4.8 s window; shorter clips are not scored)
+    seams      clips longer than one model window: seam_ratio, the seam score of the generated modality
+               (seams.py) at the windows pipeline.plan_windows gives the generating model's clip geometry
+               (settings.clip); V2A also window_distance, the SyncBench audio classifier's embedding distance
+               between consecutive windows, where its weights load. The ceiling is the reference's own
+               generated-side modality cut at the same windows; a score of one file has no floor
 Bad, unreadable and unpaired files are listed in the report, never a crash.
 """
 
@@ -44,14 +49,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from avlink.av_align import audio_peaks, av_align_score, video_peaks
 from avlink.config import Task
 from avlink.errors import UserError
-from avlink.eval import distances, events, onset
+from avlink.eval import distances, events, onset, seams
 from avlink.eval import report as rep
-from avlink.eval.av_align import audio_peaks, av_align_score, video_peaks
 from avlink.eval.embedders import REGISTRY, Embedder, WeightsMissing, load_embedder
+from avlink.seq import ClipGeometry
 
-METRIC_GROUPS = ("onset", "av_align", "events", "fd", "kl", "is", "class_acc", "clap", "imagebind", "desync")
+METRIC_GROUPS = ("onset", "av_align", "events", "fd", "kl", "is", "class_acc", "clap", "imagebind", "desync",
+                 "seams")
 MEDIA_SUFFIXES = (".wav", ".flac", ".mp4")
 METADATA = "metadata.jsonl"  # the mark of a SyncBench folder
 ONSET_RATE = onset.SAMPLE_RATE  # the onset protocols and AV-Align read audio at 22,050 Hz
@@ -149,13 +156,17 @@ class EvalSettings:
     duration: float | None = None  # seconds scored per clip; None: each reference's length
     seed: int = 0  # of the floor's derangement
     progress: bool = True
+    clip: ClipGeometry | None = None  # of the model that generated the clips: its windows place the seams
 
     def wants(self, group: str) -> bool:
         return group in self.metrics
 
     def to_json(self) -> dict[str, Any]:
+        clip = self.clip
+        windows = None if clip is None else {"seconds": clip.duration, "frames": clip.num_frames,
+                                             "fps": clip.video.fps, "audio_tokens": clip.num_audio_tokens}
         return {"task": self.task, "metrics": list(self.metrics), "fps": self.fps, "duration": self.duration,
-                "seed": self.seed, "weights": {k: str(v) for k, v in self.weights.items()}}
+                "seed": self.seed, "weights": {k: str(v) for k, v in self.weights.items()}, "windows": windows}
 
 
 def parse_weights(items: list[str] | None) -> dict[str, Path]:
@@ -174,7 +185,7 @@ def parse_weights(items: list[str] | None) -> dict[str, Path]:
     return weights
 
 
-EMBEDDER_GROUPS = ("fd", "kl", "is", "class_acc", "clap", "imagebind", "desync")
+EMBEDDER_GROUPS = ("fd", "kl", "is", "class_acc", "clap", "imagebind", "desync", "seams")
 GROUP_EMBEDDERS = {"clap": "clap", "imagebind": "imagebind", "desync": "synchformer"}  # group -> embedder
 # Embedders whose features are also taken of the reference's other modality, for the pair score they serve
 # (embedder -> group). Synchformer's flattened segment features are not an embedding for Frechet distances:
@@ -187,6 +198,11 @@ def classifier_name(task: Task) -> str:
     return f"syncbench-{MODALITY[task][0]}"
 
 
+def window_embedder(settings: EvalSettings) -> str | None:
+    """The network that embeds each window for window_distance: the SyncBench audio classifier, for V2A seams."""
+    return classifier_name("v2a") if settings.wants("seams") and settings.task == "v2a" else None
+
+
 def load_embedders(settings: EvalSettings, notes: list[str],
                    loader: Callable[..., Embedder] = load_embedder) -> dict[str, Embedder]:
     """Every embedder the requested groups need, by name; one that cannot load is skipped with a note, unless its
@@ -194,7 +210,7 @@ def load_embedders(settings: EvalSettings, notes: list[str],
     if not any(settings.wants(g) for g in EMBEDDER_GROUPS):
         return {}
     names = list(settings.weights)
-    if any(settings.wants(g) for g in ("fd", "kl", "is", "class_acc")):
+    if any(settings.wants(g) for g in ("fd", "kl", "is", "class_acc")) or window_embedder(settings):
         names.append(classifier_name(settings.task))
     for group, name in GROUP_EMBEDDERS.items():
         if settings.wants(group) and name not in names:
@@ -227,6 +243,8 @@ class Features:
     video_peaks: np.ndarray | None = None  # AV-Align motion peaks, seconds
     video_events: np.ndarray | None = None  # SyncBench cue onsets, seconds
     fps: float | None = None
+    seam: seams.SeamScore | None = None  # of the generated-side modality; None: one window, or no room for a seam
+    window_distance: float | None = None  # V2A: consecutive windows' embedding distance
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # "name:modality" -> (D,)
     logits: dict[str, np.ndarray] = field(default_factory=dict)  # "name:modality" -> (C,)
 
@@ -319,6 +337,32 @@ def modality_features(feats: Features, modality: str, reader: Reader, settings: 
             feats.logits[key] = clip_logits
         if name == "imagebind" and modality == "video" and settings.wants("imagebind"):
             feats.embeddings["imagebind:image"] = _embed_image(embedder, reader)
+    if generated_side and settings.wants("seams") and settings.clip is not None:
+        window_net = window_embedder(settings)
+        seam_features(feats, modality, reader, settings.clip, embedders.get(window_net) if window_net else None)
+
+
+def seam_features(feats: Features, modality: str, reader: Reader, clip: ClipGeometry,
+                  embedder: Embedder | None) -> None:
+    """The seams of one file's generated-side modality at the windows that `clip` gives its length (seams.py);
+    nothing for a file of one window, and no seam score where no boundary has a span of room on both sides."""
+    fps = clip.video.fps
+    total = round(reader.duration * fps)  # frames the generating pipeline windowed
+    boundaries, span = seams.boundary_frames(total, clip), seams.seam_span(clip)
+    if not boundaries:
+        return
+    try:
+        if modality == "video":
+            feats.seam = seams.video_seams(reader.video(fps), boundaries, span)
+        else:
+            wave = reader.audio(clip.audio.sample_rate)
+            feats.seam = seams.audio_seams(wave, clip, [b / fps for b in boundaries], span / fps)
+    except ValueError:  # no boundary or no inside point with a span of room on both sides
+        feats.seam = None
+    if embedder is not None and modality == "audio":
+        rate = int(embedder.sample_rate)
+        clips = seams.window_clips(reader.audio(rate), rate, seams.window_plan(total, clip), clip)  # (W, n)
+        feats.window_distance = seams.window_distance(distances.as_array(embedder.embed(clips, "audio")))
 
 
 def _caption_features(feats: Features, caption: str, embedders: dict[str, Embedder]) -> None:
@@ -548,6 +592,35 @@ def set_metrics(plan: Plan, gens: list[Features], refs: list[Features], settings
             used[metric] = len(gens)
 
 
+def seam_metrics(gens: list[Features], refs: list[Features], settings: EvalSettings,
+                 rows: dict[str, dict[str, float | None]], used: dict[str, int], per_clip: dict[str, list[float]],
+                 notes: list[str]) -> None:
+    """seam_ratio and window_distance: the generated clips, and as the ceiling the references' own generated-side
+    modality at the same windows; no floor (a score of one file: shuffled pairs would be the ceiling again)."""
+    if not settings.wants("seams"):
+        return
+    clip = settings.clip
+    if clip is None:
+        notes.append("seams: the generating model's clip geometry is unknown (give --ckpt); skipped")
+        return
+    values = {"seam_ratio": lambda f: math.nan if f.seam is None else f.seam.ratio,
+              "window_distance": lambda f: math.nan if f.window_distance is None else f.window_distance}
+    scored = {metric: [value(g) for g in gens] for metric, value in values.items()}
+    if not any(math.isfinite(v) for vs in scored.values() for v in vs):
+        notes.append(f"seams: no clip spans more than one {clip.duration:.2f} s window with a seam to score; "
+                     "skipped")
+        return
+    notes.append(f"seams: windows of {clip.num_frames} frames at {clip.video.fps:g} fps ({clip.duration:.2f} s), "
+                 f"means over {seams.seam_span(clip)} frames either side of a point")
+    for metric, model in scored.items():
+        if not any(math.isfinite(v) for v in model):
+            continue
+        rows["model"][metric], used[metric] = _nanmean(model)
+        rows["ceiling"][metric] = _nanmean([values[metric](r) for r in refs])[0]
+        rows["floor"][metric] = None
+        per_clip[metric] = model
+
+
 # --- metric descriptions ----------------------------------------------------------------------------------
 
 
@@ -571,6 +644,12 @@ def metric_info(name: str, task: Task) -> rep.MetricInfo:
                             f"video's middle frame ({gen_m} generated, {cond_m} from the reference)"),
         "desync": ("lower", f"Synchformer DeSync: mean |predicted audio-video offset| in seconds over the "
                             f"first and last 4.8 s window ({gen_m} generated, {cond_m} from the reference)"),
+        "seam_ratio": ("lower", f"window seams of the generated {gen_m}: distance of the mean "
+                                f"{'frames' if gen_m == 'video' else 'log-mel spectra'} either side of each window "
+                                "boundary over the same at points inside windows (1: a boundary changes no more "
+                                "than time does); clips longer than one window"),
+        "window_distance": ("lower", "cosine distance of the SyncBench audio classifier's embeddings of "
+                                     "consecutive (overlapping) windows of the generated audio"),
     }
     if name in fixed:
         return rep.MetricInfo(name, *fixed[name])
@@ -662,6 +741,7 @@ def evaluate(generated: Path | str, reference: Path | str, settings: EvalSetting
     rows = {row: dict(s.values) for row, s in scored.items()}
     used = dict(scored["model"].used)
     set_metrics(plan, gens, refs, settings, rows, used, notes)
+    seam_metrics(gens, refs, settings, rows, used, scored["model"].per_clip, notes)
     names = list(dict.fromkeys([*rows["model"], *rows["ceiling"]]))
     return rep.EvalReport(
         task=settings.task, generated=str(generated), reference=str(reference), clips=len(pairs),

@@ -10,7 +10,13 @@ absolute difference of the two mean frames in grey levels (0-255); for audio, of
 more than time does inside a window; a scene that changes at every window gives a ratio of several.
 
 Inside points are the middles of the stretches of new content between boundaries, where a whole span fits on
-both sides; a stretch too short for one gives none.
+both sides; a stretch too short for one gives none. `avlink eval` takes half a hop for the span (`seam_span`):
+the most that leaves an inside point in a stretch of one hop.
+
+Beside it, for audio, the distance between consecutive windows as a network hears them: one minus the cosine
+of the SyncBench audio classifier's embeddings of each window's sound as the pipeline generated it
+(`window_clips`, `window_distance`). Consecutive windows share their overlap, so the distance is below that of
+two separate clips; the reference cut at the same windows says what it is for one real scene.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from avlink.pipeline import plan_windows
+from avlink.eval.distances import as_array, cosine_per_pair
+from avlink.pipeline import Window, plan_windows, window_hop
 from avlink.seq import ClipGeometry
 
 
@@ -36,13 +43,22 @@ class SeamScore:
         return self.seam / self.within if self.within > 0 else float("inf")
 
 
+def window_plan(total_frames: int, clip: ClipGeometry) -> list[Window]:
+    """pipeline.plan_windows' windows of an output of total_frames frames."""
+    frames, fps, audio = clip.num_frames, clip.video.fps, clip.audio
+    tokens = max(audio.num_tokens(max(total_frames, frames) / fps), clip.num_audio_tokens)
+    return plan_windows(max(total_frames, frames), frames, tokens, clip.num_audio_tokens, fps, audio.eta)
+
+
 def boundary_frames(total_frames: int, clip: ClipGeometry) -> list[int]:
     """The frames where a window's new content begins in an output of total_frames frames (the windows of
     pipeline.plan_windows): each window after the first starts its new content at the previous one's end."""
-    frames, fps, audio = clip.num_frames, clip.video.fps, clip.audio
-    tokens = max(audio.num_tokens(max(total_frames, frames) / fps), clip.num_audio_tokens)
-    windows = plan_windows(max(total_frames, frames), frames, tokens, clip.num_audio_tokens, fps, audio.eta)
-    return [prev.frame + frames for prev in windows[:-1]]
+    return [prev.frame + clip.num_frames for prev in window_plan(total_frames, clip)[:-1]]
+
+
+def seam_span(clip: ClipGeometry) -> int:
+    """Frames either side of a point: half a hop (module docstring)."""
+    return max(1, window_hop(clip.num_frames, clip.video.fps, clip.audio.eta) // 2)
 
 
 def inside_points(boundaries: list[int], total: int, span: int) -> list[int]:
@@ -78,3 +94,18 @@ def audio_seams(wave: np.ndarray, clip: ClipGeometry, boundaries_s: list[float],
         mel = MelSpectrogram(clip.audio)(torch.from_numpy(np.ascontiguousarray(wave, np.float32))[None])[0]
     rate = clip.audio.mel_rate
     return _score(mel.T.numpy(), [round(b * rate) for b in boundaries_s], max(1, round(span_s * rate)))
+
+
+def window_clips(wave: np.ndarray, sample_rate: int, windows: list[Window], clip: ClipGeometry) -> np.ndarray:
+    """(W, n) each window's sound, from its first audio token for one window's length (silence past the end),
+    of a wave at sample_rate: what the pipeline generated for that window."""
+    n = round(clip.duration * sample_rate)
+    starts = [round(w.token / clip.audio.eta * sample_rate) for w in windows]
+    return np.stack([np.pad(wave[a:a + n], (0, n - wave[a:a + n].shape[0])) for a in starts]).astype(np.float32)
+
+
+def window_distance(embeddings: np.ndarray) -> float:
+    """Mean cosine distance between consecutive rows of (W, D) window embeddings, W >= 2."""
+    e = as_array(embeddings)
+    assert e.ndim == 2 and e.shape[0] >= 2, f"embeddings of two windows or more expected, got {e.shape}"
+    return float(np.mean(1.0 - cosine_per_pair(e[:-1], e[1:])))

@@ -300,7 +300,7 @@ def prepare_run(args: argparse.Namespace) -> SweepRun:
     texts = caption_texts(model, args.data, conds) if args.prompts == "captions" else None
     settings = EvalSettings(task=args.task, metrics=tuple(args.metrics or METRIC_GROUPS),
                             weights=parse_weights(args.weights), fps=clip.video.fps, duration=clip.duration,
-                            seed=args.seed)
+                            seed=args.seed, clip=clip)
     return SweepRun(args, model, conds, texts, settings, system.codecs, run_source(args, conds, settings))
 
 

@@ -1,6 +1,7 @@
 """AV-Align: the weight-free audio-video synchrony score of TempoTokens (Yariv et al., "Diverse and Aligned
 Audio-to-Video Generation via Text-to-Video Model Adaptation", AAAI 2024), used for A2V; it reads any pair of
-an audio track and a video, so it serves V2A too.
+an audio track and a video, so it serves V2A too. Below the pipeline in the layers, because generation ranks
+best-of-N candidates by it (rank.py) and `avlink eval` reports it (eval/scoring.py): one definition for both.
 
 Reproduces `av_align.py` of the public TempoTokens repository (guyyariv/TempoTokens), written anew:
 - audio peaks: librosa onsets of the wave at 22,050 Hz (`librosa.load`'s default rate, soxr resampling as in

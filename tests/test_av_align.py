@@ -1,35 +1,12 @@
 import numpy as np
 import pytest
 
-from avlink.eval import av_align
+from avlink import av_align
+
+from helpers import clicks, jumping_square
 
 FPS = 6.0
 SR = 22050
-
-
-def clicks(times: list[float], duration: float, sample_rate: int = SR) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    wave = np.zeros(int(duration * sample_rate))  # no noise floor: its start would be an onset of its own
-    n = int(0.08 * sample_rate)
-    burst = rng.normal(size=n) * np.exp(-np.arange(n) / (0.015 * sample_rate))
-    for t in times:
-        start = int(t * sample_rate)
-        stop = min(len(wave), start + n)
-        wave[start:stop] += 0.5 * burst[:stop - start]
-    return wave.astype(np.float32)
-
-
-def jumping_square(num_frames: int, jumps: list[int], size: int = 64) -> np.ndarray:
-    """A textured square that stands still and jumps 6 px at each frame in `jumps`: motion peaks there."""
-    rng = np.random.default_rng(1)
-    texture = rng.integers(60, 255, size=(16, 16, 3), dtype=np.uint8)
-    frames = np.full((num_frames, size, size, 3), 20, np.uint8)
-    x = 10
-    for k in range(num_frames):
-        if k in jumps:
-            x += 6
-        frames[k, 24:40, x:x + 16] = texture
-    return frames
 
 
 def test_iou_by_the_published_definition():
