@@ -19,7 +19,8 @@ codecs/ and one line in `CODECS` (ours) or `PRETRAINED_CODECS` (a published gene
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,13 +35,17 @@ from avlink.checkpoint import load_config, load_parts, read_fusion_tasks, stored
 from avlink.codecs.audio import AudioCodec
 from avlink.codecs.pixels import PixelCodec
 from avlink.codecs.vae import AudioVAE
-from avlink.config import ModelConfig, PretrainedConfig, Task
+from avlink.config import ModelConfig, PretrainedConfig, Task, UpsamplerConfig
 from avlink.errors import UserError
 from avlink.fusion.linked import TASKS, AVLink
 from avlink.seq import ClipGeometry, VideoGeometry
+from avlink.upsampler import Upsampler
 
 Modality = Literal["audio", "video"]
 VAE_FILE = "vae.safetensors"
+# The optional second video stage (upsampler.py): its architecture in the file's metadata, so a folder gains it by
+# the file alone; without it a folder generates at the base geometry.
+UPSAMPLER_FILE = "upsampler.safetensors"
 # The files of a checkpoint folder of our own generators (the shipped one); checkpoint_files says it for any config.
 FILES = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "fusion.safetensors", VAE_FILE)
 # codec kind -> class; audio codecs are built from (clip, vae, vocoder), video codecs from the video geometry
@@ -65,6 +70,49 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", tasks: tup
         audio = build_backbone("audio", cfg.audio, cfg.clip.audio)
         video = build_backbone("video", cfg.video, cfg.clip.video)
         return AVLink(cfg, audio, video, tasks=tasks)
+
+
+def build_upsampler(cfg: ModelConfig, device: torch.device | str = "cpu") -> Upsampler:
+    """The video upsampler of the config's `upsampler` section over its base frames (`clip.video`'s geometry in
+    pixels), at its initial weights."""
+    if cfg.upsampler is None:
+        raise UserError(f"config {cfg.name}: no upsampler section")
+    with torch.device(device):
+        return Upsampler(cfg.upsampler, cfg.clip.video)
+
+
+def upsampler_metadata(cfg: ModelConfig) -> dict[str, str]:
+    """What an upsampler's weights file carries to be built again: its config and its base frames' geometry."""
+    assert cfg.upsampler is not None
+    video = cfg.clip.video
+    return {"upsampler": json.dumps(asdict(cfg.upsampler)),
+            "base_video": json.dumps({"fps": video.fps, "height": video.height, "width": video.width})}
+
+
+def load_upsampler(path: str | Path, cfg: ModelConfig, device: torch.device | str = "cpu") -> Upsampler:
+    """A frozen upsampler from its weights file (`avlink train upsampler`'s export), checked against the base
+    frames of `cfg` (its clip geometry). Damage or a mismatch is refused in one line naming the file."""
+    from safetensors import safe_open
+
+    from avlink.weights import WeightsError, check_state, read_tensors
+
+    path = Path(path)
+    state = read_tensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        ucfg = UpsamplerConfig.from_dict(json.loads(meta["upsampler"]))
+        base = json.loads(meta["base_video"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise WeightsError(f"{path}: not an upsampler export (metadata: {type(err).__name__} {err})") from None
+    video = cfg.clip.video
+    if (base["fps"], base["height"], base["width"]) != (video.fps, video.height, video.width):
+        raise WeightsError(f"{path}: upsamples {base['width']}x{base['height']} at {base['fps']:g} fps, but the "
+                           f"model makes {video.width}x{video.height} at {video.fps:g} fps")
+    model = Upsampler(ucfg, video)
+    check_state(path, state, model)
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def load_link(folder: str | Path, device: torch.device | str = "cpu", strict: bool = True) -> AVLink:
@@ -113,6 +161,7 @@ class System:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     folder: Path | None = None  # the checkpoint folder it was loaded from
     text_encoders: dict[str, object] = field(default_factory=dict)  # by name, each loaded on its first prompt
+    upsampler: Upsampler | None = None  # the second video stage, where the folder holds one (UPSAMPLER_FILE)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -262,4 +311,6 @@ def load_system(folder: str | Path, device: torch.device | str = "cpu", vocoder:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here")
     model = load_link(folder, device)
-    return System(model, load_codecs(folder, model.cfg, vocoder, device), device, folder)
+    upsampler = load_upsampler(folder / UPSAMPLER_FILE, model.cfg, device) if (folder / UPSAMPLER_FILE).is_file() \
+        else None
+    return System(model, load_codecs(folder, model.cfg, vocoder, device), device, folder, upsampler=upsampler)
