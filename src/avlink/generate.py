@@ -72,6 +72,7 @@ AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".
                             ".wma"})
 LIST_SUFFIXES = frozenset({".txt", ".list"})
 CONTAINER_SUFFIXES = (".mp4", ".mov", ".mkv", ".m4v")  # what the media writers can write video into
+VIEW_SCALE = 8  # A2V frames are written at this many times the base frames' size unless --upscale says otherwise
 INPUT_SUFFIXES: dict[str, frozenset[str]] = {"v2a": VIDEO_SUFFIXES, "a2v": AUDIO_SUFFIXES}
 # Sample rates the AAC encoder takes; another rate is resampled to the model's.
 AAC_RATES = frozenset({7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000})
@@ -104,7 +105,9 @@ class Settings:
     cfg_scale: float
     method: str
     fusion: bool
-    upscale: int
+    upscale: int | None  # None: 8x the base frames' size
+    upsample: bool = True  # through the checkpoint's upsampler, where it has one
+    upsample_steps: int | None = None  # None: the upsampler's own default
 
 
 # --- inputs and output names --------------------------------------------------------------------------------
@@ -250,7 +253,13 @@ def make_a2v(pipe, job: Job, settings: Settings, progress: bool) -> None:
                                  cfg_scale=settings.cfg_scale, method=settings.method, fusion=settings.fusion,
                                  progress=progress)  # (n_frames, H, W, 3)
     assert frames.shape[0] == n_frames, f"the pipeline gave {frames.shape[0]} frames for {n_frames}"
-    media.write_video(job.video, frames, pipe.fps, audio=sound, sample_rate=rate, scale=settings.upscale)
+    fps, factor = pipe.fps, 1
+    if settings.upsample and pipe.upsampler is not None:
+        frames = pipe.upsample(frames, wave, steps=settings.upsample_steps, seed=settings.seed, method=settings.method,
+                               progress=progress)
+        fps, factor = pipe.upsampled_fps, pipe.upsampler.cfg.scale[1]
+    scale = settings.upscale if settings.upscale is not None else max(1, VIEW_SCALE // factor)
+    media.write_video(job.video, frames, fps, audio=sound, sample_rate=rate, scale=scale)
 
 
 MAKERS = {"v2a": make_v2a, "a2v": make_a2v}
@@ -393,8 +402,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--vocoder", default="hifigan",
                             help="hifigan (universal, shipped), griffinlim, or a HiFi-GAN checkpoint path")
     else:
-        parser.add_argument("--upscale", type=int, default=8,
-                            help="nearest-neighbour upscaling of the frames for viewing (default 8)")
+        parser.add_argument("--upscale", type=int, default=None,
+                            help=f"nearest-neighbour upscaling of the written frames for viewing (default: to "
+                                 f"{VIEW_SCALE}x the base frames' size)")
+        parser.add_argument("--no-upsample", dest="upsample", action="store_false",
+                            help="write the base model's frames even where the checkpoint has an upsampler")
+        parser.add_argument("--upsample-steps", type=int, metavar="N",
+                            help="Euler steps of the upsampler (default: its own, 16 for the presets)")
     parser.add_argument("--no-fusion", dest="fusion", action="store_false",
                         help="baseline: the frozen generator alone, ignoring the input")
     parser.add_argument("--overwrite", action="store_true",
@@ -405,12 +419,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     upscale = getattr(args, "upscale", 1)
-    if upscale < 1:
+    if upscale is not None and upscale < 1:
         raise UserError(f"--upscale must be at least 1, got {upscale}")
+    upsample_steps = getattr(args, "upsample_steps", None)
+    if upsample_steps is not None and upsample_steps < 1:
+        raise UserError(f"--upsample-steps must be at least 1, got {upsample_steps}")
     if not math.isfinite(args.cfg):
         raise UserError(f"--cfg must be a number, got {args.cfg}")
     return Settings(prompt=args.prompt or None, steps=args.steps, seed=args.seed, cfg_scale=args.cfg,
-                    method=args.method, fusion=args.fusion, upscale=upscale)
+                    method=args.method, fusion=args.fusion, upscale=upscale, upsample=getattr(args, "upsample", True),
+                    upsample_steps=upsample_steps)
 
 
 def run(args: argparse.Namespace) -> int:
