@@ -123,6 +123,10 @@ class UpsamplerConfig:
     # augmentation, in the flow's own noise).
     cond_t_min: float = 0.7
     cond_t: float = 0.9
+    # The flow's start: the (noised) base frames interpolated to the output geometry plus Gaussian noise of this
+    # spread, rather than noise alone, so the flow only has to draw the detail that interpolation lacks (a
+    # rectified flow between two distributions; 0 would make it deterministic).
+    start_noise: float = 0.5
     crop: tuple[int, int, int] = (8, 8, 8)  # training crop in base (frames, pixels, pixels): a convolutional net
     steps: int = 16  # Euler steps at sampling (default)
 

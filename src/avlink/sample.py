@@ -24,7 +24,7 @@ from avlink.flow.path import interpolate
 from avlink.flow.solvers import Velocity, solve
 from avlink.fusion.linked import AVLink
 from avlink.seq import matching_audio_tokens, matching_frames
-from avlink.upsampler import Upsampler
+from avlink.upsampler import Upsampler, flow_start
 
 
 def generated_shape(model: AVLink, task: Task, x_cond: Tensor) -> tuple[int, ...]:
@@ -149,9 +149,10 @@ def sample_upsampler(
 ) -> Tensor:
     """Base frames low (B, C, T, H, W) in [-1, 1] -> the upsampled clip (B, C, T * st, H * ss, W * ss), fp32.
     The base frames are noised to cond_t (default the config's, what training saw near its top) with the
-    conditioning stream's noise, and the clip is drawn from the "upsampled" stream's (`initial_noise`), so a clip's
-    result depends on (seed, clip) alone. envelope (B, 2, T * st): upsampler.audio_envelope of the sound (None:
-    silence). The network is convolutional: the whole clip, of any length, in one piece."""
+    conditioning stream's noise, and the flow starts from them interpolated plus the "upsampled" stream's noise
+    (`initial_noise`, upsampler.flow_start), so a clip's result depends on (seed, clip) alone. envelope
+    (B, 2, T * st): upsampler.audio_envelope of the sound (None: silence). The network is convolutional: the
+    whole clip, of any length, in one piece."""
     cfg = upsampler.cfg
     st, ss = cfg.scale
     b, c, t, h, w = low.shape
@@ -159,7 +160,8 @@ def sample_upsampler(
     level = torch.full((b,), cfg.cond_t if cond_t is None else cond_t, device=device)
     noise = initial_noise(tuple(low.shape), seed, device, clip=clip, stream="conditioning")
     cond = interpolate(noise, low.float(), level)
-    x0 = initial_noise((b, c, t * st, h * ss, w * ss), seed, device, clip=clip, stream="upsampled")
+    noise = initial_noise((b, c, t * st, h * ss, w * ss), seed, device, clip=clip, stream="upsampled")
+    x0 = flow_start(cond, cfg.scale, noise, cfg.start_noise)
 
     def velocity(x: Tensor, tt: Tensor) -> Tensor:
         return upsampler(x, tt, cond, level, envelope)

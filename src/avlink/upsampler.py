@@ -3,7 +3,10 @@
 
 Architecture (our choices; the paper's upsampler is a latent model finetuned from its video DiT, which the
 tiny preset, with no video autoencoder, cannot mirror):
-- Pixel space. The flow runs on the output clip's pixels in [-1, 1], t = 0 noise, t = 1 data (flow/path.py).
+- Pixel space. The flow runs on the output clip's pixels in [-1, 1], t = 1 data (flow/path.py), and starts at
+  t = 0 from the interpolated base frames plus noise (`flow_start`): with noise alone as the start, 300 steps
+  on 64 SyncBench clips (batch 16, lr 1e-3) left samples of noise (PSNR 8.9 dB against the true clip, linear
+  interpolation 24.8 dB, 16 test clips).
 - Space-time to depth: each (scale_t, scale_s, scale_s) block of output pixels is one position of the base
   grid with 3 * scale_t * scale_s**2 channels. The network then runs at the base model's resolution, where a
   3x3x3 convolution sees a base frame's neighbours in space and time, and costs no more per clip than a net on
@@ -106,6 +109,12 @@ def noised_condition(low: Tensor, cond_t: Tensor, generator: torch.Generator | N
     of UpsamplerConfig."""
     noise = torch.randn(low.shape, generator=generator, device=low.device, dtype=low.dtype)
     return interpolate(noise, low, cond_t)
+
+
+def flow_start(cond: Tensor, scale: tuple[int, int], noise: Tensor, spread: float) -> Tensor:
+    """x0 of the upsampler's flow: the (noised) base frames `cond` interpolated to the output geometry, plus
+    `noise` (of the output's shape) times `spread` (UpsamplerConfig.start_noise)."""
+    return upsample_linear(cond, scale) + spread * noise
 
 
 class ResBlock(nn.Module):

@@ -32,7 +32,7 @@ from avlink.flow.path import flow_matching_errors, logit_normal
 from avlink.fusion.linked import AVLink
 from avlink.system import frames_to_pixels, video_codec
 from avlink.train.loop import LossOutput
-from avlink.upsampler import Upsampler, noised_condition
+from avlink.upsampler import Upsampler, flow_start, noised_condition
 
 # Caption dropout for classifier-free guidance: the usual 10%.
 TEXT_DROPOUT = 0.1
@@ -221,8 +221,9 @@ class UpsamplerObjective:
         b = low.shape[0]
         cond_t = cfg.cond_t_min + (1 - cfg.cond_t_min) * torch.rand(b, device=self.device)
         low = noised_condition(low, cond_t)
+        x0 = flow_start(low, cfg.scale, torch.randn_like(high), cfg.start_noise)
         t = logit_normal(b, device=self.device)
-        per = flow_matching_errors(lambda x, tt: self.trainable(x, tt, low, cond_t, env), high, t)
+        per = flow_matching_errors(lambda x, tt: self.trainable(x, tt, low, cond_t, env), high, t, x0)
         return LossOutput(per.mean(), per, t)
 
 
