@@ -3,7 +3,8 @@
     avlink v2a VIDEO|FOLDER|LIST [-p PROMPT] [-o OUT] [--steps 64] [--seed N] [--cfg S] [--ckpt DIR]
                [--device cpu|cuda] [--precision fp32|bf16] [--method euler] [--vocoder hifigan] [--no-fusion]
                [--overwrite]
-    avlink a2v AUDIO|FOLDER|LIST [-p PROMPT] [-o OUT.mp4] [--upscale 8] [...the same options]
+    avlink a2v AUDIO|FOLDER|LIST [-p PROMPT] [-o OUT.mp4] [--upscale K] [--no-upsample] [--upsample-steps N]
+               [...the same options]
 
 Both commands load the checkpoint once (`Pipeline`, the one inference path) and run it on every input, with the
 same seed for every file, so a result does not depend on what else is in the batch.
@@ -16,9 +17,11 @@ left out. A video codec that the container cannot hold (a GIF into mp4) is re-en
 
 A2V reads the sound, downmixed to mono, and generates frames at the model's fps and size for all of it: the
 conditioning is padded with silence to the end of the frame in which the sound ends, so no sound is cut. The
-frames are upscaled by --upscale (nearest neighbour; a size is rounded up to even, which H.264 needs) and
-written as H.264 with the user's sound as mono AAC at the file's own sample rate (the model's rate where AAC
-has no such rate), padded with silence to the end of the last frame.
+frames go through the checkpoint's video upsampler where the folder holds one (system.UPSAMPLER_FILE; 4x the
+frame rate and size, conditioned on the sound; --no-upsample keeps the base frames), are upscaled by --upscale
+(nearest neighbour; default: to VIEW_SCALE times the base frames' size; a size is rounded up to even, which
+H.264 needs) and written as H.264 with the user's sound as mono AAC at the file's own sample rate (the model's
+rate where AAC has no such rate), padded with silence to the end of the last frame.
 
 Output names. One input file: V2A `-o OUT.wav` or `-o OUT.mp4` (or .mov, .mkv, .m4v) names one output and the
 other gets the same name with the other suffix; `-o FOLDER` (an existing one) puts `<stem>.v2a.wav` and
