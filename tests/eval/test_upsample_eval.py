@@ -62,3 +62,9 @@ def test_eval_upsample_scores_every_row(syncbench, tmp_path, capsys):
     # interpolation of the true base frames is closer to the truth than random weights' output
     assert rows["linear"]["psnr"] > rows["upsampler"]["psnr"]
     assert "| **upsampler** | 24 |" in (out / "metrics.md").read_text()
+    # base frames from the checkpoint's A2V of the clip's sound
+    assert main(["eval", "--task", "upsample", "--ckpt", str(ckpt), "--data", str(syncbench), "--out",
+                 str(tmp_path / "a2v"), "--source", "a2v", "--steps", "1", "--n", "1", "--upsample-steps", "1"]) == 0
+    result = json.loads((tmp_path / "a2v" / "metrics.json").read_text())
+    assert result["source"] == "a2v" and result["a2v_steps"] == 1 and result["clips"] == 1
+    assert result["rows"]["linear"]["psnr"] < rows["linear"]["psnr"]  # random A2V frames are far from the truth
