@@ -5,12 +5,15 @@ into the generators' tensors and back.
                                      by Fusion Blocks: every caller builds the model here
     load_system(folder, ...)         a checkpoint folder -> System (linked model, a codec per modality, text)
     load_link / load_codecs          the linked model alone, the codecs alone, of a folder
+    build_upsampler / load_upsampler the second video stage (upsampler.py): built from a config, or read from
+                                     its weights file, whose metadata holds its config
     System.encode(modality, media)   waves (audio) or uint8 frames (video) -> the flow's space
     System.decode(modality, x)       and back (encode_media / decode_media where only codecs are at hand)
     make_codecs(clip, vae, vocoder)  the codecs the clip geometry names (`clip.audio.codec`, `clip.video.codec`)
 
 A checkpoint folder holds config.json, the two generators, the Fusion Blocks (checkpoint.py reads and writes
-those) and the audio VAE (vae.safetensors); the vocoder is chosen at load time (codecs/vocoder.py). A published
+those), the audio VAE (vae.safetensors) and, optionally, the video upsampler (upsampler.safetensors: without it
+A2V gives the base frames); the vocoder is chosen at load time (codecs/vocoder.py). A published
 generator (`PretrainedConfig`) keeps its weights, its codec and its text encoder in its own diffusers folder, which
 the config names: the checkpoint folder then holds the Fusion Blocks and what is ours. A new codec is one class in
 codecs/ and one line in `CODECS` (ours) or `PRETRAINED_CODECS` (a published generator's).
