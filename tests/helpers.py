@@ -83,6 +83,25 @@ def add_fast_set(folder, seed: int = 0):
     return state
 
 
+def random_upsampler(folder, seed: int = 0, dim: int = 16, depth: int = 1):
+    """An upsampler.safetensors of random weights in a checkpoint folder, for the folder's base frames, as
+    `avlink train upsampler` exports one (its config in the metadata)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from avlink.checkpoint import load_config
+    from avlink.system import UPSAMPLER_FILE, build_upsampler, upsampler_metadata
+
+    folder = Path(folder)
+    cfg = load_config(folder / "config.json").override(**{"upsampler.dim": dim, "upsampler.depth": depth})
+    torch.manual_seed(seed)
+    model = build_upsampler(cfg)
+    randomize_backbone(model, seed)
+    save_file(model.state_dict(), str(folder / UPSAMPLER_FILE), metadata=upsampler_metadata(cfg))
+    return folder
+
+
 # --- comparing two training runs that differ only in summation order (one process against several) ------------
 #
 # AdamW moves a weight by lr * m / (sqrt(v) + eps). Where a gradient is about zero, that step changes by up to

@@ -103,6 +103,24 @@ def test_a2v_returns_an_upscaled_video_with_the_sound(generator, pipeline, tmp_p
     assert info.width * height == info.height * width, "upscaling changed the aspect ratio"
 
 
+def test_a2v_goes_through_the_checkpoints_upsampler(checkpoint, tmp_path):
+    import shutil
+
+    from helpers import random_upsampler
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    random_upsampler(folder)
+    pipe = Pipeline.load(folder, vocoder="griffinlim")
+    generator = avapp.Generator(pipe, avapp.Limits(max_seconds=3.0, max_megabytes=5.0), tmp_path)
+    upload = tmp_path / "drums.wav"
+    media.write_audio(upload, render_clip(2_000_101, 2.0).audio, 44100)
+    movie = generator.a2v(str(upload), "", 2, 1)
+    info = assert_playable(movie, 2.0)
+    assert info.fps == pytest.approx(4 * pipe.fps)
+    assert len(media.read_video(movie, fps=4 * pipe.fps).frames) == 4 * round(2.0 * pipe.fps)
+
+
 def refusal(call, *args) -> str:
     """The message of the gr.Error that `call(*args)` raises (what the page shows)."""
     with pytest.raises(gr.Error) as caught:

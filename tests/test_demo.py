@@ -103,3 +103,24 @@ def test_demo_without_checkpoints_says_how_to_make_them(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1, err
     assert "make checkpoints" in err and str(tmp_path / "missing") in err
     assert not out.exists(), "nothing is written without checkpoints"
+
+
+def test_demo_shows_the_upsampled_a2v_under_the_base_frames(tmp_path):
+    """A checkpoint with a video upsampler: the demo writes AV-Link's A2V through it too, and the contact sheet
+    gets a row more."""
+    from avlink.pipeline import Pipeline
+
+    from helpers import random_upsampler
+
+    ckpt = random_upsampler(random_checkpoint(tmp_path / "ckpt", **{"clip.duration": 16 / 6}))
+    pipe = Pipeline.load(ckpt, vocoder="griffinlim")
+    (clip,) = demo.render_clips(tmp_path / "clips", 1, 16 / 6, "tiny")
+    made = demo.generate(pipe, clip, steps=1, seed=0)
+    assert set(made.upsampled) == {"a2v"} and made.upsampled["a2v"].shape == (64, 64, 64, 3)
+    demo.write_outputs(tmp_path, pipe, clip, made)
+    info = media.probe(tmp_path / f"{clip.id}.a2v.upsampled.mp4")
+    assert (info.width, info.fps) == (16 * demo.UPSCALE, 24.0) and info.has_audio
+    sheet = demo.draw_sheet(tmp_path, pipe, clip, made)
+    height = struct.unpack(">II", sheet.read_bytes()[16:24])[1]
+    sheet = demo.draw_sheet(tmp_path, pipe, clip, demo.Generated(made.waves, made.videos))
+    assert height > struct.unpack(">II", sheet.read_bytes()[16:24])[1]  # one frame row more

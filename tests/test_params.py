@@ -25,3 +25,18 @@ def test_table_output(capsys):
     assert main(["params", "--preset", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "audio backbone" in out and "fusion a2v" in out and "total" in out
+
+
+def test_the_upsampler_is_listed_apart_from_the_linked_model(capsys):
+    import torch
+
+    from avlink.config import get_preset
+    from avlink.system import build_upsampler
+
+    parts = run_json(capsys, "paper")
+    up = parts["video upsampler (to 512x288 at 24 fps)"]
+    assert up["trainable"] == up["params"] > 100e6
+    assert parts["total"]["params"] < parts["audio backbone"]["params"] * 3  # not added into the linked total
+    tiny = run_json(capsys, "tiny")["video upsampler (to 64x64 at 24 fps)"]
+    with torch.device("cpu"):
+        assert tiny["params"] == sum(p.numel() for p in build_upsampler(get_preset("tiny")).parameters())

@@ -1,13 +1,13 @@
 """`avlink app`: a local web app (Gradio) for V2A and A2V on one loaded checkpoint.
 
 Two tabs. Video -> Audio: upload a video, get it back with generated sound (and the sound alone as a wav).
-Audio -> Video: upload a sound, get a generated video that moves with it (upscaled for viewing, with that
-sound). Both take an optional prompt, the number of sampling steps, a seed and a number of candidates (best-of-N:
-each window is sampled that many times and the one whose timing agrees best with the upload is kept, see
-pipeline.py); where the checkpoint holds a fast V2A set (fusion-fast.safetensors), the V2A tab offers it as a
-"fast" box, which also moves the steps to the fast default (pipeline.py, `avlink v2a --fast`). Example clips are
-SyncBench
-test-split clips (never trained on), rendered once into a cache folder when the app starts.
+Audio -> Video: upload a sound, get a generated video that moves with it (through the checkpoint's video
+upsampler where it has one, then upscaled for viewing, with that sound). Both take an optional prompt, the number
+of sampling steps, a seed and a number of candidates (best-of-N: each window is sampled that many times and the
+one whose timing agrees best with the upload is kept, see pipeline.py); where the checkpoint holds a fast V2A set
+(fusion-fast.safetensors), the V2A tab offers it as a "fast" box, which also moves the steps to the fast default
+(pipeline.py, `avlink v2a --fast`). Example clips are SyncBench test-split clips (never trained on), rendered once
+into a cache folder when the app starts.
 
 Offline by design: Gradio's analytics and version check are off, the Hugging Face hub is set offline, the
 theme uses the fonts Gradio ships (no web fonts), server-side rendering is off, and so is the run history
@@ -156,9 +156,13 @@ class Generator:
         wave = _user_media(lambda p: self.pipeline.read_audio(p, max_seconds=self.limits.max_seconds), audio)
         frames = self.pipeline.audio_to_video(wave, prompt=prompt.strip() or None, steps=steps, seed=seed,
                                               candidates=candidates)
+        fps = self.pipeline.fps
+        if self.pipeline.upsampler is not None:  # the checkpoint's second video stage
+            frames = self.pipeline.upsample(frames, wave, seed=seed)
+            fps = self.pipeline.upsampled_fps
         factor = max(1, math.ceil(VIEW_SIDE / min(frames.shape[1:3])))
         movie = self._folder() / f"{Path(audio).stem}.a2v.mp4"
-        _user_media(lambda p: media.write_video(movie, frames, self.pipeline.fps, wave, self.pipeline.sample_rate,
+        _user_media(lambda p: media.write_video(movie, frames, fps, wave, self.pipeline.sample_rate,
                                                 scale=factor), audio)
         return str(movie)
 
@@ -270,7 +274,10 @@ def build_app(pipeline: Pipeline, *, limits: Limits = Limits(), examples: Sequen
     height, width = pipeline.size
     about = (f"AV-Link on a {pipeline.clip_seconds:.2f} s window ({width}x{height} px at {pipeline.fps:g} "
              f"fps, {pipeline.sample_rate} Hz); longer inputs are generated window by window. "
-             f"Uploads: at most {limits.max_seconds:g} s and {limits.max_megabytes:g} MB; uploads and results "
+             + (f"Audio -> Video is upsampled to {pipeline.upsampler.output.width}x"
+                f"{pipeline.upsampler.output.height} px at {pipeline.upsampled_fps:g} fps. "
+                if pipeline.upsampler is not None else "")
+             + f"Uploads: at most {limits.max_seconds:g} s and {limits.max_megabytes:g} MB; uploads and results "
              f"are deleted when you leave the page, or after {limits.max_age_minutes:g} minutes.")
     age = max(1, round(limits.max_age_minutes * 60))
     with gr.Blocks(title="avlink", analytics_enabled=False, delete_cache=(min(age, 60), age)) as app:

@@ -13,9 +13,11 @@
    baseline). The conditioning is read back from the mp4, as a user's file would be.
 3. Writes, per clip: `<id>.v2a.mp4` and `<id>.v2a.no-fusion.mp4` (the clip's video stream copied, the
    generated sound muxed in), `<id>.a2v.mp4` and `<id>.a2v.no-fusion.mp4` (the generated frames upscaled
-   UPSCALE times for viewing, the clip's own sound), and `<id>.png`, a contact sheet (viz.py): the clip's
-   frames, its sound, both generated sounds and both generated videos on one time axis, with the true event
-   times and the events detected in each generated row marked.
+   UPSCALE times for viewing, the clip's own sound), where the checkpoint has a video upsampler also
+   `<id>.a2v.upsampled.mp4` (AV-Link's frames through it, at its rate, shown at the same size), and `<id>.png`,
+   a contact sheet (viz.py): the clip's frames, its sound, both generated sounds and both generated videos
+   (and the upsampled one under AV-Link's) on one time axis, with the true event times and the events detected
+   in each generated row marked.
 4. Scores the exact model outputs (OUT/eval/<system>/generated/: the 16-bit wav, the video at model size)
    with the evaluation (eval/scoring.py) against OUT/clips/: onset (V2A), events, AV-Align, and class accuracy
    where the checkpoint folder has the SyncBench classifiers (classifiers.safetensors). The evaluation's own
@@ -83,6 +85,8 @@ class Generated:
 
     waves: dict[str, np.ndarray] = field(default_factory=dict)  # "v2a", "v2a.no-fusion"
     videos: dict[str, np.ndarray] = field(default_factory=dict)  # "a2v", "a2v.no-fusion"
+    # "a2v" through the checkpoint's video upsampler, where it has one: (T * st, H * ss, W * ss, 3)
+    upsampled: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Timer:
@@ -157,6 +161,8 @@ def generate(pipe: Any, clip: DemoClip, steps: int, seed: int) -> Generated:
             out.waves[system] = pipe.video_to_audio(frames, fusion=fusion, **options)
         else:
             out.videos[system] = pipe.audio_to_video(wave, fusion=fusion, **options)
+            if fusion and pipe.upsampler is not None:
+                out.upsampled[system] = pipe.upsample(out.videos[system], wave, seed=seed)
     return out
 
 
@@ -171,6 +177,10 @@ def write_outputs(out: Path, pipe: Any, clip: DemoClip, made: Generated) -> None
         media.write_video(out / f"{clip.id}.{system}.mp4", frames, pipe.fps, clip.clip.audio,
                           clip.clip.sample_rate, scale=UPSCALE)
         media.write_video(generated_folder(out, system) / f"{clip.id}.mp4", frames, pipe.fps)
+    for system, frames in made.upsampled.items():
+        scale = max(1, UPSCALE * pipe.size[1] // frames.shape[2])  # the same size on screen as the base frames
+        media.write_video(out / f"{clip.id}.{system}.upsampled.mp4", frames, pipe.upsampled_fps, clip.clip.audio,
+                          clip.clip.sample_rate, scale=scale)
 
 
 def generated_folder(out: Path, system: str) -> Path:
@@ -202,6 +212,9 @@ def draw_sheet(out: Path, pipe: Any, clip: DemoClip, made: Generated) -> Path:
     for system, frames in made.videos.items():
         marks = video_event_times(frames, pipe.fps)  # the visual cue onsets that the events metric reads
         rows.append(viz.FrameRow(row_label(system), frames, pipe.fps, marks=marks))
+        if system in made.upsampled:
+            up, fps = made.upsampled[system], pipe.upsampled_fps
+            rows.append(viz.FrameRow(f"{row_label(system)} upsampled", up, fps, marks=video_event_times(up, fps)))
     path = out / f"{clip.id}.png"
     duration = len(clip.clip.audio) / clip.clip.sample_rate
     viz.contact_sheet(path, rows, events=clip.events, duration=duration, title=f"{clip.id}: {clip.caption}")

@@ -3,7 +3,8 @@
     avlink v2a VIDEO|FOLDER|LIST [-p PROMPT] [-o OUT] [--steps 64] [--seed N] [--cfg S] [--ckpt DIR]
                [--device cpu|cuda] [--precision fp32|bf16] [--method euler] [--vocoder hifigan] [--no-fusion]
                [--fast] [--candidates N] [--overwrite]
-    avlink a2v AUDIO|FOLDER|LIST [-p PROMPT] [-o OUT.mp4] [--upscale 8] [...the same options]
+    avlink a2v AUDIO|FOLDER|LIST [-p PROMPT] [-o OUT.mp4] [--upscale K] [--no-upsample] [--upsample-steps N]
+               [...the same options]
 
 Both commands load the checkpoint once (`Pipeline`, the one inference path) and run it on every input, with the
 same seed for every file, so a result does not depend on what else is in the batch.
@@ -16,9 +17,11 @@ left out. A video codec that the container cannot hold (a GIF into mp4) is re-en
 
 A2V reads the sound, downmixed to mono, and generates frames at the model's fps and size for all of it: the
 conditioning is padded with silence to the end of the frame in which the sound ends, so no sound is cut. The
-frames are upscaled by --upscale (nearest neighbour; a size is rounded up to even, which H.264 needs) and
-written as H.264 with the user's sound as mono AAC at the file's own sample rate (the model's rate where AAC
-has no such rate), padded with silence to the end of the last frame.
+frames go through the checkpoint's video upsampler where the folder holds one (system.UPSAMPLER_FILE; 4x the
+frame rate and size, conditioned on the sound; --no-upsample keeps the base frames), are upscaled by --upscale
+(nearest neighbour; default: to VIEW_SCALE times the base frames' size; a size is rounded up to even, which
+H.264 needs) and written as H.264 with the user's sound as mono AAC at the file's own sample rate (the model's
+rate where AAC has no such rate), padded with silence to the end of the last frame.
 
 Output names. One input file: V2A `-o OUT.wav` or `-o OUT.mp4` (or .mov, .mkv, .m4v) names one output and the
 other gets the same name with the other suffix; `-o FOLDER` (an existing one) puts `<stem>.v2a.wav` and
@@ -81,6 +84,7 @@ AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".
                             ".wma"})
 LIST_SUFFIXES = frozenset({".txt", ".list"})
 CONTAINER_SUFFIXES = (".mp4", ".mov", ".mkv", ".m4v")  # what the media writers can write video into
+VIEW_SCALE = 8  # A2V frames are written at this many times the base frames' size unless --upscale says otherwise
 INPUT_SUFFIXES: dict[str, frozenset[str]] = {"v2a": VIDEO_SUFFIXES, "a2v": AUDIO_SUFFIXES}
 # Sample rates the AAC encoder takes; another rate is resampled to the model's.
 AAC_RATES = frozenset({7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000})
@@ -114,9 +118,11 @@ class Settings:
     cfg_scale: float
     method: str
     fusion: bool
-    upscale: int
+    upscale: int | None  # None: 8x the base frames' size
     fast: bool = False  # V2A: the checkpoint's fast set (pipeline.py)
     candidates: int = 1  # best-of-N per window (pipeline.py)
+    upsample: bool = True  # through the checkpoint's upsampler, where it has one
+    upsample_steps: int | None = None  # None: the upsampler's own default
 
 
 # --- inputs and output names --------------------------------------------------------------------------------
@@ -273,7 +279,13 @@ def make_a2v(pipe, job: Job, settings: Settings, progress: bool) -> None:
                                  progress=progress, candidates=settings.candidates,
                                  ranking=ranking)  # (n_frames, H, W, 3)
     assert frames.shape[0] == n_frames, f"the pipeline gave {frames.shape[0]} frames for {n_frames}"
-    media.write_video(job.video, frames, pipe.fps, audio=sound, sample_rate=rate, scale=settings.upscale)
+    fps, factor = pipe.fps, 1
+    if settings.upsample and pipe.upsampler is not None:
+        frames = pipe.upsample(frames, wave, steps=settings.upsample_steps, seed=settings.seed, method=settings.method,
+                               progress=progress)
+        fps, factor = pipe.upsampled_fps, pipe.upsampler.cfg.scale[1]
+    scale = settings.upscale if settings.upscale is not None else max(1, VIEW_SCALE // factor)
+    media.write_video(job.video, frames, fps, audio=sound, sample_rate=rate, scale=scale)
     if job.scores is not None:
         write_ranking(job, "a2v", settings, ranking)
 
@@ -427,8 +439,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"the checkpoint's fast set (fusion-fast.safetensors: no reinjection, the video "
                                  f"stream once per window) at {FAST_STEPS} steps unless --steps is given")
     else:
-        parser.add_argument("--upscale", type=int, default=8,
-                            help="nearest-neighbour upscaling of the frames for viewing (default 8)")
+        parser.add_argument("--upscale", type=int, default=None,
+                            help=f"nearest-neighbour upscaling of the written frames for viewing (default: to "
+                                 f"{VIEW_SCALE}x the base frames' size)")
+        parser.add_argument("--no-upsample", dest="upsample", action="store_false",
+                            help="write the base model's frames even where the checkpoint has an upsampler")
+        parser.add_argument("--upsample-steps", type=int, metavar="N",
+                            help="Euler steps of the upsampler (default: its own, 16 for the presets)")
     parser.add_argument("--no-fusion", dest="fusion", action="store_false",
                         help="baseline: the frozen generator alone, ignoring the input")
     parser.add_argument("--candidates", type=int, default=1, metavar="N",
@@ -445,14 +462,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     upscale = getattr(args, "upscale", 1)
-    if upscale < 1:
+    if upscale is not None and upscale < 1:
         raise UserError(f"--upscale must be at least 1, got {upscale}")
+    upsample_steps = getattr(args, "upsample_steps", None)
+    if upsample_steps is not None and upsample_steps < 1:
+        raise UserError(f"--upsample-steps must be at least 1, got {upsample_steps}")
     if not math.isfinite(args.cfg):
         raise UserError(f"--cfg must be a number, got {args.cfg}")
     if args.candidates < 1:
         raise UserError(f"--candidates must be at least 1, got {args.candidates}")
     return Settings(prompt=args.prompt or None, steps=args.steps, seed=args.seed, cfg_scale=args.cfg,
-                    method=args.method, fusion=args.fusion, upscale=upscale, fast=fast, candidates=args.candidates)
+                    method=args.method, fusion=args.fusion, upscale=upscale, fast=fast, candidates=args.candidates,
+                    upsample=getattr(args, "upsample", True), upsample_steps=upsample_steps)
 
 
 def run(args: argparse.Namespace) -> int:

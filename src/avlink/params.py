@@ -8,7 +8,7 @@ import json
 from torch import nn
 
 from avlink.config import PRESETS, ModelConfig, get_preset
-from avlink.system import build_model
+from avlink.system import build_model, build_upsampler
 
 
 def count(module: nn.Module, trainable: bool | None = None) -> int:
@@ -16,7 +16,9 @@ def count(module: nn.Module, trainable: bool | None = None) -> int:
 
 
 def parameter_table(cfg: ModelConfig) -> dict[str, dict[str, int]]:
-    """{part: {"params", "trainable", "frozen"}} for the backbones, each fusion set, one fusion block, total."""
+    """{part: {"params", "trainable", "frozen"}} for the backbones, each fusion set, one fusion block, total (the
+    linked model), and the video upsampler where the preset has one (a model of its own, trained alone: not in
+    the total)."""
     model = build_model(cfg, "meta")
     parts: dict[str, nn.Module] = {"audio backbone": model.audio, "video backbone": model.video}
     for name, fset in model.fusion.items():
@@ -24,6 +26,10 @@ def parameter_table(cfg: ModelConfig) -> dict[str, dict[str, int]]:
     first = next(iter(model.fusion.values()))
     parts["one fusion block"] = first.blocks[0]
     parts["total"] = model
+    if cfg.upsampler is not None:
+        upsampler = build_upsampler(cfg, "meta")
+        out = upsampler.output
+        parts[f"video upsampler (to {out.width}x{out.height} at {out.fps:g} fps)"] = upsampler
     return {
         name: {"params": count(m), "trainable": count(m, True), "frozen": count(m, False)}
         for name, m in parts.items()
@@ -31,9 +37,9 @@ def parameter_table(cfg: ModelConfig) -> dict[str, dict[str, int]]:
 
 
 def format_table(name: str, table: dict[str, dict[str, int]]) -> str:
-    lines = [f"preset {name}", f"{'part':<32}{'params':>14}{'trainable':>14}{'frozen':>14}"]
+    lines = [f"preset {name}", f"{'part':<44}{'params':>14}{'trainable':>14}{'frozen':>14}"]
     for part, row in table.items():
-        lines.append(f"{part:<32}" + "".join(f"{row[k] / 1e6:>13.2f}M" for k in ("params", "trainable", "frozen")))
+        lines.append(f"{part:<44}" + "".join(f"{row[k] / 1e6:>13.2f}M" for k in ("params", "trainable", "frozen")))
     return "\n".join(lines)
 
 

@@ -54,9 +54,10 @@ from avlink.config import Task
 from avlink.errors import UserError
 from avlink.fusion.linked import AVLink
 from avlink.rank import Ranking, best, sync_scores
-from avlink.sample import Known, sample_backbone, sample_link
+from avlink.sample import Known, sample_backbone, sample_link, sample_upsampler
 from avlink.seq import ClipGeometry
-from avlink.system import FAST_FUSION, System, load_system, pixels_to_frames
+from avlink.system import FAST_FUSION, System, frames_to_pixels, load_system, pixels_to_frames
+from avlink.upsampler import Upsampler, audio_envelope
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
 DEFAULT_STEPS = 64
@@ -432,6 +433,35 @@ class Pipeline:
         if ranking is not None:
             ranking.append(Ranking(window, tuple(scores), kept))
         return kept
+
+    # -- the second video stage -----------------------------------------------------------------------------
+    @property
+    def upsampler(self) -> Upsampler | None:
+        """The checkpoint's video upsampler (system.UPSAMPLER_FILE), None where the folder has none."""
+        return self.system.upsampler
+
+    @property
+    def upsampled_fps(self) -> float:
+        assert self.upsampler is not None, f"{self.folder}: no upsampler"
+        return self.fps * self.upsampler.cfg.scale[0]
+
+    @torch.no_grad()
+    def upsample(self, frames: np.ndarray, wave: np.ndarray | None = None, *, steps: int | None = None,
+                 seed: int = 0, method: str = "euler", progress: bool = False) -> np.ndarray:
+        """Base frames (T, H, W, 3) uint8 at fps and size -> (T * st, H * ss, W * ss, 3) uint8 through the
+        checkpoint's upsampler (sample.sample_upsampler), conditioned on the sound's envelope at the output rate
+        (wave (N,) at sample_rate, from the first frame; None: silence)."""
+        up = self.upsampler
+        assert up is not None, f"{self.folder}: no upsampler"
+        low = frames_to_pixels(torch.as_tensor(frames)[None]).to(self.device)
+        out_frames = low.shape[2] * up.cfg.scale[0]
+        envelope = None
+        if wave is not None and up.cfg.audio:
+            wave_t = torch.as_tensor(np.asarray(wave, dtype=np.float32))[None]
+            envelope = audio_envelope(wave_t, self.sample_rate, self.upsampled_fps, out_frames).to(self.device)
+        with sampling_precision(self.precision, self.device):
+            x = sample_upsampler(up, low, envelope, steps=steps, method=method, seed=seed, progress=progress)
+        return pixels_to_frames(x.clamp(-1, 1)).cpu().numpy()[0]
 
     def window_wave(self, wave: np.ndarray, w: Window) -> np.ndarray:
         """The clip of wave that a window conditions on, encoded alone as training encodes each clip: the clip's

@@ -20,9 +20,11 @@ from avlink.backbones.dit import DiT
 from avlink.backbones.protocol import PreparedText, TextCond, prepare_text
 from avlink.config import Task
 from avlink.flow.guidance import classifier_free_guidance
+from avlink.flow.path import interpolate
 from avlink.flow.solvers import Velocity, solve
 from avlink.fusion.linked import AVLink
 from avlink.seq import matching_audio_tokens, matching_frames
+from avlink.upsampler import Upsampler, flow_start
 
 
 def generated_shape(model: AVLink, task: Task, x_cond: Tensor) -> tuple[int, ...]:
@@ -61,8 +63,9 @@ def constrain(velocity: Velocity, x0: Tensor, known: Known | None) -> Velocity:
     return constrained
 
 
-Stream = Literal["generated", "conditioning"]
-STREAMS: tuple[Stream, ...] = ("generated", "conditioning")
+# "upsampled": the upsampler's initial noise, a stream of its own so that it never repeats the base model's.
+Stream = Literal["generated", "conditioning", "upsampled"]
+STREAMS: tuple[Stream, ...] = ("generated", "conditioning", "upsampled")
 Rows = Literal["clips", "candidates"]  # what the rows of a batch are: clips, or candidates of one clip (best-of-N)
 
 
@@ -149,6 +152,33 @@ def sample_backbone(
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             return backbone(x, t, prepared)
     return solve(constrain(velocity, x0, known), x0, steps=steps, method=method, progress=progress)
+
+
+@torch.no_grad()
+def sample_upsampler(
+    upsampler: Upsampler, low: Tensor, envelope: Tensor | None = None, *, steps: int | None = None,
+    method: str = "euler", cond_t: float | None = None, seed: int = 0, clip: int = 0, progress: bool = False,
+) -> Tensor:
+    """Base frames low (B, C, T, H, W) in [-1, 1] -> the upsampled clip (B, C, T * st, H * ss, W * ss), fp32.
+    The base frames are noised to cond_t (default the config's, what training saw near its top) with the
+    conditioning stream's noise, and the flow starts from them interpolated plus the "upsampled" stream's noise
+    (`initial_noise`, upsampler.flow_start), so a clip's result depends on (seed, clip) alone. envelope
+    (B, 2, T * st): upsampler.audio_envelope of the sound (None: silence). The network is convolutional: the
+    whole clip, of any length, in one piece."""
+    cfg = upsampler.cfg
+    st, ss = cfg.scale
+    b, c, t, h, w = low.shape
+    device = low.device
+    level = torch.full((b,), cfg.cond_t if cond_t is None else cond_t, device=device)
+    noise = initial_noise(tuple(low.shape), seed, device, clip=clip, stream="conditioning")
+    cond = interpolate(noise, low.float(), level)
+    noise = initial_noise((b, c, t * st, h * ss, w * ss), seed, device, clip=clip, stream="upsampled")
+    x0 = flow_start(cond, cfg.scale, noise, cfg.start_noise)
+
+    def velocity(x: Tensor, tt: Tensor) -> Tensor:
+        return upsampler(x, tt, cond, level, envelope)
+
+    return solve(velocity, x0, steps=steps or cfg.steps, method=method, progress=progress).float()
 
 
 def sample_batches(

@@ -7,12 +7,15 @@ into the generators' tensors and back.
     load_link / load_codecs          the linked model alone, the codecs alone, of a folder
     load_fast_link(folder, model)    the folder's fast V2A set (fusion-fast.safetensors) linking the same
                                      generators as `model` (System.fast_link loads it on first use)
+    build_upsampler / load_upsampler the second video stage (upsampler.py): built from a config, or read from
+                                     its weights file, whose metadata holds its config
     System.encode(modality, media)   waves (audio) or uint8 frames (video) -> the flow's space
     System.decode(modality, x)       and back (encode_media / decode_media where only codecs are at hand)
     make_codecs(clip, vae, vocoder)  the codecs the clip geometry names (`clip.audio.codec`, `clip.video.codec`)
 
 A checkpoint folder holds config.json, the two generators, the Fusion Blocks (checkpoint.py reads and writes
-those) and the audio VAE (vae.safetensors); the vocoder is chosen at load time (codecs/vocoder.py). A published
+those), the audio VAE (vae.safetensors) and, optionally, the video upsampler (upsampler.safetensors: without it
+A2V gives the base frames); the vocoder is chosen at load time (codecs/vocoder.py). A published
 generator (`PretrainedConfig`) keeps its weights, its codec and its text encoder in its own diffusers folder, which
 the config names: the checkpoint folder then holds the Fusion Blocks and what is ours. A new codec is one class in
 codecs/ and one line in `CODECS` (ours) or `PRETRAINED_CODECS` (a published generator's).
@@ -21,7 +24,8 @@ codecs/ and one line in `CODECS` (ours) or `PRETRAINED_CODECS` (a published gene
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -45,15 +49,19 @@ from avlink.checkpoint import (
 from avlink.codecs.audio import AudioCodec
 from avlink.codecs.pixels import PixelCodec
 from avlink.codecs.vae import AudioVAE
-from avlink.config import ModelConfig, PretrainedConfig, Task
+from avlink.config import ModelConfig, PretrainedConfig, Task, UpsamplerConfig
 from avlink.errors import UserError
 from avlink.fusion.features import ConditioningFeatures
 from avlink.fusion.linked import TASKS, AVLink
 from avlink.seq import ClipGeometry, VideoGeometry
+from avlink.upsampler import Upsampler
 from avlink.weights import read_tensors
 
 Modality = Literal["audio", "video"]
 VAE_FILE = "vae.safetensors"
+# The optional second video stage (upsampler.py): its architecture in the file's metadata, so a folder gains it by
+# the file alone; without it a folder generates at the base geometry.
+UPSAMPLER_FILE = "upsampler.safetensors"
 # The files of a checkpoint folder of our own generators (the shipped one); checkpoint_files says it for any config.
 FILES = ("config.json", "audio_dit.safetensors", "video_dit.safetensors", "fusion.safetensors", VAE_FILE)
 # codec kind -> class; audio codecs are built from (clip, vae, vocoder), video codecs from the video geometry
@@ -80,6 +88,49 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", tasks: tup
         audio = build_backbone("audio", cfg.audio, cfg.clip.audio)
         video = build_backbone("video", cfg.video, cfg.clip.video)
         return AVLink(cfg, audio, video, tasks=tasks, features=features)
+
+
+def build_upsampler(cfg: ModelConfig, device: torch.device | str = "cpu") -> Upsampler:
+    """The video upsampler of the config's `upsampler` section over its base frames (`clip.video`'s geometry in
+    pixels), at its initial weights."""
+    if cfg.upsampler is None:
+        raise UserError(f"config {cfg.name}: no upsampler section")
+    with torch.device(device):
+        return Upsampler(cfg.upsampler, cfg.clip.video)
+
+
+def upsampler_metadata(cfg: ModelConfig) -> dict[str, str]:
+    """What an upsampler's weights file carries to be built again: its config and its base frames' geometry."""
+    assert cfg.upsampler is not None
+    video = cfg.clip.video
+    return {"upsampler": json.dumps(asdict(cfg.upsampler)),
+            "base_video": json.dumps({"fps": video.fps, "height": video.height, "width": video.width})}
+
+
+def load_upsampler(path: str | Path, cfg: ModelConfig, device: torch.device | str = "cpu") -> Upsampler:
+    """A frozen upsampler from its weights file (`avlink train upsampler`'s export), checked against the base
+    frames of `cfg` (its clip geometry). Damage or a mismatch is refused in one line naming the file."""
+    from safetensors import safe_open
+
+    from avlink.weights import WeightsError, check_state, read_tensors
+
+    path = Path(path)
+    state = read_tensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        ucfg = UpsamplerConfig.from_dict(json.loads(meta["upsampler"]))
+        base = json.loads(meta["base_video"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise WeightsError(f"{path}: not an upsampler export (metadata: {type(err).__name__} {err})") from None
+    video = cfg.clip.video
+    if (base["fps"], base["height"], base["width"]) != (video.fps, video.height, video.width):
+        raise WeightsError(f"{path}: upsamples {base['width']}x{base['height']} at {base['fps']:g} fps, but the "
+                           f"model makes {video.width}x{video.height} at {video.fps:g} fps")
+    model = Upsampler(ucfg, video)
+    check_state(path, state, model)
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def load_link(folder: str | Path, device: torch.device | str = "cpu", strict: bool = True) -> AVLink:
@@ -146,6 +197,7 @@ class System:
     folder: Path | None = None  # the checkpoint folder it was loaded from
     text_encoders: dict[str, object] = field(default_factory=dict)  # by name, each loaded on its first prompt
     fast: AVLink | None = None  # the fast V2A set on the same generators, loaded on first use (fast_link)
+    upsampler: Upsampler | None = None  # the second video stage, where the folder holds one (UPSAMPLER_FILE)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -307,4 +359,6 @@ def load_system(folder: str | Path, device: torch.device | str = "cpu", vocoder:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here")
     model = load_link(folder, device)
-    return System(model, load_codecs(folder, model.cfg, vocoder, device), device, folder)
+    upsampler = load_upsampler(folder / UPSAMPLER_FILE, model.cfg, device) if (folder / UPSAMPLER_FILE).is_file() \
+        else None
+    return System(model, load_codecs(folder, model.cfg, vocoder, device), device, folder, upsampler=upsampler)

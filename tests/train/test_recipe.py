@@ -113,11 +113,12 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path, monkeypatch):
         assert any(k.endswith("class_acc") for k in validation["metrics"]), (part, validation)
     assert "| AV-Link |" in (tmp_path / "out" / "scores.md").read_text()
     assert load_link(tmp_path / "out") is not None
-    for name in ("vae", "audio_dit", "video_dit", "fusion", "fusion-fast", "classifiers"):
+    for name in ("vae", "audio_dit", "video_dit", "fusion", "fusion-fast", "classifiers", "upsampler"):
         assert (tmp_path / "out" / f"{name}.safetensors").is_file()
     fast_card = json.loads((tmp_path / "out" / FAST_CARD).read_text())
     assert "model.fusion.injection=static" in fast_card["command"] and fast_card["task"] == "v2a"
     assert load_fast_link(tmp_path / "out", load_link(tmp_path / "out")).cfg.fusion.injection == "static"
+    assert names.index("train fusion a2v") < names.index("train upsampler") < names.index("score")
     assert card["v2a"]["train"]["lr"] == Budget().fusion_lr
     for name, lr in (("vae", Budget().vae_lr), ("video_dit", Budget().video_lr)):
         assert json.loads((tmp_path / "out" / f"{name}.card.json").read_text())["train"]["lr"] == lr
@@ -187,10 +188,12 @@ def test_overrides_reach_every_training_and_the_work_folder_keeps_its_settings(t
     with pytest.raises(Stop):
         run_recipe(tmp_path / "out", work, budget={"video_steps": 7}, model=sizes, progress=False)
     trained = {args.part: args for args in fake_steps["train"]}
-    assert set(trained) == {"classifiers", "vae", "audio", "video", "fusion"}
+    assert set(trained) == {"classifiers", "vae", "audio", "video", "fusion", "upsampler"}
     for part in ("audio", "video", "fusion"):
         assert all(item in trained[part].set for item in sizes), part
-    for part in ("classifiers", "vae"):
+    assert trained["upsampler"].data == f"syncbench:{work / 'syncbench'}:train"
+    assert trained["upsampler"].max_steps == Budget().upsampler_steps
+    for part in ("classifiers", "vae", "upsampler"):
         assert not any(a.startswith("model.") for a in trained[part].set), part
     assert trained["video"].max_steps == 7 and f"train.lr={Budget().video_lr}" in trained["video"].set
     assert trained["fusion"].video_dit == trained["video"].out / "export" / "video.safetensors"
@@ -285,3 +288,40 @@ def test_a_fusion_only_recipe_trains_the_fusion_blocks_on_a_checkpoints_parts(tm
     assert [spec for spec, _, _ in fake_steps["prepare"]] == [f"syncbench:{tmp_path / 'work' / 'syncbench'}:train"]
     assert fake_steps["prepare"][0][2]["vae"] == str(ckpt.resolve() / "vae.safetensors")
     assert collected["reused"] == ckpt.resolve()
+
+
+def test_an_upsampler_only_recipe_adds_the_upsampler_to_a_checkpoints_parts(tmp_path, fake_steps, monkeypatch):
+    """--upsampler-only CKPT: the train clips are synthesized, the upsampler alone trained, and CKPT's parts
+    written to --out beside it, with CKPT's recipe.json and the stage's steps and wall time."""
+    from helpers import random_checkpoint
+
+    ckpt = random_checkpoint(tmp_path / "ckpt")
+    (ckpt / "recipe.json").write_text(json.dumps({"preset": "tiny", "wall_s": 1.0}))
+    with pytest.raises(UserError, match="give another --out"):
+        recipe.run_upsampler_only(ckpt, ckpt, tmp_path / "work", progress=False)
+    with pytest.raises(UserError, match="clip geometry"):  # the helper's checkpoint has a 1 s clip
+        recipe.run_upsampler_only(ckpt, tmp_path / "out", tmp_path / "work", progress=False)
+    save_config(ckpt / "config.json", tiny_link().cfg.override(**{"clip.duration": 16 / 6}))
+
+    def fake_train(args):
+        fake_steps["train"].append(args)
+        export = args.out / "export"
+        export.mkdir(parents=True)
+        save_file({"w": torch.zeros(1)}, str(export / "upsampler.safetensors"))
+        (export / "upsampler.card.json").write_text(json.dumps({"part": "upsampler"}))
+        return export / "upsampler.safetensors"
+
+    monkeypatch.setattr(recipe, "train_part", fake_train)
+    assert cli.main(["recipe", "--upsampler-only", str(ckpt), "--out", str(tmp_path / "out"), "--work",
+                     str(tmp_path / "work"), "--budget", "upsampler_steps=5", "--no-progress"]) == 0
+    assert [args.part for args in fake_steps["train"]] == ["upsampler"]
+    assert fake_steps["train"][0].max_steps == 5 and fake_steps["train"][0].batch_size == Budget().upsampler_batch
+    assert [options["split"] for _, options in fake_steps["synth"]] == ["train"]
+    out = tmp_path / "out"
+    for name in ("config.json", "fusion.safetensors", "vae.safetensors", "upsampler.safetensors",
+                 "upsampler.card.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "recipe.json").read_text())
+    assert summary["wall_s"] == 1.0  # the checkpoint's own recipe, kept
+    assert [s["step"] for s in summary["upsampler_only"]["steps"]] == ["synth train", "train upsampler"]
+    assert summary["upsampler_only"]["budget"]["upsampler_steps"] == 5

@@ -3,11 +3,13 @@
     avlink eval --task v2a|a2v --generated DIR --reference DIR --out DIR [--metrics ...]
                 [--weights NAME=PATH ...] [--ckpt DIR]
     avlink eval --sweep t_cond|steps|evals|cfg --ckpt DIR --data SYNCBENCH_DIR --task v2a|a2v --out DIR [--values ...]
+    avlink eval --task upsample --ckpt DIR --data SYNCBENCH_DIR --out DIR [--n N] [--source true|a2v]
 
 The command reads its options into `EvalSettings`, scores with `evaluate` (scoring.py: how files pair, the
 ceiling and floor rows, the metric groups of --metrics) and writes the report to --out (metrics.json,
 metrics.md, per_clip.csv; report.py). Every video is read at --fps, every clip over the reference's length
-or --duration. --sweep generates with a checkpoint first and scores each setting (sweep.py).
+or --duration. --sweep generates with a checkpoint first and scores each setting (sweep.py). --task upsample
+scores the checkpoint's video upsampler against the true clip at its output rate and size (upsample.py).
 
 The seam metrics need the windows the outputs were generated in: the clip geometry of --ckpt's config, the
 model that made them, or without --ckpt that of the shipped checkpoint, which `avlink v2a` / `a2v` use by
@@ -27,7 +29,9 @@ from avlink.seq import ClipGeometry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=("v2a", "a2v"), help="which direction was generated")
+    parser.add_argument("--task", required=True, choices=("v2a", "a2v", "upsample"),
+                        help="which direction was generated; upsample: the checkpoint's video upsampler "
+                             "(with --ckpt and --data)")
     parser.add_argument("--generated", type=Path, help="folder of generated files (.wav/.flac/.mp4)")
     parser.add_argument("--reference", type=Path, help="folder of reference files, or a SyncBench folder")
     parser.add_argument("--out", type=Path, required=True, help="output folder (metrics.json, .md, CSV)")
@@ -59,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--prompts", choices=("none", "captions"), default="none",
                        help="none (default) or each clip's SyncBench caption, as the scorecard")
     sweep.add_argument("--batch", type=int, default=1, help="clips sampled together (default 1)")
+    up = parser.add_argument_group("the video upsampler (--task upsample; also --ckpt, --data, --n, --split, "
+                                   "--sample-seed, and --steps for --source a2v)")
+    up.add_argument("--upsample-steps", type=int, help="Euler steps of the upsampler (default: its own)")
+    up.add_argument("--source", choices=("true", "a2v"), default="true",
+                    help="base frames: the true clip at the model's fps and size (default), or the "
+                         "checkpoint's A2V of its sound")
 
 
 def window_geometry(ckpt: Path | None) -> ClipGeometry | None:
@@ -83,6 +93,12 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "upsample":
+        if args.sweep is not None:
+            raise UserError("--task upsample: no --sweep")
+        from avlink.eval.upsample import run_upsample_eval
+
+        return run_upsample_eval(args)
     if args.sweep is not None:
         from avlink.eval.sweep import run_sweep
 

@@ -8,9 +8,12 @@ videos (classifiers: the SyncBench audio and video classifiers of the evaluation
         --audio-dit runs/t2a/export/audio_dit.safetensors --video-dit runs/t2v/export/video_dit.safetensors \\
         --vae runs/vae/export/vae.safetensors
     avlink train classifiers --preset tiny --data syncbench:sb_train/ --out runs/classifiers
+    avlink train upsampler --preset tiny --data syncbench:sb/:train --out runs/upsampler
 
 --data takes a folder written by `avlink prepare`, or any data spec `avlink prepare` takes (syncbench:DIR,
-vggsound:CSV:DIR, folder:DIR), which is prepared into OUT/prepared first (resumable). A YAML file (--config) holds
+vggsound:CSV:DIR, folder:DIR), which is prepared into OUT/prepared first (resumable). The upsampler trains on
+pairs of base and output frames decoded from the clips themselves (data/pairs.py): --data is a data spec
+(decoded into OUT/pairs once) or such a pairs folder. A YAML file (--config) holds
 `train:` (TrainConfig fields), `model:` (dotted preset overrides) and `batch_size`; --set overrides either, e.g.
 --set train.lr=1e-4 model.fusion.injection=static. The same command runs under torchrun (DDP).
 At the end the EMA weights are exported to OUT/export/<part>.safetensors with config.json and a model card.
@@ -45,9 +48,9 @@ from avlink.seq import ClipGeometry
 from avlink.train.distributed import Dist, setup, teardown
 from avlink.train.loop import TrainConfig, fit
 
-PARTS = ("vae", "audio", "video", "fusion", "classifiers")
+PARTS = ("vae", "audio", "video", "fusion", "classifiers", "upsampler")
 EXPORT_NAMES = {"vae": "vae", "audio": "audio_dit", "video": "video_dit", "fusion": "fusion",
-                "classifiers": "classifiers"}
+                "classifiers": "classifiers", "upsampler": "upsampler"}
 VAE_DEFAULTS = {"hidden": 128, "depth": 2, "kl_weight": 1e-4}
 
 
@@ -153,6 +156,27 @@ def resolve_data(spec: str, out: Path, preset: str, vae: Path | None, ctx: Dist,
     return str(target)
 
 
+def resolve_pairs(spec: str, out: Path, cfg: ModelConfig, ctx: Dist) -> str:
+    """The upsampler's training pairs (data/pairs.py): a pairs folder as given, or decoded from a data spec into
+    out/pairs (rank 0 decodes)."""
+    from avlink.data.pairs import PAIRS, prepare_pairs
+
+    if cfg.upsampler is None:
+        raise UserError(f"preset {cfg.name} has no upsampler section (config.py UpsamplerConfig)")
+    if Path(spec).is_dir():
+        if not (Path(spec) / PAIRS).is_file():
+            raise UserError(f"{spec}: the upsampler trains on clips: give a data spec (syncbench:DIR[:SPLIT], "
+                            f"folder:DIR) or a folder of its pairs (with {PAIRS}), not prepared shards")
+        return spec
+    if ":" not in spec:
+        raise UserError(f"{spec}: neither a pairs folder nor a data spec (syncbench:DIR, folder:DIR, ...)")
+    if ctx.is_main:
+        prepare_pairs(spec, out / "pairs", cfg.clip, cfg.upsampler.output(cfg.clip.video))
+    if ctx.enabled:
+        torch.distributed.barrier()
+    return str(out / "pairs")
+
+
 def shard_batches(source: str, batch_size: int, seed: int, ctx: Dist, workers: int):
     from torch.utils.data import DataLoader
 
@@ -189,6 +213,11 @@ def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Names
 
     if part == "classifiers":  # the labels come from the prepared clips' metadata
         return classifier_objective(data or args.data, device, n_mels=cfg.clip.audio.n_mels)
+    if part == "upsampler":
+        from avlink.system import build_upsampler
+        from avlink.train.objectives import UpsamplerObjective
+
+        return UpsamplerObjective(build_upsampler(cfg, device), device)
     vae = None
     if args.vae is not None and part != "vae":
         from avlink.codecs.vae import load_vae
@@ -255,6 +284,10 @@ def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, An
         from avlink.eval.classifiers import weights_metadata
 
         meta.update(weights_metadata())
+    if part == "upsampler":
+        from avlink.system import upsampler_metadata
+
+        meta.update(upsampler_metadata(cfg))
     parts = objective.export_parts(weights) if part == "fusion" else {name: weights}
     for stem, tensors in parts.items():
         info = meta if stem == name else {"part": PARTS[stem], "finetuned_in": "fusion"}
@@ -269,6 +302,8 @@ def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, An
 def build_validation(args: argparse.Namespace, objective, cfg: ModelConfig, tc: TrainConfig, ctx: Dist):
     """The validate(step) of this run: on rank 0 when --val-data is given, else None. Every rank checks the
     flags, so a bad one stops them all alike."""
+    if args.val_data is not None and args.part == "upsampler":
+        raise UserError("--val-data: the upsampler is scored by `avlink eval --task upsample` on its export")
     if args.val_data is None:
         if args.val_every:
             raise UserError(f"--val-every {args.val_every}: needs --val-data (the clips to validate on)")
@@ -330,7 +365,10 @@ def train_part(args: argparse.Namespace) -> Path:
     ctx = setup(args.device)
     validator = None
     try:
-        data = resolve_data(args.data, args.out, args.preset, args.vae, ctx, cfg.clip)
+        if args.part == "upsampler":
+            data = resolve_pairs(args.data, args.out, cfg, ctx)
+        else:
+            data = resolve_data(args.data, args.out, args.preset, args.vae, ctx, cfg.clip)
         objective = build_objective(args.part, args.task, cfg, args, extra, ctx.device, data)
         if args.part == "fusion":
             cfg = objective.model.cfg
@@ -340,7 +378,12 @@ def train_part(args: argparse.Namespace) -> Path:
             elif args.part in ("audio", "video"):
                 objective.trainable.activation_checkpointing = True
         validator = build_validation(args, objective, cfg, tc, ctx)
-        batches = shard_batches(data, batch_size, tc.seed, ctx, args.workers)
+        if args.part == "upsampler":
+            from avlink.data.pairs import Pairs, pair_batches
+
+            batches = pair_batches(Pairs(data), batch_size, ctx.rank, ctx.world_size)
+        else:
+            batches = shard_batches(data, batch_size, tc.seed, ctx, args.workers)
         started = time.time()
         run_config = {"part": args.part, "task": args.task, "preset": args.preset, "model": cfg.to_dict(),
                       "batch_size": batch_size, "data": args.data, **extra}

@@ -31,8 +31,9 @@ from avlink.errors import UserError
 from avlink.eval.classifiers import ClassifierConfig, SyncBenchClassifiers, accuracy, shard_labels
 from avlink.flow.path import flow_matching_errors, logit_normal
 from avlink.fusion.linked import AVLink
-from avlink.system import video_codec
+from avlink.system import frames_to_pixels, video_codec
 from avlink.train.loop import LossOutput
+from avlink.upsampler import Upsampler, flow_start, noised_condition
 
 # Caption dropout for classifier-free guidance: the usual 10%.
 TEXT_DROPOUT = 0.1
@@ -211,6 +212,42 @@ class FusionObjective:
     def video_input(self, batch: dict[str, Any]) -> Tensor:
         codec = self.codecs.get("video") or video_codec(self.model.cfg.clip.video)
         return codec.encode(batch["video"].to(self.device))
+
+
+@dataclass
+class UpsamplerObjective:
+    """The video upsampler (upsampler.py) on pairs of base and output frames (data/pairs.py): the flow-matching
+    loss of the output clip given the base frames, noised to a time drawn in [cond_t_min, 1] (the conditioning
+    augmentation of UpsamplerConfig), and the audio envelope. Each clip is cut to a random crop of
+    `cfg.crop` base (frames, pixels, pixels) and what lies over it at the output rate and size: the network is
+    convolutional, so it samples whole clips after training on crops, and a step costs what the crop costs."""
+
+    trainable: Upsampler
+    device: torch.device = torch.device("cpu")
+
+    def crop(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.trainable.cfg
+        st, ss = cfg.scale
+        low, high = frames_to_pixels(batch["low"]), frames_to_pixels(batch["high"])
+        env = batch["envelope"].float()
+        _, _, t, h, w = low.shape
+        ct, ch, cw = min(cfg.crop[0], t), min(cfg.crop[1], h), min(cfg.crop[2], w)
+        t0, y0, x0 = (int(torch.randint(n - c + 1, ())) for n, c in ((t, ct), (h, ch), (w, cw)))
+        low = low[:, :, t0:t0 + ct, y0:y0 + ch, x0:x0 + cw]
+        high = high[:, :, t0 * st:(t0 + ct) * st, y0 * ss:(y0 + ch) * ss, x0 * ss:(x0 + cw) * ss]
+        env = env[..., t0 * st:(t0 + ct) * st]
+        return low.to(self.device), high.to(self.device), env.to(self.device)
+
+    def loss(self, batch: dict[str, Any]) -> LossOutput:
+        cfg = self.trainable.cfg
+        low, high, env = self.crop(batch)
+        b = low.shape[0]
+        cond_t = cfg.cond_t_min + (1 - cfg.cond_t_min) * torch.rand(b, device=self.device)
+        low = noised_condition(low, cond_t)
+        x0 = flow_start(low, cfg.scale, torch.randn_like(high), cfg.start_noise)
+        t = logit_normal(b, device=self.device)
+        per = flow_matching_errors(lambda x, tt: self.trainable(x, tt, low, cond_t, env), high, t, x0)
+        return LossOutput(per.mean(), per, t)
 
 
 def augment_mel(mel: Tensor) -> Tensor:

@@ -2,8 +2,9 @@
 SyncBench on one machine, in one command.
 
     synth train / val / test clips -> prepare shards -> SyncBench classifiers -> VAE -> shards with VAE latents
-    -> T2A, T2V generators -> V2A and A2V Fusion Blocks -> the fast V2A set -> OUT/ (safetensors, config.json,
-    one card per part) -> scores on the test split (train/scorecard.py) into the cards, OUT/scores.md
+    -> T2A, T2V generators -> V2A and A2V Fusion Blocks -> the fast V2A set -> video upsampler -> OUT/
+    (safetensors, config.json, one card per part) -> scores on the test split (train/scorecard.py) into the cards,
+    OUT/scores.md
 
 The fast V2A set (OUT/fusion-fast.safetensors, `avlink v2a --fast`) is V2A Fusion Blocks without reinjection
 (checkpoint.py FAST_OVERRIDES), trained as the V2A set is, on the same budget: the training of `avlink ablate`'s
@@ -19,6 +20,11 @@ resumable, so a killed recipe picks up where it stopped; OUT/recipe.json logs th
 more to spend than the 2-core CPU the default is fitted to. The work folder remembers its settings
 (WORK/recipe-settings.json) and refuses others: a T2V trained longer under fusion blocks finished on the old one
 would leave them silently stale.
+
+`--fusion-only CKPT` trains the Fusion Blocks alone on CKPT's other parts (and keeps its upsampler, if it has one,
+untrained); `--upsampler-only CKPT` trains the video upsampler alone (on the train split's clips, synthesized into
+WORK/syncbench if missing) and writes CKPT's parts with it to --out, the stage and its wall time added to the
+recipe.json kept from CKPT.
 """
 
 from __future__ import annotations
@@ -96,6 +102,11 @@ class Budget:
     score_steps: int = 64  # Euler steps of the final scoring on the test split
     vae_lr: float = 1e-3
     video_lr: float = 1e-3
+    # The video upsampler (upsampler.py) on crops of the train clips: 1500 steps of 16 took 1.24 s a step on one
+    # core of this 2-core CPU while other jobs shared it (load about 6), 31 min in all.
+    upsampler_steps: int = 1500
+    upsampler_batch: int = 16
+    upsampler_lr: float = 1e-3
 
     def scaled(self, scale: float) -> Budget:
         def s(n: int, least: int) -> int:
@@ -105,7 +116,9 @@ class Budget:
                        test_clips=s(self.test_clips, 2), vae_steps=s(self.vae_steps, 2),
                        audio_steps=s(self.audio_steps, 2), video_steps=s(self.video_steps, 2),
                        fusion_steps=s(self.fusion_steps, 2), classifier_steps=s(self.classifier_steps, 2),
-                       batch_size=min(self.batch_size, s(self.train_clips, 8)), score_steps=s(self.score_steps, 2))
+                       batch_size=min(self.batch_size, s(self.train_clips, 8)), score_steps=s(self.score_steps, 2),
+                       upsampler_steps=s(self.upsampler_steps, 2),
+                       upsampler_batch=min(self.upsampler_batch, s(self.train_clips, 8)))
 
 
 SETTINGS = "recipe-settings.json"  # in the work folder: what its runs were started with
@@ -259,6 +272,10 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
         train_step(f"train fusion {name}", "fusion", log, task=task, data=data, out=runs / name, vae=vae,
                    audio_dit=generators["audio"], video_dit=generators["video"], max_steps=b.fusion_steps,
                    set=[f"train.lr={b.fusion_lr}", *model, *extra], **validate, **common)
+    from avlink.config import get_preset
+
+    if reused is None and get_preset(preset).upsampler is not None:
+        upsampler_step(sb, runs, b, preset, progress, log)
     collect(out, runs, reused)
     # Imported here: the scorecard brings the evaluation harness (librosa and the rest), which `Budget`'s users
     # (`avlink ablate --train-only`) do not need.
@@ -290,6 +307,53 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
     return summary
 
 
+def upsampler_step(sb: Path, runs: Path, b: Budget, preset: str, progress: bool, log: list[dict]) -> Path:
+    """`avlink train upsampler` on the train split's clips; returns the exported weights."""
+    return train_step("train upsampler", "upsampler", log, data=f"syncbench:{sb}:train", out=runs / "upsampler",
+                      preset=preset, batch_size=b.upsampler_batch, max_steps=b.upsampler_steps,
+                      set=[f"train.lr={b.upsampler_lr}"], resume=True, no_progress=not progress)
+
+
+def run_upsampler_only(ckpt: Path, out: Path, work: Path, scale: float = 1.0, seed: int = 0, progress: bool = True,
+                       budget: dict[str, int | float] | None = None) -> dict:
+    """The video upsampler alone for the checkpoint folder `ckpt`: trained on the train split (its preset's clip
+    geometry), then `ckpt`'s parts and the upsampler written to `out`, with ckpt's recipe.json and this stage."""
+    from avlink.checkpoint import load_config
+    from avlink.config import PRESETS
+
+    ckpt = Path(ckpt)
+    if not (ckpt / "config.json").is_file():
+        raise UserError(f"--upsampler-only {ckpt}: not a checkpoint folder (no config.json)")
+    if ckpt.resolve() == Path(out).resolve():
+        raise UserError(f"--upsampler-only {ckpt}: give another --out (the checkpoint's parts are copied there)")
+    cfg = load_config(ckpt / "config.json")
+    if cfg.name not in PRESETS or PRESETS[cfg.name].upsampler is None:
+        raise UserError(f"--upsampler-only {ckpt}: its preset {cfg.name!r} has no upsampler section")
+    if PRESETS[cfg.name].clip != cfg.clip:
+        raise UserError(f"--upsampler-only {ckpt}: its clip geometry is not preset {cfg.name!r}'s")
+    b = replace(Budget(), **(budget or {})).scaled(scale)
+    log: list[dict] = []
+    started = time.perf_counter()
+    sb = work / "syncbench"
+    synth_step("synth train", sb, log, progress, n=b.train_clips, seed=seed, split="train", preset=cfg.name,
+               workers=2)
+    export = upsampler_step(sb, work / "runs", b, cfg.name, progress, log).parent
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(ckpt.iterdir()):
+        if path.is_file() and not path.name.startswith("upsampler."):
+            shutil.copyfile(path, out / path.name)
+    for suffix in (".safetensors", ".card.json"):
+        shutil.copyfile(export / f"upsampler{suffix}", out / f"upsampler{suffix}")
+    kept = json.loads((ckpt / "recipe.json").read_text()) if (ckpt / "recipe.json").is_file() else {}
+    stage = {"scale": scale, "seed": seed, "budget": {k: v for k, v in asdict(b).items()
+                                                      if k.startswith("upsampler") or k == "train_clips"},
+             "steps": log, "wall_s": round(time.perf_counter() - started, 1)}
+    summary = {**kept, "upsampler_only": stage}
+    text = json.dumps(summary, indent=2)
+    atomic_write(out / "recipe.json", lambda tmp: tmp.write_text(text))
+    return stage
+
+
 def check_reused(folder: Path, out: Path) -> Path:
     """The checkpoint folder whose VAE, classifiers and generators a fusion-only recipe keeps, checked."""
     parts = [f"{name}{suffix}" for name in ("vae", "audio_dit", "video_dit", "classifiers")
@@ -308,8 +372,10 @@ def collect(out: Path, runs: Path, reused: Path | None = None) -> None:
     fusion-only recipe."""
     out.mkdir(parents=True, exist_ok=True)
     for part, name in (("vae", "vae"), ("audio", "audio_dit"), ("video", "video_dit"),
-                       ("classifiers", "classifiers")):
+                       ("classifiers", "classifiers"), ("upsampler", "upsampler")):
         export = runs / part / "export" if reused is None else reused
+        if name == "upsampler" and not (export / f"{name}.safetensors").is_file():
+            continue  # a fusion-only recipe on a folder without one (or a preset without one)
         for suffix in (".safetensors", ".card.json"):
             shutil.copyfile(export / f"{name}{suffix}", out / f"{name}{suffix}")
     fusion, cards = {}, {}
@@ -341,10 +407,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fusion-only", type=Path, metavar="CKPT",
                         help="train only the Fusion Blocks, on the VAE, classifiers and generators of this "
                              "checkpoint folder (copied to --out), e.g. after changing the fusion training")
+    parser.add_argument("--upsampler-only", type=Path, metavar="CKPT",
+                        help="train only the video upsampler for this checkpoint folder and write the folder's "
+                             "parts with it to --out")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.upsampler_only is not None:
+        if args.fusion_only is not None or args.set:
+            raise UserError("--upsampler-only: trains the upsampler alone; --fusion-only and --set do not apply")
+        stage = run_upsampler_only(args.upsampler_only, args.out, args.work, args.scale, args.seed,
+                                   not args.no_progress, budget=budget_overrides(args.budget))
+        print(f"avlink recipe: upsampler trained in {stage['wall_s'] / 60:.1f} min; parts in {args.out}")
+        return 0
     summary = run_recipe(args.out, args.work, args.preset, args.scale, args.seed, not args.no_progress,
                          budget=budget_overrides(args.budget), model=args.set, fusion_only=args.fusion_only)
     print(f"avlink recipe: done in {summary['wall_s'] / 60:.1f} min; parts in {args.out}")

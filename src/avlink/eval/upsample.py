@@ -1,0 +1,179 @@
+"""`avlink eval --task upsample`: the checkpoint's video upsampler against the true clip at its output rate and
+size, beside plain interpolation.
+
+    avlink eval --task upsample --ckpt DIR --data SYNCBENCH_DIR --out DIR [--split test] [--n N]
+                [--upsample-steps S] [--sample-seed K] [--source true|a2v] [--steps 64]
+
+Per clip of the split, the base frames are the clip as the base model sees it (`--source true`: the file read at
+the model's fps and size, e.g. 16x16 px at 6 fps), or the checkpoint's A2V of the clip's sound (`--source a2v`,
+`--steps` Euler steps, no prompt). Each is raised to the output geometry (64x64 at 24 fps for tiny) three ways:
+the upsampler (with the sound's envelope), nearest neighbour (each base frame held, each pixel repeated) and
+linear interpolation (bilinear in space, linear between the base frames' times). Scored against the clip read
+at the output geometry:
+- PSNR (dB, peak 255, over the whole clip) and SSIM (Wang et al. 2004: Gaussian window 11, sigma 1.5,
+  K1 0.01, K2 0.03, on each RGB channel of each frame, valid positions only, averaged; in float64, where the
+  variances of bright flat regions keep their digits): means over clips. With --source a2v they measure how
+  far a generated clip lies from the true one, not the upsampler's fidelity.
+- Event F1 (eval/events.py): the visual cue's onsets against the true event times, within one frame (1/24 s at
+  24 fps; the base frames' row within 1/6 s at 6 fps), counts pooled over clips; AV-Align (eval/av_align.py)
+  with the clip's sound, within one frame of each row's rate. The true clip at the output rate is the ceiling.
+Writes OUT/metrics.json and OUT/metrics.md and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from avlink.errors import UserError
+from avlink.eval.av_align import av_align
+from avlink.eval.events import EventCounts, event_counts, pooled, video_event_times
+from avlink.files import atomic_write
+
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+ROWS = ("truth", "base", "nearest", "linear", "upsampler")
+
+
+def psnr(estimate: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR in dB of uint8 arrays of one shape (peak 255) over all their values; inf where they are equal."""
+    assert estimate.shape == reference.shape, f"{estimate.shape} against {reference.shape}"
+    mse = np.mean((estimate.astype(np.float64) - reference.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _gaussian(size: int, sigma: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(estimate: np.ndarray, reference: np.ndarray) -> float:
+    """Mean SSIM of uint8 frames (T, H, W, C) (module docstring); 1.0 where they are equal."""
+    assert estimate.shape == reference.shape, f"{estimate.shape} against {reference.shape}"
+    assert min(estimate.shape[1:3]) >= SSIM_WINDOW, f"frames {estimate.shape[1:3]} smaller than the SSIM window"
+    x = torch.from_numpy(estimate).double().permute(0, 3, 1, 2).flatten(0, 1)[:, None]  # (T * C, 1, H, W)
+    y = torch.from_numpy(reference).double().permute(0, 3, 1, 2).flatten(0, 1)[:, None]
+    g = _gaussian(SSIM_WINDOW, SSIM_SIGMA)
+    rows, cols = g.reshape(1, 1, -1, 1), g.reshape(1, 1, 1, -1)
+
+    def blur(z: torch.Tensor) -> torch.Tensor:  # the 2D Gaussian, separated
+        return F.conv2d(F.conv2d(z, rows), cols)
+
+    c1, c2 = (SSIM_K1 * 255) ** 2, (SSIM_K2 * 255) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def _nanmean(values: list[float]) -> float | None:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else None
+
+
+def evaluate_upsampler(ckpt: Path, data: Path, *, split: str = "test", n: int | None = None,
+                       steps: int | None = None, seed: int = 0, source: str = "true", a2v_steps: int = 64,
+                       device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """The scores of the module docstring, as {"rows": {row: {metric: value}}, "clips", ...}."""
+    from avlink.data import media
+    from avlink.data.datasets import fit_length, load_item, syncbench_dataset
+    from avlink.pipeline import Pipeline
+    from avlink.system import frames_to_pixels, pixels_to_frames
+    from avlink.upsampler import upsample_linear, upsample_nearest
+
+    pipe = Pipeline.load(ckpt, device=device, vocoder=None)
+    up = pipe.upsampler
+    if up is None:
+        raise UserError(f"{ckpt}: no upsampler.safetensors (train one: `avlink train upsampler`, or "
+                        f"`avlink recipe --upsampler-only {ckpt} --out DIR`)")
+    dataset = syncbench_dataset(data, None if split == "all" else split)
+    items = dataset.items[:n] if n is not None else dataset.items
+    if not items:
+        raise UserError(f"{data}: no clips of split {split}")
+    clip, output = pipe.clip, up.output
+    st, ss = up.cfg.scale
+    scores: dict[str, dict[str, list[float]]] = {row: {"psnr": [], "ssim": [], "av_align": []} for row in ROWS}
+    counts: dict[str, list[EventCounts]] = {row: [] for row in ROWS}
+    for item in tqdm(items, desc="upsample eval", unit="clip", disable=not progress):
+        base = load_item(item, clip)
+        wave = base.audio.numpy()
+        video = media.read_video(item.path, fps=output.fps, size=(output.width, output.height), start=item.start,
+                                 duration=clip.duration)
+        truth, _ = fit_length(torch.as_tensor(video.frames), torch.as_tensor(video.mask), clip.num_frames * st)
+        truth = truth.numpy()
+        low = base.frames.numpy()
+        if source == "a2v":
+            low = pipe.audio_to_video(wave, steps=a2v_steps, seed=seed)
+        pixels = frames_to_pixels(torch.as_tensor(low)[None])
+        made = {"truth": truth, "base": low,
+                "nearest": pixels_to_frames(upsample_nearest(pixels, (st, ss)))[0].numpy(),
+                "linear": pixels_to_frames(upsample_linear(pixels, (st, ss)).clamp(-1, 1))[0].numpy(),
+                "upsampler": pipe.upsample(low, wave, steps=steps, seed=seed)}
+        events = base.events.numpy() if base.events is not None else np.zeros(0)
+        for row, frames in made.items():
+            fps = clip.video.fps if row == "base" else output.fps
+            counts[row].append(event_counts(events, video_event_times(frames, fps), 1.0 / fps))
+            scores[row]["av_align"].append(av_align(wave, clip.audio.sample_rate, frames, fps))
+            if row not in ("truth", "base"):
+                scores[row]["psnr"].append(psnr(frames, truth))
+                scores[row]["ssim"].append(ssim(frames, truth))
+    rows = {}
+    for row in ROWS:
+        total = pooled(counts[row])
+        rows[row] = {"fps": clip.video.fps if row == "base" else output.fps,
+                     "psnr": _nanmean(scores[row]["psnr"]), "ssim": _nanmean(scores[row]["ssim"]),
+                     "event_f1": None if math.isnan(total.f1) else total.f1,
+                     "event_precision": None if math.isnan(total.precision) else total.precision,
+                     "event_recall": None if math.isnan(total.recall) else total.recall,
+                     "av_align": _nanmean(scores[row]["av_align"])}
+    return {"ckpt": str(ckpt), "data": str(data), "split": split, "clips": len(items), "source": source,
+            "steps": steps or up.cfg.steps, "seed": seed, "a2v_steps": a2v_steps if source == "a2v" else None,
+            "base": f"{clip.video.width}x{clip.video.height} at {clip.video.fps:g} fps",
+            "output": f"{output.width}x{output.height} at {output.fps:g} fps", "rows": rows}
+
+
+LABELS = {"truth": "true clip (ceiling)", "base": "base frames", "nearest": "nearest neighbour",
+          "linear": "linear interpolation", "upsampler": "**upsampler**"}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def num(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else ("inf" if math.isinf(value) else f"{value:.{digits}f}")
+
+    base = "the true clip" if result["source"] == "true" else f"A2V ({result['a2v_steps']} Euler steps)"
+    lines = [f"Upsampler: {result['clips']} clips of {result['data']} ({result['split']}), base frames "
+             f"{result['base']} from {base}, output {result['output']}, {result['steps']} Euler steps, seed "
+             f"{result['seed']}. Events within one frame of each row's rate.", "",
+             "| row | fps | PSNR (dB) | SSIM | event F1 | precision | recall | AV-Align |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row, r in result["rows"].items():
+        lines.append(f"| {LABELS[row]} | {r['fps']:g} | {num(r['psnr'], 2)} | {num(r['ssim'])} | "
+                     f"{num(r['event_f1'])} | {num(r['event_precision'])} | {num(r['event_recall'])} | "
+                     f"{num(r['av_align'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_upsample_eval(args: argparse.Namespace) -> int:
+    if args.ckpt is None or args.data is None:
+        raise UserError("--task upsample needs --ckpt (a folder with upsampler.safetensors) and --data "
+                        "(a SyncBench folder)")
+    for flag, value in (("--n", args.n), ("--upsample-steps", args.upsample_steps), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    result = evaluate_upsampler(args.ckpt, args.data, split=args.split, n=args.n, steps=args.upsample_steps,
+                                seed=args.sample_seed, source=args.source, a2v_steps=args.steps)
+    text = json.dumps(result, indent=2)
+    atomic_write(args.out / "metrics.json", lambda tmp: tmp.write_text(text))
+    table = markdown(result)
+    atomic_write(args.out / "metrics.md", lambda tmp: tmp.write_text(table))
+    print(table)
+    print(f"wrote {args.out / 'metrics.json'}, {args.out / 'metrics.md'}")
+    return 0

@@ -1,0 +1,84 @@
+"""The second video stage in use: `avlink a2v` and the pipeline with and without a checkpoint's upsampler."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from avlink.cli import main
+from avlink.data.media import probe, read_video, write_audio
+from avlink.pipeline import Pipeline
+from avlink.weights import WeightsError
+
+from helpers import random_checkpoint, random_upsampler
+
+FAST = ["--steps", "2", "--seed", "3", "--upsample-steps", "2", "--upscale", "1"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    base = random_checkpoint(tmp_path_factory.mktemp("base"))
+    up = tmp_path_factory.mktemp("up")
+    shutil.copytree(base, up, dirs_exist_ok=True)
+    random_upsampler(up)
+    return {"base": base, "up": up}
+
+
+def sound(path: Path, seconds: float = 1.0, rate: int = 22050) -> Path:
+    t = np.arange(round(seconds * rate)) / rate
+    write_audio(path, (0.3 * np.sin(2 * np.pi * 440 * t) * (t % 0.25 < 0.05)).astype(np.float32), rate)
+    return path
+
+
+def test_a2v_writes_upsampled_frames_by_default(folders, tmp_path):
+    source = sound(tmp_path / "beat.wav")
+    base = Pipeline.load(folders["base"], vocoder="griffinlim")
+    height, width = base.size
+    out = tmp_path / "up.mp4"
+    assert main(["a2v", str(source), "-o", str(out), "--ckpt", str(folders["up"]), *FAST]) == 0
+    info = probe(out)
+    assert (info.height, info.width) == (4 * height, 4 * width)
+    frames = read_video(out, fps=24.0).frames
+    assert len(frames) == 4 * 6  # 6 base frames (1 s at 6 fps), 4 output frames each
+    plain = tmp_path / "plain.mp4"
+    assert main(["a2v", str(source), "-o", str(plain), "--ckpt", str(folders["up"]), "--no-upsample", *FAST]) == 0
+    assert (probe(plain).height, probe(plain).width) == (height, width)
+    # a folder without the upsampler: the base frames, as before
+    same = tmp_path / "same.mp4"
+    assert main(["a2v", str(source), "-o", str(same), "--ckpt", str(folders["base"]), *FAST]) == 0
+    assert (probe(same).height, probe(same).width) == (height, width)
+    assert np.array_equal(read_video(same, fps=6.0).frames, read_video(plain, fps=6.0).frames)
+    # default view size: the base frames x 8, upsampled or not
+    assert main(["a2v", str(source), "-o", str(tmp_path / "view.mp4"), "--ckpt", str(folders["up"]), "--steps", "2",
+                 "--upsample-steps", "1"]) == 0
+    assert probe(tmp_path / "view.mp4").width == 8 * width
+
+
+def test_pipeline_upsample_is_reproducible_and_sees_the_sound(folders):
+    pipe = Pipeline.load(folders["up"], vocoder="griffinlim")
+    assert Pipeline.load(folders["base"], vocoder="griffinlim").upsampler is None
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (4, *pipe.size, 3), dtype=np.uint8)
+    wave = np.zeros(round(4 / pipe.fps * pipe.sample_rate), np.float32)
+    wave[len(wave) // 2:] = 0.5
+    a = pipe.upsample(frames, wave, steps=2, seed=1)
+    assert a.shape == (16, 4 * pipe.size[0], 4 * pipe.size[1], 3) and a.dtype == np.uint8
+    assert np.array_equal(a, pipe.upsample(frames, wave, steps=2, seed=1))
+    assert not np.array_equal(a, pipe.upsample(frames, None, steps=2, seed=1))  # the envelope is an input
+    assert not np.array_equal(a, pipe.upsample(frames, wave, steps=2, seed=2))
+
+
+def test_upsampler_of_another_geometry_is_refused(folders, tmp_path):
+    folder = tmp_path / "other"
+    shutil.copytree(folders["base"], folder)
+    from avlink.checkpoint import load_config, save_config
+
+    cfg = load_config(folder / "config.json")
+    save_config(folder / "config.json", cfg.override(**{"clip.video.height": 8, "clip.video.width": 8}))
+    random_upsampler(folder)  # made for 8x8 base frames
+    save_config(folder / "config.json", cfg)
+    with pytest.raises(WeightsError, match="upsamples 8x8"):
+        Pipeline.load(folder, vocoder="griffinlim")
