@@ -15,7 +15,7 @@ at the output geometry:
   variances of bright flat regions keep their digits): means over clips. With --source a2v they measure how
   far a generated clip lies from the true one, not the upsampler's fidelity.
 - Event F1 (eval/events.py): the visual cue's onsets against the true event times, within one frame (1/24 s at
-  24 fps; the base frames' row within 1/6 s at 6 fps), counts pooled over clips; AV-Align (eval/av_align.py)
+  24 fps; the base frames' row within 1/6 s at 6 fps), counts pooled over clips; AV-Align (av_align.py)
   with the clip's sound, within one frame of each row's rate. The true clip at the output rate is the ceiling.
 Writes OUT/metrics.json and OUT/metrics.md and prints the table.
 """
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from avlink.av_align import av_align
 from avlink.errors import UserError
-from avlink.eval.av_align import av_align
 from avlink.eval.events import EventCounts, event_counts, pooled, video_event_times
 from avlink.files import atomic_write
 
