@@ -414,7 +414,7 @@ def count_calls(monkeypatch, backbone, names=("embed", "run_blocks")):
 def test_fast_v2a_samples_the_static_set_in_fewer_steps_with_the_video_stream_once_per_window(fast_pipe, monkeypatch):
     from avlink.pipeline import FAST_STEPS
 
-    assert fast_pipe.has_fast and FAST_STEPS == 16
+    assert fast_pipe.has_fast and FAST_STEPS == 8
     frames = np.random.default_rng(3).integers(0, 255, (2 * fast_pipe.clip.num_frames, *fast_pipe.size, 3),
                                                dtype=np.uint8)
     windows = len(plan_windows(frames.shape[0], fast_pipe.clip.num_frames,

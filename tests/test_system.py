@@ -26,11 +26,20 @@ def test_the_config_names_each_streams_backbone_kind_and_codec():
 
 
 def test_a_config_written_before_kinds_existed_loads_as_dit(tmp_path):
-    """The shipped checkpoint's config.json names no kinds or codecs: it keeps loading unchanged."""
-    text = (DEFAULT_CHECKPOINT / "config.json").read_text()
-    assert '"kind"' not in text and '"codec"' not in text
-    cfg = load_config(DEFAULT_CHECKPOINT / "config.json")
-    assert cfg.audio.kind == "dit" and cfg.clip.video.codec == "pixels"
+    """A config.json that names no kinds or codecs (as checkpoints written before adapters existed) keeps loading,
+    as our DiTs with our codecs, to the same config as the one that names them."""
+    config = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())
+
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()
+                if k not in ("kind", "codec", "codec_stride", "codec_channels")}
+
+    old = strip(config)
+    assert '"kind"' not in json.dumps(old) and '"codec"' not in json.dumps(old)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = load_config(tmp_path / "config.json")
+    assert cfg.audio.kind == "dit" and cfg.video.kind == "dit" and cfg.clip.video.codec == "pixels"
+    assert cfg == load_config(DEFAULT_CHECKPOINT / "config.json")
 
 
 def test_an_unknown_backbone_kind_or_codec_is_refused_in_one_line(tmp_path):

@@ -56,8 +56,8 @@ generator alone with the same prompt, seed and length (the baseline: it ignores 
 --precision, fp32 (default) or bf16: the network evaluations under bf16 autocast, allowed on CUDA and on CPUs
 with bf16 matrix instructions and refused in one line elsewhere (see pipeline.py); --fast (V2A), the
 checkpoint's fast set (fusion-fast.safetensors: Fusion Blocks without reinjection, whose video stream runs once
-per window) at 16 steps unless --steps says otherwise, refused in one line before any input where the folder
-has no such set.
+per window) at 8 steps (pipeline.FAST_STEPS) unless --steps says otherwise, refused in one line before any input
+where the folder has no such set.
 """
 
 from __future__ import annotations
