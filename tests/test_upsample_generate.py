@@ -68,7 +68,9 @@ def test_pipeline_upsample_is_reproducible_and_sees_the_sound(folders):
     assert a.shape == (16, 4 * pipe.size[0], 4 * pipe.size[1], 3) and a.dtype == np.uint8
     assert np.array_equal(a, pipe.upsample(frames, wave, steps=2, seed=1))
     assert not np.array_equal(a, pipe.upsample(frames, None, steps=2, seed=1))  # the envelope is an input
-    assert not np.array_equal(a, pipe.upsample(frames, wave, steps=2, seed=2))
+    # the flow starts at the interpolated frames and the frames go in clean (UpsamplerConfig.start_noise 0,
+    # cond_t 1): the result is the base frames' alone, whatever the seed
+    assert np.array_equal(a, pipe.upsample(frames, wave, steps=2, seed=2))
 
 
 def test_upsampler_of_another_geometry_is_refused(folders, tmp_path):

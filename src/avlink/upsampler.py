@@ -4,9 +4,9 @@
 Architecture (our choices; the paper's upsampler is a latent model finetuned from its video DiT, which the
 tiny preset, with no video autoencoder, cannot mirror):
 - Pixel space. The flow runs on the output clip's pixels in [-1, 1], t = 1 data (flow/path.py), and starts at
-  t = 0 from the interpolated base frames plus noise (`flow_start`): with noise alone as the start, 300 steps
-  on 64 SyncBench clips (batch 16, lr 1e-3) left samples of noise (PSNR 8.9 dB against the true clip, linear
-  interpolation 24.8 dB, 16 test clips).
+  t = 0 from the interpolated base frames (`flow_start`; plus noise of spread `start_noise`, 0 by default, see
+  UpsamplerConfig): with noise alone as the start, 300 steps on 64 SyncBench clips (batch 16, lr 1e-3) left
+  samples of noise (PSNR 8.9 dB against the true clip, linear interpolation 24.8 dB, 16 test clips).
 - Space-time to depth: each (scale_t, scale_s, scale_s) block of output pixels is one position of the base
   grid with 3 * scale_t * scale_s**2 channels. The network then runs at the base model's resolution, where a
   3x3x3 convolution sees a base frame's neighbours in space and time, and costs no more per clip than a net on
