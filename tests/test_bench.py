@@ -14,8 +14,10 @@ from avlink.bench import Flops, dit_block, dit_embed, dit_text, link_flops, rand
 from avlink.cli import main
 from avlink.config import DiTConfig, get_preset
 from avlink.fusion.linked import fusion_points
+from avlink.params import count
 from avlink.sample import generated_shape
 from avlink.system import build_model
+from avlink.upsampler import Upsampler
 
 from helpers import tiny_config
 
@@ -137,7 +139,13 @@ def test_bench_runs_and_its_numbers_agree(tmp_path, capsys):
     peak = result["peak"]["fp32"]["flops_per_s"]
     assert peak > 0 and result["peak"]["bf16"]["flops_per_s"] > 0
     rows = {(r["task"], r["what"]): r for r in result["rows"]}
-    assert set(rows) == {(t, w) for t in ("v2a", "a2v") for w in SAMPLING_ROWS}
+    # tiny has a video upsampler: A2V gets its row, timed beside the base clip
+    assert set(rows) == {(t, w) for t in ("v2a", "a2v") for w in SAMPLING_ROWS} | {("a2v", "upsample")}
+    up = rows.pop(("a2v", "upsample"))
+    assert up["seconds"] > 0 and up["steps"] == get_preset("tiny").upsampler.steps and up["flops"] is None
+    assert up["ratio_to_base_clip"] == pytest.approx(up["seconds"] / rows["a2v", "clip"]["seconds"])
+    assert up["params"] == count(Upsampler(get_preset("tiny").upsampler, get_preset("tiny").clip.video))
+    assert "x the base A2V clip" in printed
     preset = result["presets"]["tiny"]
     counted = preset["flops"]
     for (task, what), r in rows.items():

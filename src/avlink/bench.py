@@ -19,6 +19,8 @@ evaluation per step):
   static), where the whole conditioning stream runs once per clip;
 - clip: a whole clip of `--steps` Euler steps through `sample.sample_link`, the path every command uses
   (batch 1), timed once after the step timings warmed everything up; it should take prepare + steps x step;
+- upsample (A2V, presets with an upsampler): the video upsampler on one clip of base frames at its own Euler
+  steps (`sample.sample_upsampler`), and its time as a ratio to the base A2V clip above;
 - train: one fusion training step as the training loop takes it: loss, backward, gradient clipping, AdamW
   update of the task's fusion set, at `--batch` clips; with `--max-batch-search` (CUDA) at batch 1, 2, 4, ...
   until the device runs out of memory, `--max-batch` or `--time-budget`.
@@ -124,9 +126,10 @@ from avlink.config import PRESETS, DiTConfig, FusionConfig, ModelConfig, Task, g
 from avlink.errors import UserError
 from avlink.fusion.linked import TASKS, AVLink, fusion_points
 from avlink.params import count
-from avlink.sample import generated_shape, initial_noise, sample_link
+from avlink.sample import generated_shape, initial_noise, sample_link, sample_upsampler
 from avlink.system import build_model
 from avlink.train.loop import autocast
+from avlink.upsampler import ENVELOPE_CHANNELS, Upsampler
 
 TIMESTEP_FEATURES = 256  # the sinusoid width of nn.layers.TimestepEmbedder
 
@@ -684,6 +687,30 @@ class Bench:
         if clip_t is not None:
             self.row(name, task, "clip", 1, clip_t, flops.clip(steps), steps=steps, expected_seconds=expected,
                      ratio_to_expected=clip_t.seconds / expected)
+            if task == "a2v" and model.cfg.upsampler is not None:
+                self.upsampling(name, model.cfg, clip_t)
+
+    def upsampling(self, name: str, cfg: ModelConfig, base: Timing) -> None:
+        """Row "upsample": the video upsampler (random weights) on one clip of base frames at its default Euler
+        steps, `sample.sample_upsampler` as `avlink a2v` runs it, beside the base A2V clip just timed (its
+        ratio_to_base_clip: what the second stage adds to sampling, the base model's decoding aside)."""
+        up = Upsampler(cfg.upsampler, cfg.clip.video)
+        randomize(up)
+        up = up.to(self.device).eval()
+        video, (st, _) = cfg.clip.video, cfg.upsampler.scale
+        gen = torch.Generator().manual_seed(0)
+        low = (torch.rand(1, video.channels, cfg.clip.num_frames, video.height, video.width, generator=gen) * 2 - 1)
+        env = torch.rand(1, ENVELOPE_CHANNELS, cfg.clip.num_frames * st, generator=gen) * 2 - 1
+        low, env = low.to(self.device), env.to(self.device)
+
+        def clip() -> Any:
+            with torch.no_grad(), self.autocast():
+                return sample_upsampler(up, low, env)
+
+        timing = self.guarded(name, "a2v", "upsample", 1, base.seconds, lambda: self.timed(clip, 1, 1))
+        if timing is not None:
+            self.row(name, "a2v", "upsample", 1, timing, None, steps=cfg.upsampler.steps,
+                     params=count(up), ratio_to_base_clip=timing.seconds / base.seconds)
 
     def static_sampling(self, name: str, model: AVLink, task: Task, flops: LinkFlops, plan: Plan) -> None:
         """prepare, step and the plain step with no reinjection, on the same weights."""
@@ -1062,6 +1089,9 @@ def _note(r: dict[str, Any]) -> str:
         return f"{r['clips_per_s']:.2f} clips/s"
     if "ratio_to_expected" in r:
         return f"{r['ratio_to_expected']:.2f} x (prepare + steps x step)"
+    if "ratio_to_base_clip" in r:
+        return (f"{r['params'] / 1e6:.2f}M params, {r['steps']} Euler steps: {r['ratio_to_base_clip']:.2f} x the "
+                f"base A2V clip")
     if "speedup_measured" in r:
         return (f"cache speed-up {r['speedup_measured']:.2f}x measured, {r['speedup_predicted']:.2f}x by FLOPs:"
                 f" {r['speedup_ratio']:.2f}")
