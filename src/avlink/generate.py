@@ -59,8 +59,8 @@ checkpoint's fast set (fusion-fast.safetensors: Fusion Blocks without reinjectio
 per window) at 8 steps (pipeline.FAST_STEPS) unless --steps says otherwise, refused in one line before any input
 where the folder has no such set.
 --continuation replace|guided (--guidance W for guided): how each window of a long input continues the one
-before (pipeline.py); a weight with replace, or a weight that is not a positive number, is refused in one line
-before any input.
+before (pipeline.py; default guided for A2V, replace for V2A); a weight with replace, or a weight that is not a
+positive number, is refused in one line before any input.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class Settings:
     candidates: int = 1  # best-of-N per window (pipeline.py)
     upsample: bool = True  # through the checkpoint's upsampler, where it has one
     upsample_steps: int | None = None  # None: the upsampler's own default
-    continuation: str = "replace"  # how a window continues the one before (pipeline.py)
+    continuation: str | None = None  # how a window continues the one before; None: the task's default (pipeline.py)
     guidance: float | None = None  # reconstruction-guidance weight of "guided"; None: pipeline.GUIDANCE_WEIGHT
 
 
@@ -458,10 +458,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=1, metavar="N",
                         help="best-of-N: sample N candidates per window, keep the one whose timing agrees best "
                              "with the input (AV-Align); their scores go to the mp4's name with .json (default 1)")
-    parser.add_argument("--continuation", choices=CONTINUATIONS, default=DEFAULT_CONTINUATION,
+    parser.add_argument("--continuation", choices=CONTINUATIONS, default=None,
                         help="how each window of a long input continues the one before: replace (pin the "
                              "overlap) or guided (also steer the rest of the window to agree with it, "
-                             f"reconstruction guidance; about 3x the sampling time) (default {DEFAULT_CONTINUATION})")
+                             "reconstruction guidance; about 2-3x the sampling time of every window after the first) "
+                             f"(default {DEFAULT_CONTINUATION[task]})")
     parser.add_argument("--guidance", type=float, default=None, metavar="W",
                         help=f"weight of --continuation guided (default {GUIDANCE_WEIGHT:g})")
     parser.add_argument("--overwrite", action="store_true",
@@ -486,7 +487,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UserError(f"--candidates must be at least 1, got {args.candidates}")
     from avlink.pipeline import continuation_weight
 
-    continuation_weight(args.continuation, args.guidance)  # a bad pair is refused before any input is read
+    continuation_weight(args.task, args.continuation, args.guidance)  # refused before any input is read
     return Settings(prompt=args.prompt or None, steps=args.steps, seed=args.seed, cfg_scale=args.cfg,
                     method=args.method, fusion=args.fusion, upscale=upscale, fast=fast, candidates=args.candidates,
                     upsample=getattr(args, "upsample", True), upsample_steps=upsample_steps,
