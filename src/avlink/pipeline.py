@@ -77,7 +77,7 @@ MIN_OVERLAP = 0.25  # of a window
 CONTINUATIONS = ("replace", "guided")
 # Measured on the shipped tiny checkpoint, 24 SyncBench test clips of 8 s (3 windows), 16 Euler steps (README
 # "Long inputs: continuation"): guided A2V at w = 3 cut the video's seam ratio from 3.41 to 1.29 and raised event
-# F1 from 0.720 to 0.746 (at 64 steps on 11 of the clips: 3.45 -> 1.28, F1 0.741 -> 0.814). Guided V2A lowered
+# F1 from 0.720 to 0.746 (at 64 steps: 3.23 -> 1.24, F1 0.718 -> 0.752). Guided V2A lowered
 # the audio's seam ratio (1.84 -> 1.76 at w = 3, 1.46 at 10, against the true clips' 1.17) at a cost in onset
 # accuracy (0.728 -> 0.712, 0.723) and, at w = 10, event F1 (0.638 -> 0.595), so V2A keeps replacement.
 DEFAULT_CONTINUATION: dict[Task, str] = {"v2a": "replace", "a2v": "guided"}
