@@ -83,6 +83,8 @@ CONTINUATIONS = ("replace", "guided")
 DEFAULT_CONTINUATION: dict[Task, str] = {"v2a": "replace", "a2v": "guided"}
 # w_r of reconstruction guidance (sample.constrain). Of 3, 10 and 30, w = 3 met the target (seam ratio <= 1.5)
 # with the best event F1; w = 10 smoothed seams further (0.93) at lower F1 (0.724), w = 30 broke timing (0.596).
+# The error is a sum over the overlap's elements (Ho et al.'s squared norm), so another preset's overlap size and
+# latent scale may want another weight: this one is measured on tiny alone.
 GUIDANCE_WEIGHT = 3.0
 PRECISIONS = ("fp32", "bf16")
 # cpuinfo's names (torch.cpu.get_capabilities) of native bf16 products: x86 AVX512-BF16 and AMX-BF16, Arm BF16.
