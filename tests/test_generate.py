@@ -445,3 +445,30 @@ def test_candidates_below_one_are_refused_in_one_line(ckpt, tmp_path: Path, caps
     assert err == ["avlink v2a: --candidates must be at least 1, got 0",
                    "avlink a2v: --candidates must be at least 1, got -2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["beat.wav", "in.mp4"]
+
+
+def test_continuation_flags_are_checked_in_one_line_before_any_input(ckpt, tmp_path: Path, capsys):
+    source = make_video(tmp_path / "in.mp4", frames=3)
+    assert v2a(ckpt, str(source), "--guidance", "2") == 2
+    assert a2v(ckpt, str(make_sound(tmp_path / "beat.wav", 0.5)), "--continuation", "guided", "--guidance", "0") == 2
+    assert v2a(ckpt, str(source), "--continuation", "guided", "--guidance", "nan") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["avlink v2a: --guidance applies to --continuation guided only (the default for A2V)",
+                   "avlink a2v: --guidance must be a positive number, got 0.0",
+                   "avlink v2a: --guidance must be a positive number, got nan"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beat.wav", "in.mp4"]
+    with pytest.raises(SystemExit):
+        v2a(ckpt, str(source), "--continuation", "blend")
+    assert "invalid choice: 'blend'" in capsys.readouterr().err
+
+
+def test_guided_continuation_reaches_the_pipeline(ckpt, geometry, tmp_path: Path):
+    """A sound of three windows: the guided video is the replaced one over the first window and not after it."""
+    source = make_sound(tmp_path / "beat.wav", 3 * geometry.clip_seconds)
+    for name, extra in (("r", ("--continuation", "replace")), ("g", ("--continuation", "guided", "--guidance", "50"))):
+        assert a2v(ckpt, str(source), "-o", str(tmp_path / f"{name}.mp4"), "--upscale", "1", *extra) == 0
+    replaced, guided = read_frames(tmp_path / "r.mp4"), read_frames(tmp_path / "g.mp4")
+    first = geometry.clip.num_frames
+    assert replaced.shape == guided.shape
+    assert np.abs(replaced[first:].astype(int) - guided[first:].astype(int)).mean() > 2 * np.abs(
+        replaced[:first].astype(int) - guided[:first].astype(int)).mean()

@@ -539,3 +539,30 @@ def test_a2v_keeps_the_best_candidate_of_each_window(pipe, monkeypatch):
     gaps = [np.abs(head - c[:n].astype(int)).max() for c in candidates]
     assert gaps[2] <= 1 < min(gaps[0], gaps[1]), f"the output is not the kept candidate: {gaps}"
 
+
+
+def test_guided_continuation_changes_only_what_follows_the_first_window(pipe):
+    """--continuation guided: the first window has nothing to continue and is the replaced one's; every later
+    window keeps its overlap pinned, so the frames up to the first window's end are the same, and the rest is
+    steered by the guidance. The defaults: guided at GUIDANCE_WEIGHT for A2V, replace for V2A. A bad pair of
+    settings is refused in one line."""
+    seconds = 2.5 * pipe.clip_seconds
+    wave = np.random.default_rng(4).standard_normal(round(seconds * pipe.sample_rate)).astype(np.float32) * 0.1
+    replaced = pipe.audio_to_video(wave, steps=2, continuation="replace")
+    guided = pipe.audio_to_video(wave, steps=2, continuation="guided", guidance=50.0)
+    first = pipe.clip.num_frames
+    assert np.array_equal(guided[:first], replaced[:first])
+    assert not np.array_equal(guided[first:], replaced[first:])
+    default = pipe.audio_to_video(wave, steps=2)
+    assert np.array_equal(default, pipe.audio_to_video(wave, steps=2, continuation="guided",
+                                                       guidance=pipeline_module.GUIDANCE_WEIGHT))
+    assert not np.array_equal(default, replaced)
+    video = np.random.default_rng(5).integers(0, 255, (2 * pipe.clip.num_frames, *pipe.size, 3), dtype=np.uint8)
+    assert np.array_equal(pipe.video_to_audio(video, steps=2), pipe.video_to_audio(video, steps=2,
+                                                                                   continuation="replace"))
+    one = wave[:round(pipe.clip_seconds * pipe.sample_rate)]
+    assert np.array_equal(pipe.audio_to_video(one, steps=2), pipe.audio_to_video(one, steps=2, continuation="replace"))
+    with pytest.raises(UserError, match="--guidance applies to --continuation guided only"):
+        pipe.audio_to_video(one, steps=2, continuation="replace", guidance=1.0)
+    with pytest.raises(UserError, match="--guidance must be a positive number, got -1"):
+        pipe.video_to_audio(np.zeros((4, *pipe.size, 3), np.uint8), steps=2, continuation="guided", guidance=-1.0)

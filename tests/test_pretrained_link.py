@@ -81,7 +81,7 @@ def test_a_missing_generator_folder_is_one_line_naming_what_to_download(ckpt, tm
         load_system(moved, vocoder=None)
 
 
-def test_v2a_and_a2v_run_end_to_end_through_the_cli(ckpt, tmp_path):
+def test_v2a_and_a2v_run_end_to_end_through_the_cli(ckpt, tmp_path, capsys):
     rng = np.random.default_rng(0)
     video = tmp_path / "in.mp4"
     write_video(video, rng.integers(0, 256, (20, 24, 20, 3), dtype=np.uint8), 10.0)  # 2 s at 10 fps: 4 windows
@@ -100,6 +100,14 @@ def test_v2a_and_a2v_run_end_to_end_through_the_cli(ckpt, tmp_path):
     assert abs(info.duration - 2.0) < 0.1 and info.fps == 16
     audio = read_audio(tmp_path / "out" / "a.mp4", 8000)
     assert audio.samples.shape[0] > 0
+    # A causal video codec has no overlap frames: the A2V default (guided) falls back to replace; asked for, guided
+    # is refused in one line.
+    out = tmp_path / "out" / "g.mp4"
+    capsys.readouterr()
+    assert main(["a2v", str(sound), "--ckpt", str(ckpt), "-o", str(out), "--continuation", "guided", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("avlink a2v: --continuation guided: this checkpoint's video codec")
+    assert not out.exists()
 
 
 def test_fusion_points_map_the_paper_blocks_onto_wan_and_stable_audio_depths():

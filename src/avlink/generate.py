@@ -2,7 +2,7 @@
 
     avlink v2a VIDEO|FOLDER|LIST [-p PROMPT] [-o OUT] [--steps 64] [--seed N] [--cfg S] [--ckpt DIR]
                [--device cpu|cuda] [--precision fp32|bf16] [--method euler] [--vocoder hifigan] [--no-fusion]
-               [--fast] [--candidates N] [--overwrite]
+               [--fast] [--candidates N] [--continuation replace|guided] [--guidance W] [--overwrite]
     avlink a2v AUDIO|FOLDER|LIST [-p PROMPT] [-o OUT.mp4] [--upscale K] [--no-upsample] [--upsample-steps N]
                [...the same options]
 
@@ -58,6 +58,9 @@ with bf16 matrix instructions and refused in one line elsewhere (see pipeline.py
 checkpoint's fast set (fusion-fast.safetensors: Fusion Blocks without reinjection, whose video stream runs once
 per window) at 8 steps (pipeline.FAST_STEPS) unless --steps says otherwise, refused in one line before any input
 where the folder has no such set.
+--continuation replace|guided (--guidance W for guided): how each window of a long input continues the one
+before (pipeline.py; default guided for A2V, replace for V2A); a weight with replace, or a weight that is not a
+positive number, is refused in one line before any input.
 """
 
 from __future__ import annotations
@@ -123,6 +126,8 @@ class Settings:
     candidates: int = 1  # best-of-N per window (pipeline.py)
     upsample: bool = True  # through the checkpoint's upsampler, where it has one
     upsample_steps: int | None = None  # None: the upsampler's own default
+    continuation: str | None = None  # how a window continues the one before; None: the task's default (pipeline.py)
+    guidance: float | None = None  # reconstruction-guidance weight of "guided"; None: pipeline.GUIDANCE_WEIGHT
 
 
 # --- inputs and output names --------------------------------------------------------------------------------
@@ -248,7 +253,8 @@ def make_v2a(pipe, job: Job, settings: Settings, progress: bool) -> None:
     pipe.video_file_to_audio(job.source, job.video, job.wave, prompt=settings.prompt, steps=settings.steps,
                              seed=settings.seed, cfg_scale=settings.cfg_scale, method=settings.method,
                              fusion=settings.fusion, fast=settings.fast, progress=progress,
-                             candidates=settings.candidates, ranking=ranking)
+                             candidates=settings.candidates, ranking=ranking,
+                             continuation=settings.continuation, guidance=settings.guidance)
     if job.scores is not None:
         write_ranking(job, "v2a", settings, ranking)
 
@@ -276,8 +282,9 @@ def make_a2v(pipe, job: Job, settings: Settings, progress: bool) -> None:
     ranking: list = []
     frames = pipe.audio_to_video(wave, prompt=settings.prompt, steps=settings.steps, seed=settings.seed,
                                  cfg_scale=settings.cfg_scale, method=settings.method, fusion=settings.fusion,
-                                 progress=progress, candidates=settings.candidates,
-                                 ranking=ranking)  # (n_frames, H, W, 3)
+                                 progress=progress, candidates=settings.candidates, ranking=ranking,
+                                 continuation=settings.continuation,
+                                 guidance=settings.guidance)  # (n_frames, H, W, 3)
     assert frames.shape[0] == n_frames, f"the pipeline gave {frames.shape[0]} frames for {n_frames}"
     fps, factor = pipe.fps, 1
     if settings.upsample and pipe.upsampler is not None:
@@ -419,7 +426,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--prompt", help="text prompt (optional; guided by --cfg)")
     parser.add_argument("-o", "--out", type=Path,
                         help="output file or folder (default: next to the input; see the naming rule)")
-    from avlink.pipeline import DEFAULT_STEPS, FAST_STEPS
+    from avlink.pipeline import CONTINUATIONS, DEFAULT_CONTINUATION, DEFAULT_STEPS, FAST_STEPS, GUIDANCE_WEIGHT
 
     fast = f"; {FAST_STEPS} with --fast" if task == "v2a" else ""
     parser.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULT_STEPS}{fast})")
@@ -451,6 +458,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=1, metavar="N",
                         help="best-of-N: sample N candidates per window, keep the one whose timing agrees best "
                              "with the input (AV-Align); their scores go to the mp4's name with .json (default 1)")
+    parser.add_argument("--continuation", choices=CONTINUATIONS, default=None,
+                        help="how each window of a long input continues the one before: replace (pin the "
+                             "overlap) or guided (also steer the rest of the window to agree with it, "
+                             "reconstruction guidance; about 2-3x the sampling time of every window after the first) "
+                             f"(default {DEFAULT_CONTINUATION[task]})")
+    parser.add_argument("--guidance", type=float, default=None, metavar="W",
+                        help=f"weight of --continuation guided (default {GUIDANCE_WEIGHT:g})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs that exist (default: a batch skips such inputs, one file is refused)")
 
@@ -471,9 +485,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UserError(f"--cfg must be a number, got {args.cfg}")
     if args.candidates < 1:
         raise UserError(f"--candidates must be at least 1, got {args.candidates}")
+    from avlink.pipeline import continuation_weight
+
+    continuation_weight(args.task, args.continuation, args.guidance)  # refused before any input is read
     return Settings(prompt=args.prompt or None, steps=args.steps, seed=args.seed, cfg_scale=args.cfg,
                     method=args.method, fusion=args.fusion, upscale=upscale, fast=fast, candidates=args.candidates,
-                    upsample=getattr(args, "upsample", True), upsample_steps=upsample_steps)
+                    upsample=getattr(args, "upsample", True), upsample_steps=upsample_steps,
+                    continuation=args.continuation, guidance=args.guidance)
 
 
 def run(args: argparse.Namespace) -> int:

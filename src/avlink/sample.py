@@ -45,22 +45,59 @@ class Known:
 
     values has the sample's shape; mask is True where values hold. On the straight path from the initial noise
     x0 to x1 such a part moves with velocity values - x0, so every solver step keeps it at
-    x0 + t * (values - x0), the noise level of the rest, and the model sees a consistent sample."""
+    x0 + t * (values - x0), the noise level of the rest, and the model sees a consistent sample (replacement).
+
+    guidance > 0 adds reconstruction guidance (Ho et al. 2022, "Video Diffusion Models", Sec. 3.1) for the rest:
+    replacement alone pins the overlap, but the model's estimate of the unknown part is not told that it must
+    agree with it, so a new window can drift to another scene right after the overlap. `constrain` then steers
+    the unknown part with the gradient of the known part's reconstruction error (see there); guidance = 0 is
+    replacement exactly."""
 
     values: Tensor
     mask: Tensor  # bool, broadcastable to values
+    guidance: float = 0.0  # w_r of Ho et al.; 0: replacement alone
 
 
 def constrain(velocity: Velocity, x0: Tensor, known: Known | None) -> Velocity:
+    """velocity with the known part held (Known). With known.guidance = w > 0, at every evaluation the clean
+    estimate x1_hat = x_t + (1 - t) v(x_t, t) (t = 1 is data, flow/path.py) is compared with the known values,
+    err = sum over the known positions of (x1_hat - values)^2, and the unknown positions get
+
+        v - w * t / (2 * (1 - t)) * d err / d x_t.
+
+    That is Ho et al.'s guided estimate x1_hat - (w * alpha_t / 2) * grad, with alpha_t = t the signal scale of
+    x_t on this path, written as the velocity that reaches it: v = (x1_hat - x_t) / (1 - t). The weight is 0 at
+    pure noise (t = 0, nothing to agree with yet); near t = 1 it grows as 1 / (1 - t), but there the gradient at
+    an unknown position comes only through (1 - t) * dv/dx_t, so the step stays bounded. The samplers run under
+    no_grad: the one gradient is taken here with grad enabled locally (one backward pass per evaluation, about
+    three times a plain step's cost)."""
     if known is None:
         return velocity
     fixed = (known.values - x0).to(x0.dtype)
     mask = known.mask.to(x0.device)
+    if known.guidance < 0:
+        raise ValueError(f"guidance weight must be >= 0, got {known.guidance}")
+    if known.guidance == 0:
+        def constrained(x: Tensor, t: Tensor) -> Tensor:
+            return torch.where(mask, fixed, velocity(x, t))
 
-    def constrained(x: Tensor, t: Tensor) -> Tensor:
-        return torch.where(mask, fixed, velocity(x, t))
+        return constrained
+    values, weight = known.values.to(x0.device), known.guidance
 
-    return constrained
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            v = velocity(x_in, t)
+            tt = t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            x1_hat = x_in + (1 - tt) * v
+            err = torch.where(mask, x1_hat.float() - values.float(), 0.0).square().sum()
+            (grad,) = torch.autograd.grad(err, x_in)
+        # (1 - t) floored: Heun's last evaluation sits at t = 1, where x1_hat = x_t and the gradient at an unknown
+        # position is 0; the floor keeps that 0 * inf from becoming nan.
+        scale = weight * tt / (2 * (1 - tt).clamp(min=1e-3))
+        return torch.where(mask, fixed, v.detach() - scale * grad.to(v.dtype))
+
+    return guided
 
 
 # "upsampled": the upsampler's initial noise, a stream of its own so that it never repeats the base model's.

@@ -296,3 +296,33 @@ def test_short_clips_plan_for_every_seed():
     for seed in range(2_000_000, 2_000_080):  # test-split seeds; 1.0 s clips once failed for sliders
         scene = sb.plan_scene(seed, 1.0)
         assert all(0 <= e < 1.0 for obj in scene.objects for e in obj.events)
+
+
+def test_a_longer_clip_keeps_the_event_rate_and_the_preset_clip_is_unchanged():
+    """base (the preset's clip duration) changes nothing at that duration; three times as long, hammers, lamps and
+    drums may draw more events than the preset clip's cap and spread them over the whole clip."""
+    for seed in range(2_000_000, 2_000_020):
+        assert sb.plan_scene(seed, TINY, base=TINY).meta() == sb.plan_scene(seed, TINY).meta()
+    capped = {"hammer": 4, "lamp": 3, "drum": 5}
+    over, late = 0, 0
+    for seed in range(2_000_000, 2_000_060):
+        for obj in sb.plan_scene(seed, 3 * TINY, base=TINY).objects:
+            if obj.cls in capped:
+                over += len(obj.events) > capped[obj.cls]
+                late += any(e > 2 * TINY for e in obj.events)
+    assert over >= 5 and late >= 20
+
+
+def test_synth_duration_is_recorded_and_checked(tmp_path, capsys):
+    out = tmp_path / "long"
+    assert cli.main(["synth", "--out", str(out), "--n", "1", "--split", "test", "--duration", "8"]) == 0
+    (row,) = sb.load_metadata(out)
+    assert row["duration"] == 8.0
+    video, _ = media.read_clip(out / row["file"], fps=6.0, size=(16, 16), sample_rate=None, audio=False)
+    assert video.frames.shape[0] == 48
+    capsys.readouterr()
+    assert cli.main(["synth", "--out", str(out), "--n", "1", "--split", "test"]) == 2
+    assert cli.main(["synth", "--out", str(tmp_path / "x"), "--n", "1", "--duration", "0.3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "has duration 8.0 s, not 2.66667 s" in err[0]
+    assert err[1] == "avlink synth: --duration 0.3: a clip needs more than 0.55 s"

@@ -30,8 +30,10 @@ back at 16x16 and 6 fps, the cues give every event time to within 0.1 s (see the
 dark colour with a gradient and a texture (stripes, checker, speckle or none); object colours are picked to
 contrast with the background and to stay darker than the near-white cues.
 
-Files. `avlink synth --out DIR --n N [--seed S --split train|val|test --preset tiny --workers K]` writes
-DIR/<split>/<id>.mp4 (256x144, 24 fps, H.264 + AAC, 44.1 kHz mono, the preset's clip duration) and one JSON
+Files. `avlink synth --out DIR --n N [--seed S --split train|val|test --preset tiny --duration S --workers K]`
+writes
+DIR/<split>/<id>.mp4 (256x144, 24 fps, H.264 + AAC, 44.1 kHz mono, the preset's clip duration or --duration
+SECONDS, which keeps the preset clip's event rate: plan_scene) and one JSON
 line per clip in DIR/metadata.jsonl:
 
     id, file (relative to DIR), split, preset, seed, duration, width, height, fps, sample_rate, caption,
@@ -228,6 +230,12 @@ def _event_count(rng: np.random.Generator, per_second: float, span: float, min_g
     return int(rng.integers(1, high + 1))
 
 
+def _most(most: int, stretch: float) -> int:
+    """The cap on one object's events in a clip `stretch` times as long as the clip the cap was set for (the
+    preset's; plan_scene): a longer clip may hold as many events per second, not the same number in all."""
+    return max(most, round(most * stretch))
+
+
 def _on_sample_grid(t: float, sample_rate: int = SAMPLE_RATE) -> float:
     """Event times sit on the audio sample grid, so the sound starts exactly at the stated time."""
     return round(t * sample_rate) / sample_rate
@@ -405,7 +413,8 @@ class EventClass:
 
     name: str = ""
 
-    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float]) -> SceneObject:
+    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float],
+             stretch: float = 1.0) -> SceneObject:
         raise NotImplementedError
 
     def draw(self, obj: SceneObject, canvas: np.ndarray, times: np.ndarray) -> None:
@@ -452,7 +461,8 @@ class Ball(EventClass):
 
     name = "ball"
 
-    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float]) -> SceneObject:
+    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float],
+             stretch: float = 1.0) -> SceneObject:
         u = cell.u
         size, k = _size(rng)
         colour, rgb = _pick_colour(rng, {**COLOURS, **BRIGHT_COLOURS}, bg)
@@ -514,7 +524,8 @@ class Hammer(EventClass):
 
     name = "hammer"
 
-    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float]) -> SceneObject:
+    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float],
+             stretch: float = 1.0) -> SceneObject:
         u = cell.u
         size, k = _size(rng)
         colour, rgb = _pick_colour(rng, COLOURS, bg)
@@ -523,7 +534,7 @@ class Hammer(EventClass):
         bx = cell.w * 0.6 + rng.uniform(-0.06, 0.06) * cell.w
         top = floor_y - bh
         span = duration - END_MARGIN - MIN_EVENT
-        count = _event_count(rng, 1.5, span, 0.3, 4)
+        count = _event_count(rng, 1.5, span, 0.3, _most(4, stretch))
         events = [_on_sample_grid(t) for t in irregular_times(rng, [0.3] * (count - 1), MIN_EVENT,
                                                                duration - END_MARGIN)]
         glow = [bx - bw / 2 + 2 * u, top + 2.5 * u, bx + bw / 2 - 2 * u, floor_y - 1.5 * u]
@@ -567,14 +578,15 @@ class Lamp(EventClass):
 
     name = "lamp"
 
-    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float]) -> SceneObject:
+    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float],
+             stretch: float = 1.0) -> SceneObject:
         u = cell.u
         size, k = _size(rng)
         colour, rgb = _pick_colour(rng, COLOURS, bg)
         lx, ly = cell.w / 2 + rng.uniform(-2, 2) * u, 36.0 * u
         r, floor_y = 11.0 * u * k, cell.h - 6.0 * u
         span = duration - END_MARGIN - MIN_EVENT
-        count = _event_count(rng, 1.2, span, 0.45, 3)
+        count = _event_count(rng, 1.2, span, 0.45, _most(3, stretch))
         lengths = rng.uniform(0.1, 0.45, size=count)
         gaps = [max(0.25, float(d) + 0.15) for d in lengths[:-1]]
         while sum(gaps) > span:  # long flashes that do not fit: shorten them all
@@ -625,7 +637,8 @@ class Drum(EventClass):
 
     name = "drum"
 
-    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float]) -> SceneObject:
+    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float],
+             stretch: float = 1.0) -> SceneObject:
         u = cell.u
         size, k = _size(rng)
         colour, rgb = _pick_colour(rng, COLOURS, bg)
@@ -634,7 +647,7 @@ class Drum(EventClass):
         dx = cell.w * 0.42 + rng.uniform(-0.05, 0.05) * cell.w
         top = floor_y - h
         span = duration - END_MARGIN - MIN_EVENT
-        count = _event_count(rng, 2.0, span, 0.25, 5)
+        count = _event_count(rng, 2.0, span, 0.25, _most(5, stretch))
         events = [_on_sample_grid(t) for t in irregular_times(rng, [0.25] * (count - 1), MIN_EVENT,
                                                                duration - END_MARGIN)]
         glow = [dx - w / 2 + 2 * u, top + 6.5 * u, dx + w / 2 - 2 * u, floor_y - 1.5 * u]
@@ -677,7 +690,8 @@ class Slider(EventClass):
 
     name = "slider"
 
-    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float]) -> SceneObject:
+    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float],
+             stretch: float = 1.0) -> SceneObject:
         u = min(cell.u, cell.w / 105.0)  # a square cell: a smaller box, so that it has room to travel
         size, k = _size(rng)
         colour, rgb = _pick_colour(rng, {**COLOURS, **BRIGHT_COLOURS}, bg)
@@ -761,7 +775,8 @@ class Rain(EventClass):
 
     name = "rain"
 
-    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float]) -> SceneObject:
+    def plan(self, rng: Rng, cell: Cell, duration: float, bg: Sequence[float],
+             stretch: float = 1.0) -> SceneObject:
         u = cell.u
         size, k = _size(rng)
         colour, rgb = _pick_colour(rng, CLOUD_COLOURS, bg)
@@ -894,24 +909,31 @@ class Scene:
         }
 
 
-def plan_scene(seed: int, duration: float, *, width: int = WIDTH, height: int = HEIGHT) -> Scene:
-    """Draw the scene of one seed from the random stream: background, cells, classes, attributes, events."""
+def plan_scene(seed: int, duration: float, *, width: int = WIDTH, height: int = HEIGHT,
+               base: float | None = None) -> Scene:
+    """Draw the scene of one seed from the random stream: background, cells, classes, attributes, events.
+
+    base: the clip length the event counts are set for (the preset's clip duration; None: duration). A clip
+    longer than base lets a hammer, lamp or drum draw up to duration / base times as many events (`_most`), spread
+    over the whole clip like a base clip's; at duration <= base every draw is what it always was. A ball still
+    comes to rest (its bounces fill the first seconds) and a box is pushed once or twice: they are physical."""
     assert duration > MIN_EVENT + END_MARGIN + 0.1, f"duration {duration} s is too short for a SyncBench clip"
     rng = np.random.default_rng(seed)
     background, bg_meta = _background(rng, width, height)
     objects: list[SceneObject] = []
     for cell, wide in _place_cells(rng, width, height):
         cls = _choose_class(rng, wide, [o.cls for o in objects])
-        objects.append(EVENT_CLASSES[cls].plan(rng, cell, duration, bg_meta["rgb"]))
+        stretch = 1.0 if base is None else max(1.0, duration / base)
+        objects.append(EVENT_CLASSES[cls].plan(rng, cell, duration, bg_meta["rgb"], stretch))
     return Scene(seed, duration, background, bg_meta, objects, rng)
 
 
 def render_clip(seed: int, duration: float, *, width: int = WIDTH, height: int = HEIGHT, fps: int = FPS,
-                sample_rate: int = SAMPLE_RATE, stems: bool = False) -> SyncClip:
+                sample_rate: int = SAMPLE_RATE, stems: bool = False, base: float | None = None) -> SyncClip:
     """Render the clip of one seed: frames (T, H, W, 3) uint8 with T = ceil(duration * fps), audio (n,)
     float32 with n = round(duration * sample_rate), and its ground truth (see the module docstring).
-    With stems=True the clip also carries each object's own sound track."""
-    scene = plan_scene(seed, duration, width=width, height=height)
+    With stems=True the clip also carries each object's own sound track. base: plan_scene's."""
+    scene = plan_scene(seed, duration, width=width, height=height, base=base)
     num_frames = math.ceil(duration * fps - 1e-6)
     num_samples = round(duration * sample_rate)
     times = np.arange(num_frames, dtype=np.float64) / fps  # every frame drawn at its exact time
@@ -993,13 +1015,14 @@ class _Job:
     seed: int
     duration: float
     preset: str
+    base: float  # the preset's clip duration (plan_scene)
 
 
 def _make_clip(job: _Job) -> dict[str, Any]:
     """Render one clip, write its mp4 atomically, return its metadata row (run in worker processes)."""
     from avlink.data import media
 
-    clip = render_clip(job.seed, job.duration)
+    clip = render_clip(job.seed, job.duration, base=job.base)
     cid = clip_id(job.split, job.seed)
     rel = f"{job.split}/{cid}.mp4"
     final = Path(job.root) / rel
@@ -1017,9 +1040,12 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 
 
 def synth(out_dir: Path | str, n: int, seed: int = 0, split: str = "train", preset: str = "tiny",
-          workers: int = 1, progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+          workers: int = 1, progress: Callable[[int], None] | None = None,
+          duration: float | None = None) -> list[dict[str, Any]]:
     """Make clips 0..n-1 of a split (seeds SPLIT_SEEDS[split] + seed + i) in out_dir; clips already listed
-    in out_dir/metadata.jsonl with their file present are kept. Returns the n metadata rows in clip order."""
+    in out_dir/metadata.jsonl with their file present are kept. Returns the n metadata rows in clip order.
+    duration: seconds per clip (None: the preset's clip duration); a longer clip keeps the preset clip's event
+    rate (plan_scene's base)."""
     from avlink.config import get_preset
 
     if n < 0 or seed < 0 or seed + n > SPLIT_SIZE:
@@ -1028,9 +1054,13 @@ def synth(out_dir: Path | str, n: int, seed: int = 0, split: str = "train", pres
     if workers < 1:
         raise UserError(f"--workers {workers}: need at least 1")
     try:
-        duration = get_preset(preset).clip.duration
+        base = get_preset(preset).clip.duration
     except KeyError as err:
         raise UserError(str(err.args[0])) from None
+    shortest = MIN_EVENT + END_MARGIN + 0.1
+    if duration is not None and not (math.isfinite(duration) and duration > shortest):
+        raise UserError(f"--duration {duration}: a clip needs more than {shortest:g} s")
+    duration = base if duration is None else float(duration)
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a folder")
@@ -1044,11 +1074,11 @@ def synth(out_dir: Path | str, n: int, seed: int = 0, split: str = "train", pres
         row = done.get(clip_id(split, s))
         if row is not None and abs(float(row.get("duration", -1)) - duration) > 1e-6:
             raise UserError(f"{index}: clip {row['id']} has duration {row.get('duration')} s, not "
-                            f"{duration:g} s (preset {preset}); write to another folder")
+                            f"{duration:g} s; write to another folder")
         if row is not None and (root / row["file"]).is_file():
             rows[row["id"]] = row
         else:
-            jobs.append(_Job(str(root), split, s, duration, preset))
+            jobs.append(_Job(str(root), split, s, duration, preset, base))
     for row in _run_jobs(jobs, workers):
         if row["id"] not in done:  # a listed clip whose file was lost is rewritten, not listed twice
             _append(index, row)
@@ -1075,6 +1105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", required=True, type=int, help="number of clips")
     parser.add_argument("--seed", type=int, default=0, help="first seed within the split (default 0)")
     parser.add_argument("--preset", default="tiny", help="preset whose clip duration to use (default tiny)")
+    parser.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                        help="seconds per clip (default: the preset's clip duration); a longer clip keeps the "
+                             "preset clip's event rate")
     parser.add_argument("--split", default="train", choices=list(SPLIT_SEEDS),
                         help="seed range (default train)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
@@ -1092,7 +1125,8 @@ def run(args: argparse.Namespace) -> int:
         bar.update(count)
 
     with tqdm(total=args.n, unit="clip", disable=None) as bar:
-        rows = synth(args.out, args.n, args.seed, args.split, args.preset, args.workers, progress=step)
+        rows = synth(args.out, args.n, args.seed, args.split, args.preset, args.workers, progress=step,
+                     duration=args.duration)
     elapsed = time.perf_counter() - start
     rate = f", {made / elapsed:.2f} clips/s" if made else ""
     print(f"{args.out}: {made} clips written, {len(rows) - made} already there ({elapsed:.1f} s{rate})")
