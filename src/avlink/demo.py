@@ -214,7 +214,8 @@ def draw_sheet(out: Path, pipe: Any, clip: DemoClip, made: Generated) -> Path:
         rows.append(viz.FrameRow(row_label(system), frames, pipe.fps, marks=marks))
         if system in made.upsampled:
             up, fps = made.upsampled[system], pipe.upsampled_fps
-            rows.append(viz.FrameRow(f"{row_label(system)} upsampled", up, fps, marks=video_event_times(up, fps)))
+            label = f"{SYSTEMS[system][0].upper()} upsampled"
+            rows.append(viz.FrameRow(label, up, fps, marks=video_event_times(up, fps)))
     path = out / f"{clip.id}.png"
     duration = len(clip.clip.audio) / clip.clip.sample_rate
     viz.contact_sheet(path, rows, events=clip.events, duration=duration, title=f"{clip.id}: {clip.caption}")
