@@ -73,6 +73,39 @@ def test_pipeline_upsample_is_reproducible_and_sees_the_sound(folders):
     assert np.array_equal(a, pipe.upsample(frames, wave, steps=2, seed=2))
 
 
+def test_long_clips_are_upsampled_in_chunks_with_context(folders, monkeypatch):
+    """A clip of several model windows goes through the upsampler one window of frames at a time, each with the
+    net's reach of context on either side (memory follows the chunk); a clip of one window is one pass."""
+    import avlink.pipeline as pipeline_module
+    from avlink.sample import sample_upsampler
+
+    pipe = Pipeline.load(folders["up"], vocoder="griffinlim")
+    chunk, margin = pipe.clip.num_frames, pipeline_module.upsample_margin(pipe.upsampler)
+    assert margin == 2 * pipe.upsampler.cfg.depth
+    seen: list[int] = []
+
+    def recording(up, low, *args, **kwargs):
+        seen.append(low.shape[2])
+        return sample_upsampler(up, low, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "sample_upsampler", recording)
+    rng = np.random.default_rng(0)
+    total = 3 * chunk + 2
+    frames = rng.integers(0, 256, (total, *pipe.size, 3), dtype=np.uint8)
+    wave = (0.3 * rng.standard_normal(round(total / pipe.fps * pipe.sample_rate))).astype(np.float32)
+    out = pipe.upsample(frames, wave, steps=2)
+    assert out.shape == (4 * total, 4 * pipe.size[0], 4 * pipe.size[1], 3)
+    assert len(seen) == 4 and max(seen) <= chunk + 2 * margin and seen[-1] == 2 + margin
+    # the first chunk saw exactly the frames that reach it: the same as upsampling those frames alone
+    head = frames[:chunk + margin]
+    alone = pipe.upsample(head, wave[:round(len(head) / pipe.fps * pipe.sample_rate)], steps=2)
+    assert np.array_equal(out[:4 * chunk], alone[:4 * chunk])
+    # one window: one pass of the whole clip
+    seen.clear()
+    pipe.upsample(frames[:chunk], wave, steps=2)
+    assert seen == [chunk]
+
+
 def test_upsampler_of_another_geometry_is_refused(folders, tmp_path):
     folder = tmp_path / "other"
     shutil.copytree(folders["base"], folder)

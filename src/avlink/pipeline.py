@@ -500,18 +500,36 @@ class Pipeline:
                  seed: int = 0, method: str = "euler", progress: bool = False) -> np.ndarray:
         """Base frames (T, H, W, 3) uint8 at fps and size -> (T * st, H * ss, W * ss, 3) uint8 through the
         checkpoint's upsampler (sample.sample_upsampler), conditioned on the sound's envelope at the output rate
-        (wave (N,) at sample_rate, from the first frame; None: silence)."""
+        (wave (N,) at sample_rate, from the first frame; None: silence).
+
+        In chunks of the model window's frames, each sampled with `upsample_margin` base frames of the clip on
+        either side as context that it then drops, so memory follows the chunk, not the clip (one pass over
+        10 min of tiny A2V peaked at 4.85 GiB). The margin is the network's reach in time, so a chunk sees all
+        the frames that one pass would let reach its output; what still differs from one pass is the
+        GroupNorm statistics, taken over the chunk and its margins rather than the whole clip: nearer training,
+        which normalises over crops of `UpsamplerConfig.crop` frames. A clip of one window is one chunk."""
         up = self.upsampler
         assert up is not None, f"{self.folder}: no upsampler"
-        low = frames_to_pixels(torch.as_tensor(frames)[None]).to(self.device)
-        out_frames = low.shape[2] * up.cfg.scale[0]
+        st, ss = up.cfg.scale
+        total, h, w = frames.shape[0], frames.shape[1], frames.shape[2]
         envelope = None
         if wave is not None and up.cfg.audio:
             wave_t = torch.as_tensor(np.asarray(wave, dtype=np.float32))[None]
-            envelope = audio_envelope(wave_t, self.sample_rate, self.upsampled_fps, out_frames).to(self.device)
-        with sampling_precision(self.precision, self.device):
-            x = sample_upsampler(up, low, envelope, steps=steps, method=method, seed=seed, progress=progress)
-        return pixels_to_frames(x.clamp(-1, 1)).cpu().numpy()[0]
+            envelope = audio_envelope(wave_t, self.sample_rate, self.upsampled_fps, total * st)
+        chunk, margin = self.clip.num_frames, upsample_margin(up)
+        starts = list(range(0, total, chunk))
+        out = np.empty((total * st, h * ss, w * ss, 3), np.uint8)
+        for i, start in enumerate(self._progress(starts, progress, "upsample")):
+            stop, lo = min(start + chunk, total), max(0, start - margin)
+            hi = min(total, stop + margin)
+            low = frames_to_pixels(torch.as_tensor(frames[lo:hi])[None]).to(self.device)
+            env = None if envelope is None else envelope[..., lo * st:hi * st].to(self.device)
+            with sampling_precision(self.precision, self.device):
+                x = sample_upsampler(up, low, env, steps=steps, method=method, seed=seed, window=i,
+                                     progress=progress and len(starts) == 1)
+            kept = x[:, :, (start - lo) * st:(stop - lo) * st].clamp(-1, 1)
+            out[start * st:stop * st] = pixels_to_frames(kept).cpu().numpy()[0]
+        return out
 
     def window_wave(self, wave: np.ndarray, w: Window) -> np.ndarray:
         """The clip of wave that a window conditions on, encoded alone as training encodes each clip: the clip's
@@ -528,6 +546,12 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         return tqdm(windows, desc=desc, unit="window")
+
+
+def upsample_margin(up: Upsampler) -> int:
+    """Base frames on either side of an upsampling chunk that can reach its output: each residual block's two
+    3x3x3 convolutions reach one frame each (the in and out projections are 1x1x1)."""
+    return 2 * up.cfg.depth
 
 
 def fit_length(wave: np.ndarray, length: int) -> np.ndarray:

@@ -194,12 +194,13 @@ def sample_backbone(
 @torch.no_grad()
 def sample_upsampler(
     upsampler: Upsampler, low: Tensor, envelope: Tensor | None = None, *, steps: int | None = None,
-    method: str = "euler", cond_t: float | None = None, seed: int = 0, clip: int = 0, progress: bool = False,
+    method: str = "euler", cond_t: float | None = None, seed: int = 0, clip: int = 0, window: int = 0,
+    progress: bool = False,
 ) -> Tensor:
     """Base frames low (B, C, T, H, W) in [-1, 1] -> the upsampled clip (B, C, T * st, H * ss, W * ss), fp32.
     The base frames are noised to cond_t (default the config's, what training saw near its top) with the
     conditioning stream's noise, and the flow starts from them interpolated plus the "upsampled" stream's noise
-    (`initial_noise`, upsampler.flow_start), so a clip's result depends on (seed, clip) alone. envelope
+    (`initial_noise`, upsampler.flow_start), so a clip's result depends on (seed, clip, window) alone. envelope
     (B, 2, T * st): upsampler.audio_envelope of the sound (None: silence). The network is convolutional: the
     whole clip, of any length, in one piece."""
     cfg = upsampler.cfg
@@ -207,9 +208,9 @@ def sample_upsampler(
     b, c, t, h, w = low.shape
     device = low.device
     level = torch.full((b,), cfg.cond_t if cond_t is None else cond_t, device=device)
-    noise = initial_noise(tuple(low.shape), seed, device, clip=clip, stream="conditioning")
+    noise = initial_noise(tuple(low.shape), seed, device, clip=clip, window=window, stream="conditioning")
     cond = interpolate(noise, low.float(), level)
-    noise = initial_noise((b, c, t * st, h * ss, w * ss), seed, device, clip=clip, stream="upsampled")
+    noise = initial_noise((b, c, t * st, h * ss, w * ss), seed, device, clip=clip, window=window, stream="upsampled")
     x0 = flow_start(cond, cfg.scale, noise, cfg.start_noise)
 
     def velocity(x: Tensor, tt: Tensor) -> Tensor:
