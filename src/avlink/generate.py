@@ -287,9 +287,10 @@ def make_a2v(pipe, job: Job, settings: Settings, progress: bool) -> None:
                                  guidance=settings.guidance)  # (n_frames, H, W, 3)
     assert frames.shape[0] == n_frames, f"the pipeline gave {frames.shape[0]} frames for {n_frames}"
     fps, factor = pipe.fps, 1
-    if settings.upsample and pipe.upsampler is not None:
-        frames = pipe.upsample(frames, wave, steps=settings.upsample_steps, seed=settings.seed, method=settings.method,
-                               progress=progress)
+    if settings.upsample and pipe.upsampler is not None:  # upsampled one window at a time as it is written
+        chunks = pipe.upsampled(frames, wave, steps=settings.upsample_steps, seed=settings.seed,
+                                method=settings.method, progress=progress)
+        frames = media.FrameChunks(pipe.upsampled_shape(frames), chunks)
         fps, factor = pipe.upsampled_fps, pipe.upsampler.cfg.scale[1]
     scale = settings.upscale if settings.upscale is not None else max(1, VIEW_SCALE // factor)
     media.write_video(job.video, frames, fps, audio=sound, sample_rate=rate, scale=scale)

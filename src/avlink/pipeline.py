@@ -495,14 +495,26 @@ class Pipeline:
         assert self.upsampler is not None, f"{self.folder}: no upsampler"
         return self.fps * self.upsampler.cfg.scale[0]
 
-    @torch.no_grad()
     def upsample(self, frames: np.ndarray, wave: np.ndarray | None = None, *, steps: int | None = None,
                  seed: int = 0, method: str = "euler", progress: bool = False) -> np.ndarray:
         """Base frames (T, H, W, 3) uint8 at fps and size -> (T * st, H * ss, W * ss, 3) uint8 through the
         checkpoint's upsampler (sample.sample_upsampler), conditioned on the sound's envelope at the output rate
-        (wave (N,) at sample_rate, from the first frame; None: silence).
+        (wave (N,) at sample_rate, from the first frame; None: silence). The chunks of `upsampled`, joined."""
+        return np.concatenate(list(self.upsampled(frames, wave, steps=steps, seed=seed, method=method,
+                                                  progress=progress)))
 
-        In chunks of the model window's frames, each sampled with `upsample_margin` base frames of the clip on
+    def upsampled_shape(self, frames: np.ndarray) -> tuple[int, int, int, int]:
+        """The shape of `upsample(frames)`."""
+        assert self.upsampler is not None, f"{self.folder}: no upsampler"
+        st, ss = self.upsampler.cfg.scale
+        return frames.shape[0] * st, frames.shape[1] * ss, frames.shape[2] * ss, 3
+
+    @torch.no_grad()
+    def upsampled(self, frames: np.ndarray, wave: np.ndarray | None = None, *, steps: int | None = None,
+                  seed: int = 0, method: str = "euler", progress: bool = False) -> Iterator[np.ndarray]:
+        """`upsample` one chunk at a time, for a writer that takes them as they come (media.FrameChunks).
+
+        Chunks of the model window's base frames, each sampled with `upsample_margin` base frames of the clip on
         either side as context that it then drops, so memory follows the chunk, not the clip (one pass over
         10 min of tiny A2V peaked at 4.85 GiB). The margin is the network's reach in time, so a chunk sees all
         the frames that one pass would let reach its output; what still differs from one pass is the
@@ -510,15 +522,14 @@ class Pipeline:
         which normalises over crops of `UpsamplerConfig.crop` frames. A clip of one window is one chunk."""
         up = self.upsampler
         assert up is not None, f"{self.folder}: no upsampler"
-        st, ss = up.cfg.scale
-        total, h, w = frames.shape[0], frames.shape[1], frames.shape[2]
+        st = up.cfg.scale[0]
+        total = frames.shape[0]
         envelope = None
         if wave is not None and up.cfg.audio:
             wave_t = torch.as_tensor(np.asarray(wave, dtype=np.float32))[None]
             envelope = audio_envelope(wave_t, self.sample_rate, self.upsampled_fps, total * st)
         chunk, margin = self.clip.num_frames, upsample_margin(up)
         starts = list(range(0, total, chunk))
-        out = np.empty((total * st, h * ss, w * ss, 3), np.uint8)
         for i, start in enumerate(self._progress(starts, progress, "upsample")):
             stop, lo = min(start + chunk, total), max(0, start - margin)
             hi = min(total, stop + margin)
@@ -528,8 +539,7 @@ class Pipeline:
                 x = sample_upsampler(up, low, env, steps=steps, method=method, seed=seed, window=i,
                                      progress=progress and len(starts) == 1)
             kept = x[:, :, (start - lo) * st:(stop - lo) * st].clamp(-1, 1)
-            out[start * st:stop * st] = pixels_to_frames(kept).cpu().numpy()[0]
-        return out
+            yield pixels_to_frames(kept).cpu().numpy()[0]
 
     def window_wave(self, wave: np.ndarray, w: Window) -> np.ndarray:
         """The clip of wave that a window conditions on, encoded alone as training encodes each clip: the clip's

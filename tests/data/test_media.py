@@ -12,6 +12,7 @@ import pytest
 import soundfile
 
 from avlink.data.media import (
+    FrameChunks,
     MediaError,
     mux_audio,
     probe,
@@ -513,6 +514,26 @@ def test_write_video_round_trip(tmp_path: Path, width: int, height: int):
     assert sound.samples.shape == (24000,) and abs(pitch(sound.samples[:20000], 16000) - SINE_HZ) < 3
     assert np.abs(sound.samples[21500:]).max() < 0.02, "the padding is silence"
     assert leftovers(tmp_path) == []
+
+
+def test_frames_written_as_they_come_in_chunks(tmp_path: Path):
+    """FrameChunks: the frames a generator makes while they are written give the video of the whole array; a
+    wrong count or a chunk of another size is one line, and no output is left."""
+    frames = np.stack([index_picture(k, 32, 24) for k in range(18)])
+    audio = sine(1.5, 16000)[:, 0]
+    chunks = (frames[i:i + 5] for i in range(0, 18, 5))  # made lazily, 5 at a time
+    write_video(tmp_path / "c.mp4", FrameChunks(frames.shape, chunks), 12, audio=audio, sample_rate=16000)
+    write_video(tmp_path / "a.mp4", frames, 12, audio=audio, sample_rate=16000)
+    chunked, whole = (read_video(tmp_path / n, fps=12, size=(32, 24)) for n in ("c.mp4", "a.mp4"))
+    assert [picture_index(f) for f in chunked.frames] == list(range(18))
+    assert np.array_equal(chunked.frames, whole.frames)
+    assert read_audio(tmp_path / "c.mp4", 16000).samples.shape == (24000,)
+    for bad, says in ((FrameChunks(frames.shape, iter([frames[:10]])), "10 frames came for 18"),
+                      (FrameChunks(frames.shape, iter([frames[:, :12]])), "does not fit")):
+        with pytest.raises(MediaError, match=says):
+            write_video(tmp_path / "bad.mp4", bad, 12)
+        assert not (tmp_path / "bad.mp4").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "c.mp4"]
 
 
 def video_packets(path: Path) -> list[tuple[float, float, bytes]]:

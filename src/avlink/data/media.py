@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from fractions import Fraction
@@ -644,9 +644,19 @@ def _encode_audio(container, stream, samples: np.ndarray, sample_rate: int, star
     container.mux(stream.encode(None))
 
 
+@dataclass(frozen=True)
+class FrameChunks:
+    """Frames that are made while they are written: `shape` (T, H, W, 3) known ahead, `chunks` yielding uint8
+    (n, H, W, 3) arrays whose n add up to T (e.g. a generator that upsamples one window at a time), so that
+    `write_video` never holds the whole clip."""
+
+    shape: tuple[int, int, int, int]
+    chunks: Iterable[np.ndarray]
+
+
 def write_video(
     path: str | os.PathLike,
-    frames: np.ndarray,
+    frames: np.ndarray | FrameChunks,
     fps: float,
     audio: np.ndarray | None = None,
     sample_rate: int | None = None,
@@ -661,30 +671,42 @@ def write_video(
     """
     name = str(path)
     container_format = _output_format(name)
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-        raise MediaError(
-            f"{name}: frames must be uint8 (T, H, W, 3), T > 0; got {frames.dtype} {frames.shape}"
-        )
+    if isinstance(frames, FrameChunks):
+        shape, chunks = tuple(frames.shape), frames.chunks
+    else:
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4:
+            raise MediaError(f"{name}: frames must be uint8 (T, H, W, 3), T > 0; got {frames.dtype} {frames.shape}")
+        shape, chunks = frames.shape, (frames,)
+    if len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
+        raise MediaError(f"{name}: frames must be uint8 (T, H, W, 3), T > 0; got {shape}")
     assert math.isfinite(fps) and fps > 0, f"fps must be positive, got {fps}"
     assert scale >= 1, f"scale must be >= 1, got {scale}"
     if audio is not None:
         assert sample_rate is not None and sample_rate > 0, "write_video needs sample_rate with audio"
-        length = round(frames.shape[0] / fps * sample_rate)
+        length = round(shape[0] / fps * sample_rate)
         audio, _ = _fit(_mono(name, audio), np.ones(len(audio), bool), length)
-    height, width = frames.shape[1] * scale, frames.shape[2] * scale
+    height, width = shape[1] * scale, shape[2] * scale
     rate = Fraction(fps).limit_denominator(1001)
     with _atomic(path) as temp, av.open(temp, "w", format=container_format) as container:
         stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf)})
         stream.width, stream.height, stream.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
         # Every stream must exist before the first packet is muxed (the header is written then).
         sound = None if audio is None else container.add_stream("aac", rate=sample_rate, layout="mono")
-        for index, small in enumerate(frames):
-            rgb = small.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else small
-            rgb = np.pad(rgb, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
-            frame.pts, frame.time_base = index, 1 / rate
-            container.mux(stream.encode(frame))
+        index = 0
+        for chunk in chunks:
+            if chunk.dtype != np.uint8 or chunk.shape[1:] != tuple(shape[1:]) or index + len(chunk) > shape[0]:
+                raise MediaError(f"{name}: a chunk of {chunk.dtype} {chunk.shape} does not fit frames {shape}")
+            for small in chunk:
+                rgb = small.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else small
+                rgb = np.pad(rgb, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                frame = frame.reformat(format="yuv420p")
+                frame.pts, frame.time_base = index, 1 / rate
+                container.mux(stream.encode(frame))
+                index += 1
+        if index != shape[0]:
+            raise MediaError(f"{name}: {index} frames came for {shape[0]}")
         container.mux(stream.encode(None))
         if sound is not None:
             _encode_audio(container, sound, audio, sample_rate)
