@@ -241,21 +241,26 @@ def test_candidate_zero_is_the_clip_s_own_stream():
 
 
 
-
 # --- continuation: replacement and reconstruction guidance ------------------------------------------------------
+
+
+def linked_velocity(task):
+    """The trained link's velocity for one prepared condition of `task`, and a generated sample's shape source."""
+    model = trained_link()
+    x_cond, x_gen = condition_and_generated(model, task)
+    with torch.no_grad():
+        cond = model.prepare(task, x_cond, None, None)
+
+    def velocity(x, t):
+        return model(x, t, cond)
+
+    return velocity, x_gen
 
 
 def test_guided_velocity_is_replacement_where_its_weight_is_zero():
     """At t = 0 (pure noise) the guidance weight w t / (2 (1 - t)) is 0, and a weight of 0 takes the replacement
     path: both give the replaced velocity exactly; a positive weight changes only the unknown part."""
-    model = trained_link()
-    x_cond, x_gen = condition_and_generated(model, "v2a")
-    with torch.no_grad():
-        cond = model.prepare("v2a", x_cond, None, None)
-
-    def velocity(x, t):
-        return model(x, t, cond)
-
+    velocity, x_gen = linked_velocity("v2a")
     known = some_known(tuple(x_gen.shape))
     x0 = torch.randn(x_gen.shape, generator=torch.Generator().manual_seed(3))
     replaced = constrain(velocity, x0, known)
@@ -276,14 +281,7 @@ def test_a_guided_step_lowers_the_known_part_s_reconstruction_error():
     """The guided step moves the unknown part down the gradient of the known part's reconstruction error: for a
     small step the model's clean estimate of the known part ends nearer its values than after the replaced step
     (the known part itself moves the same in both)."""
-    model = trained_link()
-    x_cond, x_gen = condition_and_generated(model, "a2v")
-    with torch.no_grad():
-        cond = model.prepare("a2v", x_cond, None, None)
-
-    def velocity(x, t):
-        return model(x, t, cond)
-
+    velocity, x_gen = linked_velocity("a2v")
     known = some_known(tuple(x_gen.shape), seed=1)
     mask = known.mask.expand_as(known.values)
     x0 = torch.randn(x_gen.shape, generator=torch.Generator().manual_seed(4))

@@ -210,7 +210,8 @@ def sample_upsampler(
     level = torch.full((b,), cfg.cond_t if cond_t is None else cond_t, device=device)
     noise = initial_noise(tuple(low.shape), seed, device, clip=clip, window=window, stream="conditioning")
     cond = interpolate(noise, low.float(), level)
-    noise = initial_noise((b, c, t * st, h * ss, w * ss), seed, device, clip=clip, window=window, stream="upsampled")
+    noise = None if cfg.start_noise == 0 else initial_noise((b, c, t * st, h * ss, w * ss), seed, device,
+                                                            clip=clip, window=window, stream="upsampled")
     x0 = flow_start(cond, cfg.scale, noise, cfg.start_noise)
 
     def velocity(x: Tensor, tt: Tensor) -> Tensor:

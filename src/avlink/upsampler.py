@@ -111,10 +111,15 @@ def noised_condition(low: Tensor, cond_t: Tensor, generator: torch.Generator | N
     return interpolate(noise, low, cond_t)
 
 
-def flow_start(cond: Tensor, scale: tuple[int, int], noise: Tensor, spread: float) -> Tensor:
+def flow_start(cond: Tensor, scale: tuple[int, int], noise: Tensor | None, spread: float) -> Tensor:
     """x0 of the upsampler's flow: the (noised) base frames `cond` interpolated to the output geometry, plus
-    `noise` (of the output's shape) times `spread` (UpsamplerConfig.start_noise)."""
-    return upsample_linear(cond, scale) + spread * noise
+    `noise` (of the output's shape) times `spread` (UpsamplerConfig.start_noise); with spread 0 no noise is
+    needed (None)."""
+    start = upsample_linear(cond, scale)
+    if spread == 0:
+        return start
+    assert noise is not None, f"a start noise spread of {spread} needs the noise"
+    return start + spread * noise
 
 
 class ResBlock(nn.Module):

@@ -397,14 +397,14 @@ class Scored:
     used: dict[str, int] = field(default_factory=dict)
 
 
-def _nanmean(values: list[float]) -> tuple[float, int]:
+def _nanmean(values: list[float], pool: Callable[[list[float]], Any] = np.mean) -> tuple[float, int]:
+    """pool (default the mean) of the finite values, and how many there were."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
-    return (float(np.mean(finite)) if finite else float("nan")), len(finite)
+    return (float(pool(finite)) if finite else float("nan")), len(finite)
 
 
 def _nanmedian(values: list[float]) -> tuple[float, int]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return (float(np.median(finite)) if finite else float("nan")), len(finite)
+    return _nanmean(values, np.median)
 
 
 def _true_events(meta: dict[str, Any] | None, duration: float) -> np.ndarray:
