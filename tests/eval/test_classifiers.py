@@ -198,3 +198,108 @@ def test_runner_class_acc_counts_exact_sets() -> None:
     scorer.class_acc(xs, "syncbench-audio", out)
     assert out.per_clip["class_acc"] == [1.0, 0.0, 0.0]
     assert out.values["class_acc"] == pytest.approx(1 / 3)
+
+
+# --- the video classifier of the upsampler's output geometry ----------------------------------------------
+
+SCALE = get_preset("tiny").upsampler.scale  # (4, 4): 64 x 64 px at 24 fps
+UPSAMPLED = clf.ClassifierConfig(video_width=8, embed_dim=24, audio=False, video_scale=SCALE)
+
+
+def test_upsampled_stem_starts_as_the_base_view() -> None:
+    """At initialisation the stem hands the body the block's mean frame and the change over one base frame: on a
+    clip whose base frames are held and whose pixels are repeated (nearest neighbour), the upsampled classifier
+    with the base body gives the base classifier's logits, and it costs the base network plus one 1x1x1 conv."""
+    from avlink.upsampler import upsample_nearest
+
+    base = small_model().video
+    up = clf.SyncBenchClassifiers(UPSAMPLED).video.eval()
+    missing, unexpected = up.load_state_dict(base.state_dict(), strict=False)
+    assert set(missing) == {"stem.weight", "stem.bias"} and not unexpected
+    video = torch.rand(2, *CLIP.video_shape) * 2 - 1  # (2, 3, 16, 16, 16)
+    high = upsample_nearest(video, SCALE)  # (2, 3, 64, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(up(high), base(video), atol=1e-5, rtol=1e-5)
+        assert up.frame_features(high).shape == base.frame_features(video).shape
+    st, ss = SCALE
+    assert up.time_stride == 2 * st
+    extra = sum(p.numel() for p in up.parameters()) - sum(p.numel() for p in base.parameters())
+    assert extra == 6 * 6 * st * ss * ss + 6
+    with pytest.raises(AssertionError, match="not whole blocks"):
+        up(high[:, :, :63])
+
+
+def test_upsampled_weights_round_trip_and_stay_out_of_the_base_embedder(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = clf.SyncBenchClassifiers(UPSAMPLED)
+    path = tmp_path / clf.UPSAMPLED_FILE
+    clf.save_classifiers(path, model)
+    loaded, classes = clf.load_classifiers(path)
+    assert loaded.audio is None and loaded.cfg == UPSAMPLED and classes == CLASSES
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["video_scale"] == "4,4"
+    with pytest.raises(UserError, match="output geometry; syncbench-video reads the base frames"):
+        sb_embed.load_video(path)
+
+
+@pytest.fixture(scope="module")
+def pairs(syncbench_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from avlink.data.pairs import prepare_pairs
+
+    cfg = get_preset("tiny")
+    return prepare_pairs(f"syncbench:{syncbench_dir}", tmp_path_factory.mktemp("pairs") / "pairs", cfg.clip,
+                         cfg.upsampler.output(cfg.clip.video), progress=False)
+
+
+def test_train_cli_upsampled_exports_the_output_geometry_classifier(pairs: Path, syncbench_dir: Path,
+                                                                    weights: Path, tmp_path: Path) -> None:
+    from avlink.train.objectives import UPSAMPLED_CLASSIFIER_TRAIN_DEFAULTS
+
+    def train(out: Path, steps: int, *extra: str) -> int:
+        return cli.main(["train", "classifiers", "--upsampled", "--data", str(pairs), "--out", str(out),
+                         "--max-steps", str(steps), "--batch-size", "2", "--no-progress", "--device", "cpu", *extra])
+
+    out = tmp_path / "run"
+    assert train(out, 2) == 0  # labels: the SyncBench folder the pairs were decoded from
+    exported = out / "export" / clf.UPSAMPLED_FILE
+    card = json.loads((out / "export" / "classifiers-upsampled.card.json").read_text())
+    assert card["steps"] == 2 and card["train"]["lr"] == UPSAMPLED_CLASSIFIER_TRAIN_DEFAULTS["lr"]
+    model, _ = clf.load_classifiers(exported)
+    assert model.audio is None and model.cfg.video_scale == SCALE
+    assert model.video(torch.zeros(1, 3, 64, 64, 64)).shape == (1, len(CLASSES))
+    # --init: the body starts from the base classifiers' video network
+    init = tmp_path / "init"
+    assert train(init, 1, "--labels", str(syncbench_dir), "--init", str(weights)) == 0
+    started, _ = clf.load_classifiers(init / "export" / clf.UPSAMPLED_FILE)
+    assert started.cfg.video_width == SMALL.video_width and started.cfg.embed_dim == SMALL.embed_dim
+    # its own step budget where neither --max-steps nor the config gives one
+    from avlink.train.cli import load_settings, train_args
+
+    for upsampled, defaults in ((True, UPSAMPLED_CLASSIFIER_TRAIN_DEFAULTS), (False, CLASSIFIER_TRAIN_DEFAULTS)):
+        _, tc, _, _ = load_settings(train_args("classifiers", data=pairs, out=out, upsampled=upsampled))
+        assert tc.max_steps == defaults["max_steps"]
+    assert UPSAMPLED_CLASSIFIER_TRAIN_DEFAULTS["max_steps"] != CLASSIFIER_TRAIN_DEFAULTS["max_steps"]
+
+
+def test_train_cli_upsampled_refuses_bad_flags_in_one_line(pairs: Path, weights: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--data", str(pairs), "--out", str(tmp_path / "run"), "--max-steps", "1", "--device", "cpu"]
+    cases = [(["train", "video", "--upsampled", *base], "--upsampled: trains the upsampled-geometry"),
+             (["train", "classifiers", "--labels", str(tmp_path), *base], "--labels: goes with"),
+             (["train", "classifiers", "--upsampled", "--labels", str(tmp_path), *base], "not a SyncBench folder"),
+             (["train", "classifiers", "--upsampled", "--init", str(tmp_path / "no.safetensors"), *base],
+              "no.safetensors: no such file (--init)")]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    # pairs whose SyncBench folder is not where their spec says: the labels need --labels
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("low.npy", "high.npy", "envelope.npy"):
+        (moved / name).symlink_to(pairs / name)
+    meta = json.loads((pairs / "pairs.json").read_text())
+    (moved / "pairs.json").write_text(json.dumps({**meta, "spec": "syncbench:gone:train"}))
+    assert cli.main(["train", "classifiers", "--upsampled", *base[:1], str(moved), *base[2:]]) == 2
+    assert "give the SyncBench folder with --labels DIR" in capsys.readouterr().err

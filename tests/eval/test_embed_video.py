@@ -15,26 +15,10 @@ from avlink.errors import UserError
 from avlink.eval.embed import i3d, inception
 from avlink.eval.embedders import Embedder, WeightsMissing, load_embedder
 
+from helpers import randomize_published as randomize
+
 TINY = 1 / 16  # channel width of the test networks
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Default init shrinks activations to ~1e-8 over 90 layers; give weights and BN stats trained values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear)):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / fan_in))
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-    return model.eval()
 
 
 def frames(b: int, t: int, h: int, w: int, seed: int = 0) -> np.ndarray:

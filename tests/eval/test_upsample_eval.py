@@ -9,7 +9,7 @@ import pytest
 from avlink.cli import main
 from avlink.eval.upsample import psnr, ssim
 
-from helpers import random_checkpoint, random_upsampler
+from helpers import random_checkpoint, random_upsampler, randomize_published
 
 
 def test_psnr_known_values():
@@ -68,3 +68,85 @@ def test_eval_upsample_scores_every_row(syncbench, tmp_path, capsys):
     result = json.loads((tmp_path / "a2v" / "metrics.json").read_text())
     assert result["source"] == "a2v" and result["a2v_steps"] == 1 and result["clips"] == 1
     assert result["rows"]["linear"]["psnr"] < rows["linear"]["psnr"]  # random A2V frames are far from the truth
+
+
+def fixed_classifier(path, classes: set[str], scale=(1, 1)):
+    """A classifiers file that says `classes` of every clip (zero head weights, a bias of +-5 per class)."""
+    import torch
+
+    from avlink.data.syncbench import CLASSES
+    from avlink.eval import classifiers as clf
+
+    cfg = clf.ClassifierConfig(audio_width=8, video_width=8, embed_dim=8, audio=scale == (1, 1), video_scale=scale)
+    model = clf.SyncBenchClassifiers(cfg)
+    with torch.no_grad():
+        model.video.head.weight.zero_()
+        model.video.head.bias.copy_(torch.tensor([5.0 if c in classes else -5.0 for c in CLASSES]))
+    clf.save_classifiers(path, model)
+    return path
+
+
+def test_eval_upsample_class_accuracy_by_the_classifier_of_each_geometry(syncbench, tmp_path, capsys):
+    from avlink.data.syncbench import load_metadata
+    from avlink.eval.classifiers import clip_classes
+
+    ckpt = random_upsampler(random_checkpoint(tmp_path / "ckpt", **{"clip.duration": 16 / 6}))
+    out = tmp_path / "eval"
+    argv = ["eval", "--task", "upsample", "--ckpt", str(ckpt), "--data", str(syncbench), "--out", str(out),
+            "--upsample-steps", "1"]
+    assert main(argv) == 0  # no classifier files: the column is '-'
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert all(r["class_acc"] is None and r["fvd"] is None for r in rows.values())
+    text = (out / "metrics.md").read_text()
+    assert "| **upsampler** | 24 |" in text and text.split("| **upsampler** |")[1].split("\n")[0].endswith("| - | - |")
+    assert "no classifiers-upsampled.safetensors" in text
+    truth = [clip_classes(row) for row in load_metadata(syncbench)]
+    # the base classifier sees no class (every clip has one: 0 right); the output one says the first clip's set
+    fixed_classifier(ckpt / "classifiers.safetensors", set())
+    fixed_classifier(ckpt / "classifiers-upsampled.safetensors", truth[0], scale=(4, 4))
+    assert main(argv) == 0
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    expected = np.mean([t == truth[0] for t in truth])
+    assert rows["base"]["class_acc"] == 0.0
+    for row in ("truth", "nearest", "linear", "upsampler"):
+        assert rows[row]["class_acc"] == pytest.approx(expected), row
+    # an output classifier of another scale is refused in one line
+    fixed_classifier(ckpt / "classifiers-upsampled.safetensors", truth[0], scale=(2, 2))
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "classifiers-upsampled.safetensors: a video classifier of scale (2, 2)" in err and err.count("\n") == 1
+
+
+def test_eval_upsample_fvd_with_i3d_weights(syncbench, tmp_path, monkeypatch, capsys):
+    """FVD through `--weights i3d=PATH`, with a random I3D of 1/16 the published width (a full-size one runs
+    for minutes on a CPU): the truth row against itself is 0, the others are not."""
+    import functools
+
+    import torch
+
+    from avlink.eval.embed import i3d
+
+    tiny = 1 / 16
+    weights = tmp_path / "rgb_imagenet.pt"
+    torch.save(randomize_published(i3d.InceptionI3d(width=tiny), seed=2).state_dict(), weights)
+    monkeypatch.setattr(i3d, "load", functools.partial(i3d.load, width=tiny))
+    ckpt = random_upsampler(random_checkpoint(tmp_path / "ckpt", **{"clip.duration": 16 / 6}))
+    out = tmp_path / "eval"
+    argv = ["eval", "--task", "upsample", "--ckpt", str(ckpt), "--data", str(syncbench), "--out", str(out),
+            "--upsample-steps", "1", "--weights", f"i3d={weights}"]
+    assert main(argv) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    rows = result["rows"]
+    assert result["fvd"] == {"embedder": "i3d", "clips": 2, "frames": 16} and rows["base"]["fvd"] is None
+    scale = max(rows[row]["fvd"] for row in ("nearest", "linear", "upsampler"))
+    assert abs(rows["truth"]["fvd"]) <= 1e-6 * scale
+    for row in ("nearest", "linear", "upsampler"):
+        assert rows[row]["fvd"] > 0, row
+    assert "biased upward" in (out / "metrics.md").read_text()
+    # one clip has no covariance: no FVD, no error
+    assert main([*argv, "--n", "1"]) == 0
+    assert all(r["fvd"] is None for r in json.loads((out / "metrics.json").read_text())["rows"].values())
+    capsys.readouterr()
+    assert main([*argv[:-1], f"clap={weights}"]) == 2
+    assert "--task upsample takes i3d=PATH (FVD) only" in capsys.readouterr().err

@@ -8,6 +8,16 @@ sigmoid per class of `CLASSES`, since a clip holds 1 to 3 objects):
 Each also gives its penultimate features (`embed`), for Frechet distances in SyncBench feature space.
 `SyncBenchClassifiers` holds both, so one weight file (keys `audio.*`, `video.*`) serves both embedders.
 
+The upsampled-geometry video classifier (`UPSAMPLED_FILE`, beside the upsampler in a checkpoint folder) scores
+the second video stage's output (64 x 64 px at 24 fps for tiny) as the base one scores the base frames: the same
+`VideoClassifier` behind a stem (`video_scale`) that packs each (st, ss, ss) block of output pixels into one
+position of the base grid (upsampler.pack) and maps it linearly to the base network's six input channels. The
+body then runs on the base grid, so the classifier costs about what the base one costs (the stem adds one 1x1x1
+convolution), and the stem starts as the area mean of the block and the change over one base frame: at
+initialisation the body sees about what the base classifier sees. It holds the video network alone
+(`audio=False`; the sound has no new geometry) and is trained on true clips at the output geometry, the
+upsampler's training pairs (`avlink train classifiers --upsampled`).
+
 Class accuracy, the evaluation's `class_acc`: a clip counts as right when the set of classes whose sigmoid
 exceeds 0.5 (logit > 0) equals the clip's true set of classes exactly (exact-match accuracy). Per-label
 accuracy, the share of right (clip, class) decisions, is reported beside it when the classifiers are scored.
@@ -32,6 +42,7 @@ from torch import Tensor, nn
 from avlink.codecs.mel import normalize
 from avlink.data.syncbench import CLASSES
 from avlink.errors import UserError
+from avlink.upsampler import pack
 
 # --- networks ---------------------------------------------------------------------------------------------
 
@@ -45,13 +56,21 @@ class ClassifierConfig:
     audio_width: int = 128  # channels of the first audio conv; doubled once on the way down
     video_width: int = 16  # channels of the first video conv; doubled twice on the way down
     embed_dim: int = 128  # penultimate features of each network
+    audio: bool = True  # False: the video network alone (the upsampled-geometry classifier)
+    # (frames, pixels per side) of video input per position of the base grid: (1, 1) the base frames; the
+    # upsampler's scale for the classifier of its output (module docstring)
+    video_scale: tuple[int, int] = (1, 1)
 
     @classmethod
-    def from_state(cls, state: dict[str, Tensor]) -> ClassifierConfig:
-        audio_in, video_in = state["audio.convs.0.0.weight"], state["video.convs.0.0.weight"]
-        head = state["audio.head.weight"]  # (C, D)
+    def from_state(cls, state: dict[str, Tensor], video_scale: tuple[int, int] = (1, 1)) -> ClassifierConfig:
+        """The sizes a weight file's tensors show; the video scale is in its metadata (`weights_metadata`)."""
+        video_in, head = state["video.convs.0.0.weight"], state["video.head.weight"]  # head (C, D)
+        audio_in = state.get("audio.convs.0.0.weight")
+        if audio_in is None:
+            return cls(num_classes=head.shape[0], video_width=video_in.shape[0], embed_dim=head.shape[1],
+                       audio=False, video_scale=video_scale)
         return cls(num_classes=head.shape[0], n_mels=audio_in.shape[1], audio_width=audio_in.shape[0],
-                   video_width=video_in.shape[0], embed_dim=head.shape[1])
+                   video_width=video_in.shape[0], embed_dim=head.shape[1], video_scale=video_scale)
 
 
 def conv_block(dims: int, cin: int, cout: int, stride: int | tuple[int, ...]) -> nn.Sequential:
@@ -89,30 +108,53 @@ class AudioClassifier(nn.Module):
         return self.head(self.embed(mel))  # (B, C)
 
 
+def area_stem(scale: tuple[int, int]) -> nn.Conv3d:
+    """The upsampled-geometry stem: a packed (6 * st * ss * ss)-channel block (frame and change channels, in
+    `upsampler.pack`'s order) -> 6 channels, started as the block's mean frame and its change summed over the
+    block's st frames (the change over one base frame, as the base network sees it), averaged over space."""
+    st, ss = scale
+    stem = nn.Conv3d(6 * st * ss * ss, 6, 1)
+    with torch.no_grad():
+        weight = torch.zeros(6, 6, st * ss * ss)
+        for c in range(6):
+            weight[c, c] = 1 / (st * ss * ss) if c < 3 else 1 / (ss * ss)
+        stem.weight.copy_(weight.reshape(6, 6 * st * ss * ss, 1, 1, 1))
+        stem.bias.zero_()
+    return stem
+
+
 class VideoClassifier(nn.Module):
     """video (B, 3, T, H, W) in [-1, 1] -> features (B, embed_dim) -> logits (B, classes).
 
     A 3D conv stack (space down by 8, time by 2), then mean and max over every remaining position: an object is
-    the same class wherever it stands in the frame.
+    the same class wherever it stands in the frame. With `cfg.video_scale` (st, ss) not (1, 1), the input is
+    st times the frames and ss times the size, brought to the base grid by a stem (module docstring).
     """
 
     def __init__(self, cfg: ClassifierConfig):
         super().__init__()
         w = cfg.video_width
+        self.scale = tuple(cfg.video_scale)
+        self.stem = area_stem(self.scale) if self.scale != (1, 1) else None
         self.convs = nn.Sequential(conv_block(3, 6, w, 1), conv_block(3, w, 2 * w, (1, 2, 2)),
                                    conv_block(3, 2 * w, 4 * w, (1, 2, 2)), conv_block(3, 4 * w, 4 * w, (2, 2, 2)))
         self.embed_proj = nn.Linear(2 * 4 * w, cfg.embed_dim)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
-
-    time_stride = 2  # frames per step of the last conv map: step k is centred on frame 2k
+        self.time_stride = 2 * self.scale[0]  # input frames per step of the last conv map: step k at frame 2k * st
 
     def feature_map(self, video: Tensor) -> Tensor:
-        """(B, 3, T, H, W) -> the last conv map (B, 4w, ceil(T / 2), H/8, W/8)."""
+        """(B, 3, T, H, W) -> the last conv map (B, 4w, ceil(T / 2 st), H/8 ss, W/8 ss)."""
         assert video.ndim == 5 and video.shape[1] == 3, f"expected video (B, 3, T, H, W), got {tuple(video.shape)}"
         # What changed since the previous frame, beside the frame: motion and flashes are what tell a bouncing
         # ball from a resting one, a struck drum from a drum.
         change = F.pad(video.diff(dim=2), (0, 0, 0, 0, 1, 0))  # (B, 3, T, H, W), zero at the first frame
-        return self.convs(torch.cat([video, change], dim=1))
+        x = torch.cat([video, change], dim=1)
+        if self.stem is not None:
+            st, ss = self.scale
+            assert video.shape[2] % st == 0 and video.shape[3] % ss == 0 and video.shape[4] % ss == 0, \
+                f"video {tuple(video.shape)} is not whole blocks of {st} frames and {ss} x {ss} px"
+            x = self.stem(pack(x, self.scale))  # (B, 6, T / st, H / ss, W / ss)
+        return self.convs(x)
 
     def embed(self, video: Tensor) -> Tensor:
         x = self.feature_map(video).flatten(2)  # (B, 4w, T/2 * H/8 * W/8)
@@ -131,12 +173,13 @@ class VideoClassifier(nn.Module):
 
 
 class SyncBenchClassifiers(nn.Module):
-    """Both networks in one module: one weight file, trained together on the same batches."""
+    """Both networks in one module: one weight file, trained together on the same batches (the video network
+    alone where `cfg.audio` is False: `audio` is then None)."""
 
     def __init__(self, cfg: ClassifierConfig = ClassifierConfig()):
         super().__init__()
         self.cfg = cfg
-        self.audio = AudioClassifier(cfg)
+        self.audio = AudioClassifier(cfg) if cfg.audio else None
         self.video = VideoClassifier(cfg)
 
 
@@ -202,12 +245,30 @@ def shard_labels(source: str | Path, classes: Sequence[str] = CLASSES) -> dict[s
     return labels
 
 
+def syncbench_labels(root: str | Path, ids: Sequence[str], classes: Sequence[str] = CLASSES) -> dict[str, Tensor]:
+    """id -> (C,) multi-hot of the clips `ids`, from the metadata.jsonl of the SyncBench folder `root`."""
+    from avlink.data.syncbench import load_metadata
+
+    rows = {str(row["id"]): row for row in load_metadata(root)}
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise UserError(f"{root}: no SyncBench metadata for {len(missing)} of the {len(ids)} clips (e.g. "
+                        f"{missing[0]}); give the SyncBench folder the clips came from")
+    return {i: multi_hot(clip_classes(rows[i]), classes) for i in ids}
+
+
 # --- weights ----------------------------------------------------------------------------------------------
 
+UPSAMPLED_FILE = "classifiers-upsampled.safetensors"  # the video classifier of the upsampler's output geometry
 
-def weights_metadata(classes: Sequence[str] = CLASSES) -> dict[str, str]:
-    """What a classifiers weight file says of itself: the class of each logit, in order."""
-    return {"part": "classifiers", "classes": ",".join(classes)}
+
+def weights_metadata(classes: Sequence[str] = CLASSES, video_scale: tuple[int, int] = (1, 1)) -> dict[str, str]:
+    """What a classifiers weight file says of itself: the class of each logit, in order, and the video scale
+    where it is not (1, 1)."""
+    meta = {"part": "classifiers", "classes": ",".join(classes)}
+    if tuple(video_scale) != (1, 1):
+        meta["video_scale"] = ",".join(map(str, video_scale))
+    return meta
 
 
 def save_classifiers(path: Path | str, model: SyncBenchClassifiers, classes: Sequence[str] = CLASSES) -> None:
@@ -215,11 +276,12 @@ def save_classifiers(path: Path | str, model: SyncBenchClassifiers, classes: Seq
     from avlink.checkpoint import save_weights
 
     assert len(classes) == model.cfg.num_classes, f"{len(classes)} names for {model.cfg.num_classes} logits"
-    save_weights(Path(path), model, weights_metadata(classes))
+    save_weights(Path(path), model, weights_metadata(classes, model.cfg.video_scale))
 
 
 def load_classifiers(path: Path | str) -> tuple[SyncBenchClassifiers, tuple[str, ...]]:
-    """Both networks and their class names from a weight file; anything else is refused in one line."""
+    """Both networks (or the video network alone) and their class names from a weight file; anything else is
+    refused in one line."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -230,9 +292,12 @@ def load_classifiers(path: Path | str) -> tuple[SyncBenchClassifiers, tuple[str,
     except Exception as err:  # safetensors raises its own error types for a file that is not one of its own
         raise UserError(f"{path}: not a safetensors file ({str(err).splitlines()[0]})") from None
     try:
-        model = SyncBenchClassifiers(ClassifierConfig.from_state(state))
+        scale = tuple(int(v) for v in meta["video_scale"].split(",")) if meta.get("video_scale") else (1, 1)
+        if len(scale) != 2 or min(scale) < 1:
+            raise ValueError(f"video_scale {meta['video_scale']!r} is not two positive integers")
+        model = SyncBenchClassifiers(ClassifierConfig.from_state(state, scale))
         model.load_state_dict(state, strict=True)
-    except (KeyError, RuntimeError, AssertionError) as err:
+    except (KeyError, RuntimeError, AssertionError, ValueError) as err:
         reason = str(err).strip().splitlines()[0]
         raise UserError(f"{path}: does not hold SyncBench classifiers ({reason})") from None
     classes = tuple(meta["classes"].split(",")) if meta.get("classes") else CLASSES

@@ -8,12 +8,16 @@ videos (classifiers: the SyncBench audio and video classifiers of the evaluation
         --audio-dit runs/t2a/export/audio_dit.safetensors --video-dit runs/t2v/export/video_dit.safetensors \\
         --vae runs/vae/export/vae.safetensors
     avlink train classifiers --preset tiny --data syncbench:sb_train/ --out runs/classifiers
+    avlink train classifiers --upsampled --preset tiny --data syncbench:sb/:train --out runs/classifiers-up
     avlink train upsampler --preset tiny --data syncbench:sb/:train --out runs/upsampler
 
 --data takes a folder written by `avlink prepare`, or any data spec `avlink prepare` takes (syncbench:DIR,
 vggsound:CSV:DIR, folder:DIR), which is prepared into OUT/prepared first (resumable). The upsampler trains on
 pairs of base and output frames decoded from the clips themselves (data/pairs.py): --data is a data spec
-(decoded into OUT/pairs once) or such a pairs folder. A YAML file (--config) holds
+(decoded into OUT/pairs once) or such a pairs folder. `classifiers --upsampled` trains the video classifier of
+the upsampler's output geometry (eval/classifiers.py) on the same pairs, labelled by the SyncBench metadata of
+the folder they were decoded from (or --labels DIR), and exports classifiers-upsampled.safetensors.
+A YAML file (--config) holds
 `train:` (TrainConfig fields), `model:` (dotted preset overrides) and `batch_size`; --set overrides either, e.g.
 --set train.lr=1e-4 model.fusion.injection=static. The same command runs under torchrun (DDP).
 At the end the EMA weights are exported to OUT/export/<part>.safetensors with config.json and a model card.
@@ -71,6 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-weights", type=Path, metavar="PATH",
                         help="fusion only: weights of the extractor that model.fusion.features names (Table 2 "
                              "feature rows; syncbench-video defaults to checkpoints/PRESET/classifiers.safetensors)")
+    parser.add_argument("--upsampled", action="store_true",
+                        help="classifiers only: the video classifier of the upsampler's output geometry, trained "
+                             "on upsampler pairs (--data: a pairs folder or a data spec)")
+    parser.add_argument("--labels", type=Path, metavar="SYNCBENCH_DIR",
+                        help="--upsampled: the SyncBench folder whose metadata labels the pairs (default: the "
+                             "one they were decoded from)")
+    parser.add_argument("--init", type=Path, metavar="PATH",
+                        help="--upsampled: start from the video network of these base classifiers "
+                             "(e.g. CKPT/classifiers.safetensors)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--workers", type=int, default=0, help="data loader workers per process")
     parser.add_argument("--no-progress", action="store_true")
@@ -133,7 +146,7 @@ def load_settings(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, i
     if args.part == "classifiers":
         from avlink.train.objectives import classifier_train_defaults
 
-        tc = replace(tc, **classifier_train_defaults(train, args.max_steps))
+        tc = replace(tc, **classifier_train_defaults(train, args.max_steps, args.upsampled))
     batch = args.batch_size or int(extra.pop("batch_size", 32))
     return cfg, tc, batch, extra
 
@@ -177,6 +190,46 @@ def resolve_pairs(spec: str, out: Path, cfg: ModelConfig, ctx: Dist) -> str:
     return str(out / "pairs")
 
 
+def export_name(args: argparse.Namespace) -> str:
+    """The stem of the exported weights: the part's, or the upsampled-geometry classifier's file."""
+    if args.part == "classifiers" and args.upsampled:
+        from avlink.eval.classifiers import UPSAMPLED_FILE
+
+        return UPSAMPLED_FILE.removesuffix(".safetensors")
+    return EXPORT_NAMES[args.part]
+
+
+def check_upsampled(args: argparse.Namespace) -> None:
+    """--upsampled and its options: classifiers only; --labels a SyncBench folder, --init a file."""
+    if not args.upsampled:
+        for flag, value in (("--labels", args.labels), ("--init", args.init)):
+            if value is not None:
+                raise UserError(f"{flag}: goes with `avlink train classifiers --upsampled`")
+        return
+    if args.part != "classifiers":
+        raise UserError(f"--upsampled: trains the upsampled-geometry video classifier (`avlink train classifiers "
+                        f"--upsampled`), not {args.part}")
+    if args.labels is not None and not (args.labels / "metadata.jsonl").is_file():
+        raise UserError(f"{args.labels}: not a SyncBench folder (no metadata.jsonl) (--labels)")
+    if args.init is not None and not args.init.is_file():
+        raise UserError(f"{args.init}: no such file (--init)")
+
+
+def pairs_labels(args: argparse.Namespace, pairs: str) -> Path:
+    """The SyncBench folder whose metadata labels the pairs: --labels, else the one named by the pairs' spec."""
+    if args.labels is not None:
+        return args.labels
+    from avlink.data.pairs import Pairs
+
+    spec = str(Pairs(pairs).meta.get("spec", ""))
+    kind, _, rest = spec.partition(":")
+    root = Path(rest.split(":")[0]) if kind == "syncbench" else None
+    if root is None or not (root / "metadata.jsonl").is_file():
+        raise UserError(f"{pairs}: its clips came from {spec!r}, where no SyncBench metadata.jsonl is found; give "
+                        f"the SyncBench folder with --labels DIR")
+    return root
+
+
 def shard_batches(source: str, batch_size: int, seed: int, ctx: Dist, workers: int):
     from torch.utils.data import DataLoader
 
@@ -211,6 +264,13 @@ def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Names
     from avlink.system import PRETRAINED_CODECS, build_model, pretrained_codec
     from avlink.train.objectives import FusionObjective, GeneratorObjective, VAEObjective, classifier_objective
 
+    if part == "classifiers" and args.upsampled:  # true clips at the upsampler's output geometry
+        from avlink.train.objectives import upsampled_classifier_objective
+
+        if cfg.upsampler is None:
+            raise UserError(f"preset {cfg.name} has no upsampler section (config.py UpsamplerConfig)")
+        return upsampled_classifier_objective(data, pairs_labels(args, data), cfg.upsampler.scale, device,
+                                              args.init)
     if part == "classifiers":  # the labels come from the prepared clips' metadata
         return classifier_objective(data or args.data, device, n_mels=cfg.clip.audio.n_mels)
     if part == "upsampler":
@@ -263,8 +323,9 @@ def git_commit() -> str | None:
         return None
 
 
-def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, Any]) -> Path:
-    """EMA weights of the last checkpoint -> out/export/<part>.safetensors, config.json, <part>.card.json. A
+def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, Any], name: str | None = None) -> Path:
+    """EMA weights of the last checkpoint -> out/export/<name>.safetensors (name: the part's export name by
+    default), config.json, <name>.card.json. A
     fusion run that fine-tuned a generator ("w/FT") also writes that generator's weights under its checkpoint
     name (audio_dit.safetensors or video_dit.safetensors; FusionObjective.export_parts)."""
     from avlink.checkpoint import PARTS, save_config
@@ -274,7 +335,7 @@ def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, An
     latest = CheckpointManager(out / "checkpoints").latest()
     assert latest is not None, f"{out}: no checkpoint to export"
     weights = latest.weights(ema=True)
-    name = EXPORT_NAMES[part]
+    name = name or EXPORT_NAMES[part]
     target = out / "export" / f"{name}.safetensors"
     meta = {"part": part}
     if part == "vae":
@@ -283,7 +344,8 @@ def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, An
     if part == "classifiers":
         from avlink.eval.classifiers import weights_metadata
 
-        meta.update(weights_metadata())
+        video_scale = objective.trainable.cfg.video_scale
+        meta.update(weights_metadata(video_scale=video_scale))
     if part == "upsampler":
         from avlink.system import upsampler_metadata
 
@@ -361,11 +423,13 @@ def train_part(args: argparse.Namespace) -> Path:
     It takes the parsed namespace (the command line's, or train_args') rather than keyword arguments: the command
     has some twenty options, and their defaults and types stay in one place, the parser, for the command line
     and the code that trains alike."""
+    check_upsampled(args)
     cfg, tc, batch_size, extra = load_settings(args)
     ctx = setup(args.device)
     validator = None
     try:
-        if args.part == "upsampler":
+        pairs = args.part == "upsampler" or args.upsampled
+        if pairs:
             data = resolve_pairs(args.data, args.out, cfg, ctx)
         else:
             data = resolve_data(args.data, args.out, args.preset, args.vae, ctx, cfg.clip)
@@ -378,7 +442,7 @@ def train_part(args: argparse.Namespace) -> Path:
             elif args.part in ("audio", "video"):
                 objective.trainable.activation_checkpointing = True
         validator = build_validation(args, objective, cfg, tc, ctx)
-        if args.part == "upsampler":
+        if pairs:
             from avlink.data.pairs import Pairs, pair_batches
 
             batches = pair_batches(Pairs(data), batch_size, ctx.rank, ctx.world_size)
@@ -390,7 +454,7 @@ def train_part(args: argparse.Namespace) -> Path:
         result = fit(objective, batches, tc, args.out, resume=args.resume, device=ctx.device,
                      run_config=run_config, progress=not args.no_progress, dist_ctx=ctx,
                      validate=validator, val_every=args.val_every)
-        card_path = args.out / "export" / f"{EXPORT_NAMES[args.part]}.card.json"
+        card_path = args.out / "export" / f"{export_name(args)}.card.json"
         if ctx.is_main and not result.losses and card_path.is_file():
             # Resumed at its last step: the export of the run that got there stands (a re-export would lose
             # that run's wall time and losses from its card).
@@ -410,13 +474,13 @@ def train_part(args: argparse.Namespace) -> Path:
                 "validation": None if validator is None else validator.last,
                 "captions": getattr(objective, "captions", None),
             }
-            path = export(args.out, args.part, objective, cfg, card)
+            path = export(args.out, args.part, objective, cfg, card, export_name(args))
             print(f"avlink train: {args.part} exported to {path}")
     finally:
         if validator is not None:
             validator.close()
         teardown()
-    return args.out / "export" / f"{EXPORT_NAMES[args.part]}.safetensors"
+    return args.out / "export" / f"{export_name(args)}.safetensors"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,11 +8,13 @@ batches: both networks, binary cross-entropy per class, with the labels of each 
 shift and, for half the clips, another clip's sound added (the labels become the union: SyncBench rarely puts
 every pair of classes in one clip); the video gets a mirror image, a random order of the colour channels
 (colour is drawn at random per object, so it must not matter), contrast, brightness and a one-pixel shift.
+With `--upsampled` the video classifier of the upsampler's output geometry trains alone on the true clips at
+that geometry (the upsampler's pairs, data/pairs.py), with the same augmentation (the shift: one base pixel).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,16 @@ from avlink.checkpoint import PARTS
 from avlink.codecs.mel import LOG_FLOOR
 from avlink.codecs.vae import AudioVAE, vae_loss
 from avlink.config import PretrainedConfig
+from avlink.data.syncbench import CLASSES
 from avlink.errors import UserError
-from avlink.eval.classifiers import ClassifierConfig, SyncBenchClassifiers, accuracy, shard_labels
+from avlink.eval.classifiers import (
+    ClassifierConfig,
+    SyncBenchClassifiers,
+    accuracy,
+    load_classifiers,
+    shard_labels,
+    syncbench_labels,
+)
 from avlink.flow.path import flow_matching_errors, logit_normal
 from avlink.fusion.linked import AVLink
 from avlink.system import frames_to_pixels, video_codec
@@ -45,6 +55,9 @@ PROMPT_FREE = 0.5
 # `avlink train classifiers` defaults where the config and the command line leave them unset: a classifier
 # takes a larger step than the generators; 1000 steps of 32 clips take about 3.5 minutes on 2 CPU cores.
 CLASSIFIER_TRAIN_DEFAULTS: dict[str, Any] = {"max_steps": 1000, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.01}
+# `--upsampled`: a step of 32 clips at 64 x 64 px and 24 fps took 1.5 s of CPU time on one core (50 steps on the
+# tiny recipe's 800 train pairs, OMP_NUM_THREADS=1), so 400 steps are about 10 minutes.
+UPSAMPLED_CLASSIFIER_TRAIN_DEFAULTS: dict[str, Any] = {**CLASSIFIER_TRAIN_DEFAULTS, "max_steps": 400}
 MEL_GAIN = 0.7  # classifier mel augmentation: +-0.7 in natural-log magnitude, about +-6 dB
 MEL_SHIFT = 0.25  # classifier mel augmentation: circular time shift by up to this fraction of the clip
 MEL_MIX = 0.5  # classifier mel augmentation: share of clips that get another clip's sound added (labels: the union)
@@ -260,9 +273,9 @@ def augment_mel(mel: Tensor) -> Tensor:
     return torch.stack([m.roll(s, dims=-1) for m, s in zip(mel, shifts, strict=True)])
 
 
-def augment_video(video: Tensor) -> Tensor:
+def augment_video(video: Tensor, shift: int = 1) -> Tensor:
     """(B, 3, T, H, W) in [-1, 1], per clip: a mirror image, the colour channels in a random order (an object's
-    colour says nothing of its class), contrast and brightness, a shift by up to a pixel."""
+    colour says nothing of its class), contrast and brightness, a shift by up to `shift` pixels."""
     b = video.shape[0]
     flip = torch.rand(b, device=video.device) < 0.5
     video = torch.where(flip[:, None, None, None, None], video.flip(-1), video)
@@ -271,7 +284,7 @@ def augment_video(video: Tensor) -> Tensor:
     contrast = 1 + (torch.rand(b, 1, 1, 1, 1, device=video.device) * 2 - 1) * 0.2
     brightness = (torch.rand(b, 1, 1, 1, 1, device=video.device) * 2 - 1) * 0.1
     video = (video * contrast + brightness).clamp(-1, 1)
-    shifts = torch.randint(-1, 2, (b, 2)).tolist()
+    shifts = torch.randint(-shift, shift + 1, (b, 2)).tolist()
     return torch.stack([v.roll((dy, dx), dims=(-2, -1)) for v, (dy, dx) in zip(video, shifts, strict=True)])
 
 
@@ -286,7 +299,9 @@ def mix_mels(mel: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class ClassifierObjective:
-    """Both classifiers on one batch of shards: binary cross-entropy per class, audio and video summed."""
+    """Both classifiers on one batch of shards: binary cross-entropy per class, audio and video summed. A video
+    network alone (`trainable.audio` None: the upsampled-geometry classifier) reads the output frames of a
+    batch of upsampler pairs ("high")."""
 
     trainable: SyncBenchClassifiers
     labels: dict[str, Tensor]  # clip id -> (C,) multi-hot
@@ -298,6 +313,14 @@ class ClassifierObjective:
         missing = [i for i in batch["id"] if i not in self.labels]
         assert not missing, f"no labels for clips {missing[:3]}"
         y = torch.stack([self.labels[i] for i in batch["id"]]).to(self.device)  # (B, C)
+        if self.trainable.audio is None:
+            video = frames_to_pixels(batch["high"]).to(self.device)
+            if self.augment:
+                video = augment_video(video, shift=self.trainable.cfg.video_scale[1])
+            logits_v = self.trainable.video(video)
+            loss_v = F.binary_cross_entropy_with_logits(logits_v, y)
+            return LossOutput(loss_v, scalars={"loss/video": loss_v.item(),
+                                               "acc/video": accuracy(logits_v.detach(), y).exact})
         mel, video = batch["mel"].to(self.device), batch["video"].to(self.device)
         y_a = y
         if self.augment:
@@ -317,7 +340,35 @@ def classifier_objective(data: str | Path, device: torch.device, n_mels: int = 8
     return ClassifierObjective(model, shard_labels(data), device=device)
 
 
-def classifier_train_defaults(train: dict[str, Any], max_steps: int | None) -> dict[str, Any]:
-    """CLASSIFIER_TRAIN_DEFAULTS less whatever the config file (`train`) or --max-steps set."""
-    return {k: v for k, v in CLASSIFIER_TRAIN_DEFAULTS.items()
-            if k not in train and not (k == "max_steps" and max_steps is not None)}
+def upsampled_classifier_objective(pairs: str | Path, labels: str | Path, scale: tuple[int, int],
+                                   device: torch.device, init: Path | None = None) -> ClassifierObjective:
+    """What `avlink train classifiers --upsampled` optimises: the video classifier of the output geometry
+    (`scale` times the base's frames and size) on the pairs folder `pairs`, labelled by the metadata of the
+    SyncBench folder `labels`. init: a base classifiers file whose video network the body starts from (the
+    stem starts as the area mean either way, so the body first sees what it was trained on)."""
+    from avlink.data.pairs import Pairs
+
+    cfg = ClassifierConfig(audio=False, video_scale=tuple(scale))
+    if init is not None:
+        base, classes = load_classifiers(init)
+        if tuple(classes) != tuple(CLASSES):
+            raise UserError(f"{init}: classes {', '.join(classes)}, but the labels are {', '.join(CLASSES)}")
+        if base.cfg.video_scale != (1, 1):
+            raise UserError(f"{init}: --init takes the base classifiers (classifiers.safetensors), not an "
+                            f"upsampled one")
+        cfg = replace(cfg, num_classes=base.cfg.num_classes, video_width=base.cfg.video_width,
+                      embed_dim=base.cfg.embed_dim)
+    model = SyncBenchClassifiers(cfg)
+    if init is not None:
+        missing, unexpected = model.video.load_state_dict(base.video.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("stem.") for k in missing), (missing, unexpected)
+    ids = [str(i) for i in Pairs(pairs).meta["ids"]]
+    return ClassifierObjective(model.to(device), syncbench_labels(labels, ids), device=device)
+
+
+def classifier_train_defaults(train: dict[str, Any], max_steps: int | None,
+                              upsampled: bool = False) -> dict[str, Any]:
+    """CLASSIFIER_TRAIN_DEFAULTS (UPSAMPLED_CLASSIFIER_TRAIN_DEFAULTS for --upsampled) less whatever the config
+    file (`train`) or --max-steps set."""
+    defaults = UPSAMPLED_CLASSIFIER_TRAIN_DEFAULTS if upsampled else CLASSIFIER_TRAIN_DEFAULTS
+    return {k: v for k, v in defaults.items() if k not in train and not (k == "max_steps" and max_steps is not None)}

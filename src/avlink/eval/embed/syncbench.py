@@ -150,6 +150,9 @@ def load(modality: Modality, weights: Path | None = None, *, preset: str = "tiny
                              f"--preset {preset} --data syncbench:DIR --out RUN` and copy "
                              f"RUN/export/{WEIGHTS_FILE} there, or pass --weights {name}=PATH")
     model, classes = load_classifiers(path)
+    if model.cfg.video_scale != (1, 1) or model.audio is None:
+        raise UserError(f"{path}: the video classifier of the upsampler's output geometry; {name} reads the base "
+                        f"frames with {WEIGHTS_FILE}")
     clip = get_preset(preset).clip
     if model.cfg.n_mels != clip.audio.n_mels:
         raise UserError(f"{path}: classifiers of {model.cfg.n_mels} mel bands, but preset {preset} has "
