@@ -488,8 +488,9 @@ def test_v2a_keeps_the_best_candidate_and_records_every_score(pipe, monkeypatch)
     assert [b.x_cond.shape[0] for b in batches] == [3] and batches[0].rows == "candidates"
     assert ranking == [Ranking(0, (0.1, 0.9, 0.3), 1)]
     (call,) = calls
-    task, conditioning, candidates, fps, rate, audio_start = call.args
+    task, conditioning, candidates, fps, rate, audio_start, scorer = call.args
     assert call.kwargs == {} and (task, fps, rate, audio_start) == ("v2a", pipe.fps, pipe.sample_rate, 0.0)
+    assert scorer is None, "a folder without sync.safetensors ranks by AV-Align"
     assert np.array_equal(conditioning, frames) and len(candidates) == 3
     n = wave.shape[0]
     gaps = [np.abs(wave - c[:n]).max() for c in candidates]

@@ -4,6 +4,7 @@ import math
 import numpy as np
 
 from avlink.rank import best, sync_scores
+from avlink.sync import SyncRanker
 
 from helpers import clicks, jumping_square
 
@@ -43,6 +44,8 @@ def test_nan_ranks_lowest_and_ties_keep_the_lower_candidate():
 
 
 def test_the_ranker_is_given_the_input_and_the_candidates_and_nothing_else():
-    """No parameter could carry a reference (the input's own other modality, ground truth)."""
+    """No parameter could carry a reference (the input's own other modality, ground truth): the learned scorer
+    takes a window's input and candidates alone, and comes to sync_scores as weights loaded with the checkpoint."""
     assert list(inspect.signature(sync_scores).parameters) == [
-        "task", "conditioning", "candidates", "fps", "sample_rate", "audio_start"]
+        "task", "conditioning", "candidates", "fps", "sample_rate", "audio_start", "scorer"]
+    assert list(inspect.signature(SyncRanker.scores).parameters) == ["self", "task", "conditioning", "candidates"]

@@ -30,7 +30,8 @@ other gets the same name with the other suffix; `-o FOLDER` (an existing one) pu
 one line unless --overwrite is given.
 
 Best-of-N. `--candidates N` (N > 1) samples every window N times, scores each candidate against the input
-alone (AV-Align, rank.py) and keeps the best (pipeline.py). Every candidate's score goes to a third output, the
+alone (rank.py: the checkpoint's learned sync scorer, sync.safetensors, where it has one; AV-Align otherwise;
+the sidecar's "score" says which) and keeps the best (pipeline.py). Every candidate's score goes to a third output, the
 mp4's name with .json (`<stem>.v2a.json`, `OUT.json`): per window the scores in candidate order and the one
 kept. N = 1, the default, is generation without best-of-N, bit for bit, and writes no such file.
 
@@ -243,7 +244,8 @@ def write_ranking(job: Job, task: Task, settings: Settings, ranking: list) -> No
 
     windows = [{"window": r.window, "scores": [s if math.isfinite(s) else None for s in r.scores], "kept": r.kept}
                for r in ranking]
-    text = json.dumps({"input": str(job.source), "task": task, "score": "av_align", "candidates": settings.candidates,
+    score = ranking[0].score if ranking else "av_align"
+    text = json.dumps({"input": str(job.source), "task": task, "score": score, "candidates": settings.candidates,
                        "seed": settings.seed, "windows": windows}, indent=2)
     atomic_write(job.scores, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
 
@@ -458,7 +460,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="baseline: the frozen generator alone, ignoring the input")
     parser.add_argument("--candidates", type=int, default=1, metavar="N",
                         help="best-of-N: sample N candidates per window, keep the one whose timing agrees best "
-                             "with the input (AV-Align); their scores go to the mp4's name with .json (default 1)")
+                             "with the input (the checkpoint's learned sync scorer where it has one, else AV-Align); "
+                             "their scores go to the mp4's name with .json (default 1)")
     parser.add_argument("--continuation", choices=CONTINUATIONS, default=None,
                         help="how each window of a long input continues the one before: replace (pin the "
                              "overlap) or guided (also steer the rest of the window to agree with it, "

@@ -35,7 +35,8 @@ against Euler's 0.897), so a second-order solver buys nothing at this cost; --me
 Best-of-N (`candidates=N`): each window is sampled N times in one batch, candidate k from its own noise streams
 (`sample.noise_generator`'s candidate k of the window; candidate 0 is the stream that N = 1 samples, so N = 1
 is generation without best-of-N, bit for bit). Each candidate is decoded alone and scored against the window's
-conditioning input, and only that (rank.py); the best is kept, and the next window continues from it. Cost: N
+conditioning input, and only that (rank.py: by the checkpoint's learned sync scorer where it has one, by
+AV-Align otherwise); the best is kept, and the next window continues from it. Cost: N
 times the sampling, and a decode and a score per candidate and window.
 
 Precision: "fp32" (the default) or "bf16", where the linked model's network evaluations run under
@@ -61,7 +62,7 @@ from avlink.backbones.protocol import TextCond
 from avlink.config import Task
 from avlink.errors import UserError
 from avlink.fusion.linked import AVLink
-from avlink.rank import Ranking, best, sync_scores
+from avlink.rank import Ranking, best, score_name, sync_scores
 from avlink.sample import Known, sample_backbone, sample_link, sample_upsampler
 from avlink.seq import ClipGeometry
 from avlink.system import FAST_FUSION, System, frames_to_pixels, load_system, pixels_to_frames
@@ -478,10 +479,11 @@ class Pipeline:
                    audio_start: float, ranking: list[Ranking] | None) -> int:
         """Which of a window's decoded candidates to keep: scored against the window's conditioning input alone
         (rank.py), the ranking recorded where the caller asked for it."""
-        scores = sync_scores(task, conditioning, list(candidates), self.fps, self.sample_rate, audio_start)
+        scorer = self.system.sync
+        scores = sync_scores(task, conditioning, list(candidates), self.fps, self.sample_rate, audio_start, scorer)
         kept = best(scores)
         if ranking is not None:
-            ranking.append(Ranking(window, tuple(scores), kept))
+            ranking.append(Ranking(window, tuple(scores), kept, score_name(scorer)))
         return kept
 
     # -- the second video stage -----------------------------------------------------------------------------

@@ -15,7 +15,8 @@ into the generators' tensors and back.
 
 A checkpoint folder holds config.json, the two generators, the Fusion Blocks (checkpoint.py reads and writes
 those), the audio VAE (vae.safetensors) and, optionally, the video upsampler (upsampler.safetensors: without it
-A2V gives the base frames); the vocoder is chosen at load time (codecs/vocoder.py). A published
+A2V gives the base frames) and the learned sync scorer (sync.safetensors: best-of-N ranks by it, by AV-Align
+without it; sync.py, rank.py); the vocoder is chosen at load time (codecs/vocoder.py). A published
 generator (`PretrainedConfig`) keeps its weights, its codec and its text encoder in its own diffusers folder, which
 the config names: the checkpoint folder then holds the Fusion Blocks and what is ours. A new codec is one class in
 codecs/ and one line in `CODECS` (ours) or `PRETRAINED_CODECS` (a published generator's).
@@ -54,6 +55,7 @@ from avlink.errors import UserError
 from avlink.fusion.features import ConditioningFeatures
 from avlink.fusion.linked import TASKS, AVLink
 from avlink.seq import ClipGeometry, VideoGeometry
+from avlink.sync import SYNC_FILE, SyncRanker, load_sync
 from avlink.upsampler import Upsampler
 from avlink.weights import read_tensors
 
@@ -198,6 +200,7 @@ class System:
     text_encoders: dict[str, object] = field(default_factory=dict)  # by name, each loaded on its first prompt
     fast: AVLink | None = None  # the fast V2A set on the same generators, loaded on first use (fast_link)
     upsampler: Upsampler | None = None  # the second video stage, where the folder holds one (UPSAMPLER_FILE)
+    sync: SyncRanker | None = None  # best-of-N's learned scorer, where the folder holds one (sync.SYNC_FILE)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -361,4 +364,6 @@ def load_system(folder: str | Path, device: torch.device | str = "cpu", vocoder:
     model = load_link(folder, device)
     upsampler = load_upsampler(folder / UPSAMPLER_FILE, model.cfg, device) if (folder / UPSAMPLER_FILE).is_file() \
         else None
-    return System(model, load_codecs(folder, model.cfg, vocoder, device), device, folder, upsampler=upsampler)
+    sync = load_sync(folder / SYNC_FILE, model.cfg.clip, device) if (folder / SYNC_FILE).is_file() else None
+    return System(model, load_codecs(folder, model.cfg, vocoder, device), device, folder, upsampler=upsampler,
+                  sync=sync)

@@ -96,3 +96,18 @@ def test_train_args_are_what_their_command_line_parses_to(tmp_path):
     assert vars(parser.parse_args(argv[2:])) == {k: v for k, v in vars(args).items() if k != "command_line"}
     with pytest.raises(TypeError, match="max_step"):
         train_args("vae", data=tmp_path, out=tmp_path, max_step=3)
+
+
+def test_the_sync_scorer_trains_and_exports_a_file_the_ranker_loads(shards, tmp_path, capsys):
+    from avlink.config import get_preset
+    from avlink.sync import SYNC_FILE, load_sync
+
+    export = train("sync", tmp_path / "sync", shards)
+    card = json.loads((export / "sync.card.json").read_text())
+    assert card["part"] == "sync" and card["steps"] == 2 and card["final_loss"] > 0
+    ranker = load_sync(export / SYNC_FILE, get_preset("tiny").clip)
+    assert ranker.name == "sync"
+    assert main(["train", "sync", "--data", str(shards), "--out", str(tmp_path / "val"), "--val-data",
+                 str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--val-data: the sync scorer" in err[0]

@@ -1,5 +1,6 @@
-"""`avlink train vae|audio|video|fusion|classifiers`: train one part of AV-Link on prepared shards or a folder of
-videos (classifiers: the SyncBench audio and video classifiers of the evaluation, eval/classifiers.py).
+"""`avlink train vae|audio|video|fusion|classifiers|upsampler|sync`: train one part of AV-Link on prepared shards
+or a folder of videos (classifiers: the SyncBench audio and video classifiers of the evaluation,
+eval/classifiers.py; sync: the learned sync scorer that ranks best-of-N candidates, sync.py).
 
     avlink train vae    --preset tiny --data shards/ --out runs/vae
     avlink train audio  --preset tiny --data shards/ --out runs/t2a --vae runs/vae/export/vae.safetensors
@@ -10,6 +11,7 @@ videos (classifiers: the SyncBench audio and video classifiers of the evaluation
     avlink train classifiers --preset tiny --data syncbench:sb_train/ --out runs/classifiers
     avlink train classifiers --upsampled --preset tiny --data syncbench:sb/:train --out runs/classifiers-up
     avlink train upsampler --preset tiny --data syncbench:sb/:train --out runs/upsampler
+    avlink train sync --preset tiny --data syncbench:sb/:train --out runs/sync
 
 --data takes a folder written by `avlink prepare`, or any data spec `avlink prepare` takes (syncbench:DIR,
 vggsound:CSV:DIR, folder:DIR), which is prepared into OUT/prepared first (resumable). The upsampler trains on
@@ -52,9 +54,9 @@ from avlink.seq import ClipGeometry
 from avlink.train.distributed import Dist, setup, teardown
 from avlink.train.loop import TrainConfig, fit
 
-PARTS = ("vae", "audio", "video", "fusion", "classifiers", "upsampler")
+PARTS = ("vae", "audio", "video", "fusion", "classifiers", "upsampler", "sync")
 EXPORT_NAMES = {"vae": "vae", "audio": "audio_dit", "video": "video_dit", "fusion": "fusion",
-                "classifiers": "classifiers", "upsampler": "upsampler"}
+                "classifiers": "classifiers", "upsampler": "upsampler", "sync": "sync"}
 VAE_DEFAULTS = {"hidden": 128, "depth": 2, "kl_weight": 1e-4}
 
 
@@ -143,7 +145,7 @@ def load_settings(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, i
         tc = replace(tc, max_steps=args.max_steps)
     if args.part == "fusion" and "lr" not in train:
         tc = replace(tc, lr=1e-4)  # the paper's fusion learning rate
-    if args.part == "classifiers":
+    if args.part in ("classifiers", "sync"):  # small networks: the classifiers' step size and length
         from avlink.train.objectives import classifier_train_defaults
 
         tc = replace(tc, **classifier_train_defaults(train, args.max_steps, args.upsampled))
@@ -273,6 +275,10 @@ def build_objective(part: str, task: str, cfg: ModelConfig, args: argparse.Names
                                               args.init)
     if part == "classifiers":  # the labels come from the prepared clips' metadata
         return classifier_objective(data or args.data, device, n_mels=cfg.clip.audio.n_mels)
+    if part == "sync":
+        from avlink.train.objectives import sync_objective
+
+        return sync_objective(cfg, device)
     if part == "upsampler":
         from avlink.system import build_upsampler
         from avlink.train.objectives import UpsamplerObjective
@@ -350,6 +356,10 @@ def export(out: Path, part: str, objective, cfg: ModelConfig, card: dict[str, An
         from avlink.system import upsampler_metadata
 
         meta.update(upsampler_metadata(cfg))
+    if part == "sync":
+        from avlink.sync import sync_metadata
+
+        meta.update(sync_metadata(objective.trainable.cfg, cfg.clip))
     parts = objective.export_parts(weights) if part == "fusion" else {name: weights}
     for stem, tensors in parts.items():
         info = meta if stem == name else {"part": PARTS[stem], "finetuned_in": "fusion"}
@@ -366,6 +376,9 @@ def build_validation(args: argparse.Namespace, objective, cfg: ModelConfig, tc: 
     flags, so a bad one stops them all alike."""
     if args.val_data is not None and args.part == "upsampler":
         raise UserError("--val-data: the upsampler is scored by `avlink eval --task upsample` on its export")
+    if args.val_data is not None and args.part == "sync":
+        raise UserError("--val-data: the sync scorer is judged by the best-of-N outputs it picks (avlink eval on "
+                        "`avlink v2a|a2v --candidates N` with its checkpoint folder)")
     if args.val_data is None:
         if args.val_every:
             raise UserError(f"--val-every {args.val_every}: needs --val-data (the clips to validate on)")

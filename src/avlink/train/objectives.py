@@ -10,6 +10,9 @@ every pair of classes in one clip); the video gets a mirror image, a random orde
 (colour is drawn at random per object, so it must not matter), contrast, brightness and a one-pixel shift.
 With `--upsampled` the video classifier of the upsampler's output geometry trains alone on the true clips at
 that geometry (the upsampler's pairs, data/pairs.py), with the same augmentation (the shift: one base pixel).
+
+`avlink train sync` trains best-of-N's learned sync scorer (sync.py) on the same batches: true pairs against
+pairs shifted in time and other clips' sound (`SyncObjective`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from avlink.backbones.protocol import TextCond
 from avlink.checkpoint import PARTS
 from avlink.codecs.mel import LOG_FLOOR
 from avlink.codecs.vae import AudioVAE, vae_loss
-from avlink.config import PretrainedConfig
+from avlink.config import ModelConfig, PretrainedConfig
 from avlink.data.syncbench import CLASSES
 from avlink.errors import UserError
 from avlink.eval.classifiers import (
@@ -41,6 +44,7 @@ from avlink.eval.classifiers import (
 )
 from avlink.flow.path import flow_matching_errors, logit_normal
 from avlink.fusion.linked import AVLink
+from avlink.sync import MAX_SHIFT, MIN_SHIFT, SyncConfig, SyncScorer
 from avlink.system import frames_to_pixels, video_codec
 from avlink.train.loop import LossOutput
 from avlink.upsampler import Upsampler, flow_start, noised_condition
@@ -372,3 +376,45 @@ def classifier_train_defaults(train: dict[str, Any], max_steps: int | None,
     file (`train`) or --max-steps set."""
     defaults = UPSAMPLED_CLASSIFIER_TRAIN_DEFAULTS if upsampled else CLASSIFIER_TRAIN_DEFAULTS
     return {k: v for k, v in defaults.items() if k not in train and not (k == "max_steps" and max_steps is not None)}
+
+
+@dataclass
+class SyncObjective:
+    """The sync scorer (sync.py) on batches of prepared shards: each clip's true pair against its time-shifted
+    and mismatched pairs, a softmax over them (sync.py's docstring says which and why). Augmentation keeps timing:
+    a gain on the mel and augment_video's colours, mirror and pixel shift."""
+
+    trainable: SyncScorer
+    augment: bool = True
+    device: torch.device = torch.device("cpu")
+
+    def loss(self, batch: dict[str, Any]) -> LossOutput:
+        mel, video = batch["mel"].to(self.device), batch["video"].to(self.device)
+        frames = video.shape[2]
+        if frames < MAX_SHIFT + 2:
+            raise UserError(f"the sync scorer trains on clips of more than {MAX_SHIFT + 1} frames, got {frames}")
+        if self.augment:
+            gain = (torch.rand(mel.shape[0], 1, 1, device=self.device) * 2 - 1) * MEL_GAIN
+            mel, video = mel + gain, augment_video(video)
+        audio, seen = self.trainable.audio_frames(mel, frames), self.trainable.video_frames(video)  # (B, W, T)
+        length = frames - MAX_SHIFT
+        start = int(torch.randint(0, MAX_SHIFT + 1, ()))  # the true pair's crop, one per batch
+
+        def crop(x: Tensor, at: int) -> Tensor:
+            return x[..., at:at + length]
+
+        a, v = crop(audio, start), crop(seen, start)
+        shifted = [s for s in range(MAX_SHIFT + 1) if abs(s - start) >= MIN_SHIFT]
+        pairs = [(a, v)] + [(crop(audio, s), v) for s in shifted] + [(a, crop(seen, s)) for s in shifted]
+        if mel.shape[0] > 1:
+            pairs.append((a.roll(1, dims=0), v))  # the next clip's sound
+        logits = torch.stack([self.trainable.pair(x, y) for x, y in pairs], dim=1)  # (B, 1 + negatives)
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=self.device)
+        loss = F.cross_entropy(logits, target)
+        top = (logits.detach().argmax(dim=1) == 0).float().mean().item()
+        return LossOutput(loss, scalars={"acc/true_pair_first": top})
+
+
+def sync_objective(cfg: ModelConfig, device: torch.device) -> SyncObjective:
+    """What `avlink train sync` optimises: a scorer for the preset's mel."""
+    return SyncObjective(SyncScorer(SyncConfig(n_mels=cfg.clip.audio.n_mels)).to(device), device=device)
