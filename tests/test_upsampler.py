@@ -69,17 +69,22 @@ def test_linear_upsampling_keeps_base_frames_at_their_times():
     assert upsample_nearest(ramp, (4, 1))[0, 0, :, 0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
-def test_audio_envelope_finds_the_onset_frame():
+def test_audio_envelope_rises_at_the_first_frame_after_the_onset():
     sr, fps = 8000, 24.0
-    wave = torch.zeros(1, sr)
-    onset = 0.5  # s: frame 12
-    wave[0, int(onset * sr):] = 0.5 * torch.sin(torch.arange(sr - int(onset * sr)) * 0.3)
-    env = audio_envelope(wave, sr, fps, 24)
+
+    def sound_from(onset: float) -> torch.Tensor:
+        wave = torch.zeros(1, sr)
+        start = int(onset * sr)
+        wave[0, start:] = 0.5 * torch.sin(torch.arange(sr - start) * 0.3)
+        return wave
+
+    env = audio_envelope(sound_from(0.49), sr, fps, 24)  # between frame 11 (0.458 s) and frame 12 (0.5 s)
     assert env.shape == (1, 2, 24)
     level, rise = env[0]
     assert level[0] == pytest.approx(-1.0) and level[-1] == pytest.approx(math.log10(0.5 / math.sqrt(2)) / 2 + 1,
                                                                           abs=0.02)
-    assert int(rise.argmax()) in (12, 13)  # the window centred on frame 12 holds half silence
+    assert int(rise.argmax()) == 12  # the first frame that can show what made the sound
+    assert int(audio_envelope(sound_from(0.51), sr, fps, 24)[0, 1].argmax()) == 13
     assert torch.equal(silence(1, 24)[0, 0], torch.full((24,), -1.0))
 
 

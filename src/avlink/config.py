@@ -146,6 +146,15 @@ class UpsamplerConfig:
     # (cond_t 0.9, 1500 steps) 21.68 dB / 0.312; spread 0 (cond_t 0.9, 300 steps) 24.06 dB / 0.668; spread 0 with
     # the conditioning above (300 steps) 25.70 dB / 0.788.
     start_noise: float = 0.0
+    # Training draws the flow time as u ** time_power, u uniform: with no start noise the sample is decided at t
+    # near 0 (from there on x_t tells the target: v = (x_t - x_0) / t), which the logit-normal draw of the
+    # generators visits least. Event F1 of the 24 fps output within 1/24 s (SyncBench cue onsets against the
+    # true events, 16 test clips from their true base frames; the true clips 0.979), 600 steps of 16 at lr 1e-3:
+    # logit-normal 0.481, uniform (power 1) 0.719, power 2 0.851; with power 2 and the sound's envelope replaced
+    # by silence 0.452, or moved 2 output frames late 0.485, so the timing is the sound's. The upsampler shipped
+    # before (logit-normal, centred envelope windows, no FiLM, 1500 steps) scored 0.462 on these clips. (Runs
+    # with the envelope windows of `audio_envelope`, then ending one sample earlier.)
+    time_power: float = 2.0
     crop: tuple[int, int, int] = (8, 8, 8)  # training crop in base (frames, pixels, pixels): a convolutional net
     steps: int = 16  # Euler steps at sampling (default)
 

@@ -20,7 +20,15 @@ tiny preset, with no video autoencoder, cannot mirror):
 - Audio (option `audio`): A2V knows the sound, and the sound knows when things happen to within a frame at
   24 fps, where the base frames at 6 fps bound an event only to 1/6 s. A SyncBench cue starts at its event, so
   which of the four output frames between two base frames first shows it is in the audio, not the frames. The
-  net gets two channels per output frame: log energy and its rise (an onset strength), `audio_envelope`.
+  net gets two channels per output frame: log energy and its rise (an onset strength), `audio_envelope`, each
+  over the interval since the output frame before, so that a sound starting between frames k-1 and k rises at
+  frame k, the first frame that can show what made it (a window centred on the frame put 82 of 229 training
+  onsets one frame early). They enter twice: as input channels, and as a per-position shift and scale of every
+  block's features (FiLM, Perez et al. 2018, like adaLN-Zero but per base frame): where an output frame shows a
+  cue is a product of what the frames show and when the sound says it happened, which a modulation expresses
+  directly.
+- Training time: the flow runs from the interpolated frames without noise, so the result is decided at t near 0
+  (later steps can read the target off x_t) and training draws t as u ** UpsamplerConfig.time_power.
 """
 
 from __future__ import annotations
@@ -38,17 +46,18 @@ from avlink.seq import VideoGeometry
 
 ENVELOPE_CHANNELS = 2  # log energy, onset strength
 ENERGY_FLOOR = 1e-4  # RMS below this is silence (-80 dBFS)
+ENVELOPE_VERSION = 2  # what `audio_envelope` computes, kept with prepared pairs: 2 the 1/fps before a frame
 
 
 def audio_envelope(wave: Tensor, sample_rate: int, fps: float, frames: int) -> Tensor:
-    """(B, n) waves -> (B, 2, frames): per output frame, the RMS energy of the 1/fps window centred on the frame's
-    time, as log10 mapped to about [-1, 1] (floor -80 dBFS -> -1, full scale -> 1), and its rise from the frame
-    before (clipped at 0), the onset strength."""
+    """(B, n) waves -> (B, 2, frames): per output frame k, the RMS energy of the sound from frame k-1's time to
+    frame k's (the 1/fps before it; frame 0: its first sample), as log10 mapped to about [-1, 1] (floor -80 dBFS
+    -> -1, full scale -> 1), and its rise from the frame before (clipped at 0), the onset strength."""
     wave = wave.float()
     hop = sample_rate / fps
-    centres = torch.arange(frames, dtype=torch.float64) * hop
-    starts = (centres - hop / 2).round().long().clamp(min=0)
-    ends = (centres + hop / 2).round().long().clamp(min=1)
+    times = torch.arange(frames, dtype=torch.float64) * hop
+    starts = (times - hop).round().long().add(1).clamp(min=0)  # samples (k-1)/fps < s <= k/fps
+    ends = times.round().long().add(1)
     power = F.pad(wave.square().cumsum(-1), (1, 0))  # (B, n + 1): sums of squares up to each sample
     n = wave.shape[-1]
     starts, ends = starts.clamp(max=n), ends.clamp(max=n)
@@ -123,7 +132,7 @@ def flow_start(cond: Tensor, scale: tuple[int, int], noise: Tensor | None, sprea
 
 
 class ResBlock(nn.Module):
-    def __init__(self, dim: int, cond_dim: int):
+    def __init__(self, dim: int, cond_dim: int, env_channels: int = 0):
         super().__init__()
         groups = math.gcd(dim, 8)
         self.norm1 = nn.GroupNorm(groups, dim, affine=False)
@@ -131,9 +140,17 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, dim)
         self.conv2 = nn.Conv3d(dim, dim, 3, padding=1)
         self.ada = AdaLN(cond_dim, (dim, dim, dim))  # shift, scale, gate; zero at init: the block starts as identity
+        self.env = None
+        if env_channels:
+            self.env = nn.Conv3d(env_channels, 2 * dim, 1)  # per base frame: shift, scale from the sound (FiLM)
+            nn.init.zeros_(self.env.weight)
+            nn.init.zeros_(self.env.bias)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, env: Tensor | None = None) -> Tensor:
         shift, scale, gate = (m.reshape(*m.shape[:1], -1, 1, 1, 1) for m in self.ada(c))
+        if self.env is not None and env is not None:
+            env_shift, env_scale = self.env(env).chunk(2, dim=1)
+            shift, scale = shift + env_shift, scale + env_scale
         h = self.conv1(F.silu(self.norm1(x) * (1 + scale) + shift))
         return x + gate * self.conv2(F.silu(self.norm2(h)))
 
@@ -153,7 +170,8 @@ class Upsampler(nn.Module):
         self.t_embed = TimestepEmbedder(cfg.dim)
         self.cond_t_embed = TimestepEmbedder(cfg.dim)
         self.proj_in = nn.Conv3d(inputs, cfg.dim, 1)
-        self.blocks = nn.ModuleList(ResBlock(cfg.dim, cfg.dim) for _ in range(cfg.depth))
+        env_channels = ENVELOPE_CHANNELS * st if cfg.audio else 0
+        self.blocks = nn.ModuleList(ResBlock(cfg.dim, cfg.dim, env_channels) for _ in range(cfg.depth))
         self.norm_out = nn.GroupNorm(math.gcd(cfg.dim, 8), cfg.dim)
         self.proj_out = nn.Conv3d(cfg.dim, self.block, 1)
         nn.init.zeros_(self.proj_out.weight)  # velocity 0 at init
@@ -169,15 +187,16 @@ class Upsampler(nn.Module):
         expected = (b, self.video.channels, frames * scale[0], h * scale[1], w * scale[1])
         assert tuple(x.shape) == expected, f"x_t {tuple(x.shape)} does not fit base frames {tuple(low.shape)}"
         parts = [pack(x, scale), pack(upsample_linear(low, scale), scale)]
+        env = None
         if self.cfg.audio:
             if envelope is None:
                 envelope = silence(b, frames * scale[0], x.device)
             env = envelope.to(x.dtype).reshape(b, ENVELOPE_CHANNELS, frames, scale[0])
-            env = env.permute(0, 1, 3, 2).reshape(b, -1, frames, 1, 1).expand(-1, -1, -1, h, w)
-            parts.append(env)
+            env = env.permute(0, 1, 3, 2).reshape(b, -1, frames, 1, 1)
+            parts.append(env.expand(-1, -1, -1, h, w))
         c = self.t_embed(t) + self.cond_t_embed(cond_t)
         hidden = self.proj_in(torch.cat(parts, dim=1))
         for block in self.blocks:
-            hidden = block(hidden, c)
+            hidden = block(hidden, c, env)
         out = self.proj_out(F.silu(self.norm_out(hidden)))
         return unpack(out, scale, self.video.channels)

@@ -47,6 +47,10 @@ def test_train_upsampler_decodes_pairs_trains_and_exports(syncbench, tmp_path):
     # resume to 3 steps reads the pairs folder again
     assert main([*args[:7], "3", *args[8:], "--resume"]) == 0
     assert json.loads((out / "export" / "upsampler.card.json").read_text())["steps"] == 3
+    # pairs whose envelope another definition made are refused, not trained on
+    meta = json.loads((out / "pairs" / "pairs.json").read_text())
+    (out / "pairs" / "pairs.json").write_text(json.dumps({**meta, "envelope": 1}))
+    assert main([*args[:7], "4", *args[8:], "--resume"]) == 2
 
 
 def test_train_upsampler_refuses_shards_and_val_data(syncbench, tmp_path, capsys):

@@ -35,14 +35,14 @@ from avlink.data.datasets import fit_length, load_item, open_dataset
 from avlink.data.media import MediaError
 from avlink.errors import UserError
 from avlink.seq import ClipGeometry, VideoGeometry
-from avlink.upsampler import audio_envelope
+from avlink.upsampler import ENVELOPE_VERSION, audio_envelope
 
 log = logging.getLogger(__name__)
 PAIRS = "pairs.json"
 
 
 def _key(spec: str, clip: ClipGeometry, output: VideoGeometry) -> dict[str, Any]:
-    return {"spec": spec, "clip": asdict(clip), "output": asdict(output)}
+    return {"spec": spec, "clip": asdict(clip), "output": asdict(output), "envelope": ENVELOPE_VERSION}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -58,8 +58,8 @@ def prepare_pairs(spec: str, folder: Path, clip: ClipGeometry, output: VideoGeom
     if (folder / PAIRS).is_file():
         held = json.loads((folder / PAIRS).read_text())
         if not _same({k: held.get(k) for k in key}, key):
-            raise UserError(f"{folder}: holds pairs of another data spec or geometry ({held.get('spec')}); "
-                            f"remove it or give another --out")
+            raise UserError(f"{folder}: holds pairs of another data spec, geometry or audio envelope "
+                            f"({held.get('spec')}); remove it or give another --out")
         return folder
     dataset = open_dataset(spec)
     if not len(dataset):

@@ -262,7 +262,7 @@ class UpsamplerObjective:
         cond_t = cfg.cond_t_min + (1 - cfg.cond_t_min) * torch.rand(b, device=self.device)
         low = noised_condition(low, cond_t)
         x0 = flow_start(low, cfg.scale, torch.randn_like(high) if cfg.start_noise else None, cfg.start_noise)
-        t = logit_normal(b, device=self.device)
+        t = torch.rand(b, device=self.device) ** cfg.time_power  # near 0, where the sample is decided (config)
         per = flow_matching_errors(lambda x, tt: self.trainable(x, tt, low, cond_t, env), high, t, x0)
         return LossOutput(per.mean(), per, t)
 
