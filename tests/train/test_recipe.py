@@ -113,12 +113,28 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path, monkeypatch):
         assert any(k.endswith("class_acc") for k in validation["metrics"]), (part, validation)
     assert "| AV-Link |" in (tmp_path / "out" / "scores.md").read_text()
     assert load_link(tmp_path / "out") is not None
-    for name in ("vae", "audio_dit", "video_dit", "fusion", "fusion-fast", "classifiers", "upsampler"):
-        assert (tmp_path / "out" / f"{name}.safetensors").is_file()
+    for name in ("vae", "audio_dit", "video_dit", "fusion", "fusion-fast", "classifiers", "upsampler", "sync",
+                 "classifiers-upsampled"):
+        assert (tmp_path / "out" / f"{name}.safetensors").is_file(), name
+        assert (tmp_path / "out" / f"{name}.card.json").is_file(), name
+    # The sync scorer and the upsampled-geometry classifier load as best-of-N and the upsample eval read them.
+    from avlink.eval.classifiers import load_classifiers
+    from avlink.sync import load_sync
+
+    assert load_sync(tmp_path / "out" / "sync.safetensors", load_link(tmp_path / "out").cfg.clip) is not None
+    upsampled, _ = load_classifiers(tmp_path / "out" / "classifiers-upsampled.safetensors")
+    assert upsampled.cfg.video_scale != (1, 1)
+    commands = {s["step"]: s["command"] for s in summary["steps"]}
+    assert commands["train sync"].startswith("avlink train sync ")
+    assert "--upsampled" in commands["train classifiers-upsampled"]
+    assert "--init " + str(tmp_path / "work" / "runs" / "classifiers" / "export" / "classifiers.safetensors") in \
+        commands["train classifiers-upsampled"]
+    assert names.index("train classifiers") < names.index("train sync") < names.index("train vae")
     fast_card = json.loads((tmp_path / "out" / FAST_CARD).read_text())
     assert "model.fusion.injection=static" in fast_card["command"] and fast_card["task"] == "v2a"
     assert load_fast_link(tmp_path / "out", load_link(tmp_path / "out")).cfg.fusion.injection == "static"
-    assert names.index("train fusion a2v") < names.index("train upsampler") < names.index("score")
+    assert names.index("train fusion a2v") < names.index("train upsampler") < names.index(
+        "train classifiers-upsampled") < names.index("score")
     assert card["v2a"]["train"]["lr"] == Budget().fusion_lr
     for name, lr in (("vae", Budget().vae_lr), ("video_dit", Budget().video_lr)):
         assert json.loads((tmp_path / "out" / f"{name}.card.json").read_text())["train"]["lr"] == lr
@@ -187,16 +203,24 @@ def test_overrides_reach_every_training_and_the_work_folder_keeps_its_settings(t
     sizes = ["model.video.dim=64", "model.fusion.dim=32"]
     with pytest.raises(Stop):
         run_recipe(tmp_path / "out", work, budget={"video_steps": 7}, model=sizes, progress=False)
-    trained = {args.part: args for args in fake_steps["train"]}
-    assert set(trained) == {"classifiers", "vae", "audio", "video", "fusion", "upsampler"}
-    for part in ("audio", "video", "fusion"):
+    trained = {args.out.name: args for args in fake_steps["train"]}  # by run folder
+    assert set(trained) == {"classifiers", "sync", "vae", "audio", "video", "v2a", "a2v", "v2a-fast", "upsampler",
+                            "classifiers-upsampled"}
+    for part in ("audio", "video", "v2a"):
         assert all(item in trained[part].set for item in sizes), part
     assert trained["upsampler"].data == f"syncbench:{work / 'syncbench'}:train"
     assert trained["upsampler"].max_steps == Budget().upsampler_steps
-    for part in ("classifiers", "vae", "upsampler"):
+    for part in ("classifiers", "sync", "vae", "upsampler", "classifiers-upsampled"):
         assert not any(a.startswith("model.") for a in trained[part].set), part
+    assert trained["sync"].part == "sync" and trained["sync"].data == str(work / "shards" / "mel")
+    assert trained["sync"].max_steps == Budget().sync_steps == 1000 and trained["sync"].batch_size == 32
+    upsampled = trained["classifiers-upsampled"]
+    assert upsampled.part == "classifiers" and upsampled.upsampled and upsampled.labels == work / "syncbench"
+    assert upsampled.data == str(trained["upsampler"].out / "pairs")  # where the upsampler decodes its clips
+    assert upsampled.init == trained["classifiers"].out / "export" / "classifiers.safetensors"
+    assert upsampled.max_steps == Budget().upsampled_classifier_steps == 400
     assert trained["video"].max_steps == 7 and f"train.lr={Budget().video_lr}" in trained["video"].set
-    assert trained["fusion"].video_dit == trained["video"].out / "export" / "video.safetensors"
+    assert trained["v2a"].video_dit == trained["video"].out / "export" / "video.safetensors"
     # Each step announces the command line that does what its library call did.
     printed = capsys.readouterr().out.splitlines()
     commands = dict(line.removeprefix("avlink recipe: ").split(": ", 1) for line in printed
@@ -210,7 +234,7 @@ def test_overrides_reach_every_training_and_the_work_folder_keeps_its_settings(t
         assert all(line[k] == v for k, v in options.items()), name
     for args in fake_steps["train"]:
         assert parsed(train_command, args.command_line) == {k: v for k, v in vars(args).items() if k != "command_line"}
-        name = f"train fusion {args.out.name}" if args.part == "fusion" else f"train {args.part}"
+        name = f"train fusion {args.out.name}" if args.part == "fusion" else f"train {args.out.name}"
         assert commands[name] == args.command_line
     fast = [args for args in fake_steps["train"] if args.out.name == "v2a-fast"]
     assert len(fast) == 1 and fast[0].task == "v2a" and fast[0].set[-1] == "model.fusion.injection=static"
@@ -292,8 +316,9 @@ def test_a_fusion_only_recipe_trains_the_fusion_blocks_on_a_checkpoints_parts(tm
 
 
 def test_an_upsampler_only_recipe_adds_the_upsampler_to_a_checkpoints_parts(tmp_path, fake_steps, monkeypatch):
-    """--upsampler-only CKPT: the train clips are synthesized, the upsampler alone trained, and CKPT's parts
-    written to --out beside it, with CKPT's recipe.json and the stage's steps and wall time."""
+    """--upsampler-only CKPT: the train clips are synthesized, the upsampler and its upsampled-geometry classifier
+    (from CKPT's classifiers) alone trained, and CKPT's parts written to --out beside them, with CKPT's recipe.json
+    and the stage's steps and wall time."""
     from helpers import random_checkpoint
 
     ckpt = random_checkpoint(tmp_path / "ckpt")
@@ -303,26 +328,40 @@ def test_an_upsampler_only_recipe_adds_the_upsampler_to_a_checkpoints_parts(tmp_
     with pytest.raises(UserError, match="clip geometry"):  # the helper's checkpoint has a 1 s clip
         recipe.run_upsampler_only(ckpt, tmp_path / "out", tmp_path / "work", progress=False)
     save_config(ckpt / "config.json", tiny_link().cfg.override(**{"clip.duration": 16 / 6}))
+    with pytest.raises(UserError, match="no classifiers.safetensors"):
+        recipe.run_upsampler_only(ckpt, tmp_path / "out", tmp_path / "work", progress=False)
+    save_file({"w": torch.ones(1)}, str(ckpt / "classifiers.safetensors"))
+    (ckpt / "classifiers-upsampled.card.json").write_text(json.dumps({"part": "old"}))  # replaced, not kept
 
     def fake_train(args):
         fake_steps["train"].append(args)
         export = args.out / "export"
         export.mkdir(parents=True)
-        save_file({"w": torch.zeros(1)}, str(export / "upsampler.safetensors"))
-        (export / "upsampler.card.json").write_text(json.dumps({"part": "upsampler"}))
-        return export / "upsampler.safetensors"
+        name = args.out.name  # the run folders are named after their exports
+        save_file({"w": torch.zeros(1)}, str(export / f"{name}.safetensors"))
+        (export / f"{name}.card.json").write_text(json.dumps({"part": name}))
+        return export / f"{name}.safetensors"
 
     monkeypatch.setattr(recipe, "train_part", fake_train)
     assert cli.main(["recipe", "--upsampler-only", str(ckpt), "--out", str(tmp_path / "out"), "--work",
                      str(tmp_path / "work"), "--budget", "upsampler_steps=5", "--no-progress"]) == 0
-    assert [args.part for args in fake_steps["train"]] == ["upsampler"]
+    assert [args.part for args in fake_steps["train"]] == ["upsampler", "classifiers"]
     assert fake_steps["train"][0].max_steps == 5 and fake_steps["train"][0].batch_size == Budget().upsampler_batch
+    upsampled = fake_steps["train"][1]
+    assert upsampled.upsampled and upsampled.init == ckpt / "classifiers.safetensors"
+    assert upsampled.data == str(fake_steps["train"][0].out / "pairs")
+    assert upsampled.labels == tmp_path / "work" / "syncbench"
+    assert upsampled.max_steps == Budget().upsampled_classifier_steps
     assert [options["split"] for _, options in fake_steps["synth"]] == ["train"]
     out = tmp_path / "out"
-    for name in ("config.json", "fusion.safetensors", "vae.safetensors", "upsampler.safetensors",
-                 "upsampler.card.json"):
+    for name in ("config.json", "fusion.safetensors", "vae.safetensors", "classifiers.safetensors",
+                 "upsampler.safetensors", "upsampler.card.json", "classifiers-upsampled.safetensors",
+                 "classifiers-upsampled.card.json"):
         assert (out / name).is_file(), name
+    assert json.loads((out / "classifiers-upsampled.card.json").read_text())["part"] == "classifiers-upsampled"
     summary = json.loads((out / "recipe.json").read_text())
     assert summary["wall_s"] == 1.0  # the checkpoint's own recipe, kept
-    assert [s["step"] for s in summary["upsampler_only"]["steps"]] == ["synth train", "train upsampler"]
+    steps = summary["upsampler_only"]["steps"]
+    assert [s["step"] for s in steps] == ["synth train", "train upsampler", "train classifiers-upsampled"]
+    assert steps[2]["command"] == upsampled.command_line and "--upsampled" in steps[2]["command"]
     assert summary["upsampler_only"]["budget"]["upsampler_steps"] == 5

@@ -1,10 +1,10 @@
 """`avlink recipe` (what `make checkpoints` runs): everything the embedded default ships, trained from scratch on
 SyncBench on one machine, in one command.
 
-    synth train / val / test clips -> prepare shards -> SyncBench classifiers -> VAE -> shards with VAE latents
-    -> T2A, T2V generators -> V2A and A2V Fusion Blocks -> the fast V2A set -> video upsampler -> OUT/
-    (safetensors, config.json, one card per part) -> scores on the test split (train/scorecard.py) into the cards,
-    OUT/scores.md
+    synth train / val / test clips -> prepare shards -> SyncBench classifiers -> sync scorer -> VAE -> shards
+    with VAE latents -> T2A, T2V generators -> V2A and A2V Fusion Blocks -> the fast V2A set -> video upsampler
+    -> its upsampled-geometry video classifier -> OUT/ (safetensors, config.json, one card per part) -> scores
+    on the test split (train/scorecard.py) into the cards, OUT/scores.md
 
 The fast V2A set (OUT/fusion-fast.safetensors, `avlink v2a --fast`) is V2A Fusion Blocks without reinjection
 (checkpoint.py FAST_OVERRIDES), trained as the V2A set is, on the same budget: the training of `avlink ablate`'s
@@ -21,10 +21,16 @@ more to spend than the 2-core CPU the default is fitted to. The work folder reme
 (WORK/recipe-settings.json) and refuses others: a T2V trained longer under fusion blocks finished on the old one
 would leave them silently stale.
 
-`--fusion-only CKPT` trains the Fusion Blocks alone on CKPT's other parts (and keeps its upsampler, if it has one,
-untrained); `--upsampler-only CKPT` trains the video upsampler alone (on the train split's clips, synthesized into
-WORK/syncbench if missing) and writes CKPT's parts with it to --out, the stage and its wall time added to the
-recipe.json kept from CKPT.
+The sync scorer (sync.py, best-of-N's ranker) trains on the shards the classifiers train on: the train split, as
+`avlink train sync --data syncbench:DIR:train` would prepare it. The upsampled-geometry video classifier
+(eval/classifiers.py UPSAMPLED_FILE, which `avlink eval --task upsample` scores the 24 fps rows with) trains on
+the upsampler's training pairs (RUNS/upsampler/pairs), starting from the classifiers just trained.
+
+`--fusion-only CKPT` trains the Fusion Blocks alone on CKPT's other parts (and keeps its upsampler, upsampled
+classifier and sync scorer, where it has them, untrained); `--upsampler-only CKPT` trains the video upsampler
+and its upsampled-geometry classifier (from CKPT's classifiers) alone (on the train split's clips, synthesized
+into WORK/syncbench if missing) and writes CKPT's parts with them to --out, the stage and its wall time added to
+the recipe.json kept from CKPT.
 """
 
 from __future__ import annotations
@@ -108,6 +114,12 @@ class Budget:
     upsampler_steps: int = 600
     upsampler_batch: int = 16
     upsampler_lr: float = 1e-3
+    # The upsampled-geometry video classifier, at batch_size: `avlink train classifiers --upsampled`'s default
+    # (objectives.py UPSAMPLED_CLASSIFIER_TRAIN_DEFAULTS: 400 steps, a step 1.5 s of CPU time on one core).
+    upsampled_classifier_steps: int = 400
+    # The sync scorer, at batch_size: `avlink train sync`'s default (1000 steps; 213 s on the 800 train clips on
+    # one CPU thread, README's Best-of-N).
+    sync_steps: int = 1000
 
     def scaled(self, scale: float) -> Budget:
         def s(n: int, least: int) -> int:
@@ -119,11 +131,17 @@ class Budget:
                        fusion_steps=s(self.fusion_steps, 2), classifier_steps=s(self.classifier_steps, 2),
                        batch_size=min(self.batch_size, s(self.train_clips, 8)), score_steps=s(self.score_steps, 2),
                        upsampler_steps=s(self.upsampler_steps, 2),
-                       upsampler_batch=min(self.upsampler_batch, s(self.train_clips, 8)))
+                       upsampler_batch=min(self.upsampler_batch, s(self.train_clips, 8)),
+                       upsampled_classifier_steps=s(self.upsampled_classifier_steps, 2),
+                       sync_steps=s(self.sync_steps, 2))
 
 
 SETTINGS = "recipe-settings.json"  # in the work folder: what its runs were started with
 FAST_RUN = "v2a-fast"  # the run folder of the fast V2A set
+UPSAMPLED_RUN = "classifiers-upsampled"  # the run folder of the upsampled-geometry video classifier
+# Parts a checkpoint folder may lack: the upsampler and its classifier (a preset without an upsampler section, a
+# fusion-only recipe on a folder without them) and the sync scorer (a fusion-only recipe on a folder without one).
+OPTIONAL_PARTS = ("upsampler", UPSAMPLED_RUN, "sync")
 MODEL_SECTIONS = ("audio", "video", "fusion")  # what --set may size; clip geometry is the preset's (synth, prepare)
 
 
@@ -254,6 +272,8 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
         # The classifiers first: every later part's last validation scores class accuracy with them.
         classifiers = train_step("train classifiers", "classifiers", log, data=shards / "mel",
                                  out=runs / "classifiers", max_steps=b.classifier_steps, **common)
+        train_step("train sync", "sync", log, data=shards / "mel", out=runs / "sync", max_steps=b.sync_steps,
+                   **common)
         vae = train_step("train vae", "vae", log, data=shards / "mel", out=runs / "vae", max_steps=b.vae_steps,
                          set=[f"train.lr={b.vae_lr}"], **common)
     else:
@@ -277,6 +297,7 @@ def run_recipe(out: Path, work: Path, preset: str = "tiny", scale: float = 1.0, 
 
     if reused is None and get_preset(preset).upsampler is not None:
         upsampler_step(sb, runs, b, preset, progress, log)
+        upsampled_classifier_step(sb, runs, classifiers, b, preset, progress, log)
     collect(out, runs, reused)
     # Imported here: the scorecard brings the evaluation harness (librosa and the rest), which `Budget`'s users
     # (`avlink ablate --train-only`) do not need.
@@ -315,10 +336,22 @@ def upsampler_step(sb: Path, runs: Path, b: Budget, preset: str, progress: bool,
                       set=[f"train.lr={b.upsampler_lr}"], resume=True, no_progress=not progress)
 
 
+def upsampled_classifier_step(sb: Path, runs: Path, classifiers: Path, b: Budget, preset: str, progress: bool,
+                              log: list[dict]) -> Path:
+    """`avlink train classifiers --upsampled` on the upsampler's training pairs (decoded by upsampler_step into
+    RUNS/upsampler/pairs, cli.resolve_pairs), labelled by the SyncBench folder `sb`, its video network started
+    from the base `classifiers`; returns the exported weights."""
+    return train_step(f"train {UPSAMPLED_RUN}", "classifiers", log, data=runs / "upsampler" / "pairs",
+                      out=runs / UPSAMPLED_RUN, upsampled=True, labels=sb, init=classifiers, preset=preset,
+                      batch_size=b.batch_size, max_steps=b.upsampled_classifier_steps, resume=True,
+                      no_progress=not progress)
+
+
 def run_upsampler_only(ckpt: Path, out: Path, work: Path, scale: float = 1.0, seed: int = 0, progress: bool = True,
                        budget: dict[str, int | float] | None = None) -> dict:
     """The video upsampler alone for the checkpoint folder `ckpt`: trained on the train split (its preset's clip
-    geometry), then `ckpt`'s parts and the upsampler written to `out`, with ckpt's recipe.json and this stage."""
+    geometry), its upsampled-geometry video classifier on the upsampler's pairs from ckpt's classifiers, then
+    `ckpt`'s parts, the upsampler and that classifier written to `out`, with ckpt's recipe.json and this stage."""
     from avlink.checkpoint import load_config
     from avlink.config import PRESETS
 
@@ -332,22 +365,30 @@ def run_upsampler_only(ckpt: Path, out: Path, work: Path, scale: float = 1.0, se
         raise UserError(f"--upsampler-only {ckpt}: its preset {cfg.name!r} has no upsampler section")
     if PRESETS[cfg.name].clip != cfg.clip:
         raise UserError(f"--upsampler-only {ckpt}: its clip geometry is not preset {cfg.name!r}'s")
+    classifiers = ckpt / "classifiers.safetensors"
+    if not classifiers.is_file():
+        raise UserError(f"--upsampler-only {ckpt}: no classifiers.safetensors (the upsampled-geometry video "
+                        f"classifier starts from it)")
     b = replace(Budget(), **(budget or {})).scaled(scale)
     log: list[dict] = []
     started = time.perf_counter()
     sb = work / "syncbench"
     synth_step("synth train", sb, log, progress, n=b.train_clips, seed=seed, split="train", preset=cfg.name,
                workers=2)
-    export = upsampler_step(sb, work / "runs", b, cfg.name, progress, log).parent
+    runs = work / "runs"
+    trained = {"upsampler": upsampler_step(sb, runs, b, cfg.name, progress, log).parent,
+               UPSAMPLED_RUN: upsampled_classifier_step(sb, runs, classifiers, b, cfg.name, progress, log).parent}
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(ckpt.iterdir()):
-        if path.is_file() and not path.name.startswith("upsampler."):
+        if path.is_file() and not path.name.startswith(tuple(f"{name}." for name in trained)):
             shutil.copyfile(path, out / path.name)
-    for suffix in (".safetensors", ".card.json"):
-        shutil.copyfile(export / f"upsampler{suffix}", out / f"upsampler{suffix}")
+    for name, export in trained.items():
+        for suffix in (".safetensors", ".card.json"):
+            shutil.copyfile(export / f"{name}{suffix}", out / f"{name}{suffix}")
     kept = json.loads((ckpt / "recipe.json").read_text()) if (ckpt / "recipe.json").is_file() else {}
+    used = ("train_clips", "batch_size", "upsampled_classifier_steps")
     stage = {"scale": scale, "seed": seed, "budget": {k: v for k, v in asdict(b).items()
-                                                      if k.startswith("upsampler") or k == "train_clips"},
+                                                      if k.startswith("upsampler") or k in used},
              "steps": log, "wall_s": round(time.perf_counter() - started, 1)}
     summary = {**kept, "upsampler_only": stage}
     text = json.dumps(summary, indent=2)
@@ -369,14 +410,15 @@ def check_reused(folder: Path, out: Path) -> Path:
 
 def collect(out: Path, runs: Path, reused: Path | None = None) -> None:
     """The exported parts, in the layout `system.load_link` reads; both fusion sets in one file, the fast V2A set
-    in its own (checkpoint.save_fast_fusion). reused: the folder of the VAE, classifiers and generators of a
-    fusion-only recipe."""
+    in its own (checkpoint.save_fast_fusion). reused: the folder of the VAE, classifiers, generators, sync scorer
+    and upsampler of a fusion-only recipe."""
     out.mkdir(parents=True, exist_ok=True)
     for part, name in (("vae", "vae"), ("audio", "audio_dit"), ("video", "video_dit"),
-                       ("classifiers", "classifiers"), ("upsampler", "upsampler")):
+                       ("classifiers", "classifiers"), ("sync", "sync"), ("upsampler", "upsampler"),
+                       (UPSAMPLED_RUN, UPSAMPLED_RUN)):
         export = runs / part / "export" if reused is None else reused
-        if name == "upsampler" and not (export / f"{name}.safetensors").is_file():
-            continue  # a fusion-only recipe on a folder without one (or a preset without one)
+        if part in OPTIONAL_PARTS and not (export / f"{name}.safetensors").is_file():
+            continue  # OPTIONAL_PARTS says when a folder has none
         for suffix in (".safetensors", ".card.json"):
             shutil.copyfile(export / f"{name}{suffix}", out / f"{name}{suffix}")
     fusion, cards = {}, {}
@@ -409,8 +451,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train only the Fusion Blocks, on the VAE, classifiers and generators of this "
                              "checkpoint folder (copied to --out), e.g. after changing the fusion training")
     parser.add_argument("--upsampler-only", type=Path, metavar="CKPT",
-                        help="train only the video upsampler for this checkpoint folder and write the folder's "
-                             "parts with it to --out")
+                        help="train only the video upsampler and its upsampled-geometry classifier for this "
+                             "checkpoint folder and write the folder's parts with them to --out")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -420,7 +462,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--upsampler-only: trains the upsampler alone; --fusion-only and --set do not apply")
         stage = run_upsampler_only(args.upsampler_only, args.out, args.work, args.scale, args.seed,
                                    not args.no_progress, budget=budget_overrides(args.budget))
-        print(f"avlink recipe: upsampler trained in {stage['wall_s'] / 60:.1f} min; parts in {args.out}")
+        print(f"avlink recipe: upsampler and its classifier trained in {stage['wall_s'] / 60:.1f} min; parts in "
+              f"{args.out}")
         return 0
     summary = run_recipe(args.out, args.work, args.preset, args.scale, args.seed, not args.no_progress,
                          budget=budget_overrides(args.budget), model=args.set, fusion_only=args.fusion_only)
