@@ -415,3 +415,15 @@ def test_the_shipped_checkpoint_loads():
     stored = load_file(str(folder / "fusion.safetensors"))
     for name, value in model.fusion.state_dict().items():
         assert torch.equal(value, stored[name][: value.shape[0]]), name
+
+
+def test_the_shipped_second_stage_scorer_and_classifiers_load():
+    from avlink.eval.classifiers import UPSAMPLED_FILE, load_classifiers
+    from avlink.pipeline import Pipeline
+
+    folder = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
+    pipe = Pipeline.load(folder, vocoder=None)
+    assert pipe.upsampler is not None and pipe.upsampler.cfg.audio  # strict: its FiLM layers are in the file
+    assert pipe.system.sync is not None  # best-of-N ranks by the learned scorer
+    model, _ = load_classifiers(folder / UPSAMPLED_FILE)
+    assert model.cfg.video_scale == pipe.upsampler.cfg.scale and model.audio is None
