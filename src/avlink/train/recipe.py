@@ -57,7 +57,9 @@ from avlink.train.cli import command_line, parse_override, train_args, train_par
 
 @dataclass(frozen=True)
 class Budget:
-    """Clip and step counts of the tiny recipe, fitted to 100 minutes on 2 CPU cores.
+    """Clip and step counts of the tiny recipe, fitted to 100 minutes on 2 CPU cores for the generators and the
+    two fusion sets; the fast V2A set, the upsampler, its classifier and the sync scorer came later and add about
+    an hour and a half on one core beside other jobs (recipe.json and the cards hold each stage's wall time).
 
     Fusion blocks learn alignment only on top of base generators that already model their modality well: with
     T2A trained briefly, the blocks first spend themselves on improving the audio model and ignore the video
