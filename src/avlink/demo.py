@@ -59,7 +59,6 @@ SYSTEMS: dict[str, tuple[Task, bool]] = {
 TASK_TITLES = {"v2a": "V2A: sound for the silent video", "a2v": "A2V: video for the sound"}
 # Metric groups per task; class_acc joins them where the checkpoint has the SyncBench classifiers.
 METRICS: dict[Task, tuple[str, ...]] = {"v2a": ("onset", "events", "av_align"), "a2v": ("events", "av_align")}
-CLASSIFIERS_FILE = "classifiers.safetensors"
 
 
 @dataclass
@@ -232,6 +231,7 @@ def row_label(system: str) -> str:
 
 def eval_settings(task: Task, ckpt: Path, pipe: Any, duration: float, notes: list[str]) -> Any:
     """The evaluation's settings: our metrics, plus class accuracy where the checkpoint has the classifiers."""
+    from avlink.eval.classifiers import CLASSIFIERS_FILE
     from avlink.eval.scoring import EvalSettings, classifier_name
 
     metrics, weights = METRICS[task], {}

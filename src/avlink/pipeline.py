@@ -59,13 +59,14 @@ import numpy as np
 import torch
 
 from avlink.backbones.protocol import TextCond
+from avlink.codecs.pixels import frames_to_pixels, pixels_to_frames
 from avlink.config import Task
 from avlink.errors import UserError
 from avlink.fusion.linked import AVLink
 from avlink.rank import Ranking, best, score_name, sync_scores
 from avlink.sample import Known, sample_backbone, sample_link, sample_upsampler
 from avlink.seq import ClipGeometry
-from avlink.system import FAST_FUSION, System, frames_to_pixels, load_system, pixels_to_frames
+from avlink.system import FAST_FUSION, System, load_system
 from avlink.upsampler import Upsampler, audio_envelope
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avlink.codecs.mel import MelSpectrogram, normalize
+from avlink.codecs.pixels import frames_to_pixels
 from avlink.config import Task
 from avlink.seq import ClipGeometry
 
@@ -120,8 +121,7 @@ class SyncRanker:
         return self.mel(wave)
 
     def _video(self, frames: Sequence[np.ndarray]) -> Tensor:
-        x = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).to(self.device)  # (B, T, H, W, 3) uint8
-        return x.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+        return frames_to_pixels(torch.from_numpy(np.stack([np.asarray(f) for f in frames])).to(self.device))
 
     @torch.no_grad()
     def scores(self, task: Task, conditioning: np.ndarray, candidates: Sequence[np.ndarray]) -> list[float]:

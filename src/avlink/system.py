@@ -48,7 +48,7 @@ from avlink.checkpoint import (
     stored_parts,
 )
 from avlink.codecs.audio import AudioCodec
-from avlink.codecs.pixels import PixelCodec
+from avlink.codecs.pixels import PixelCodec, frames_to_pixels, pixels_to_frames
 from avlink.codecs.vae import AudioVAE
 from avlink.config import ModelConfig, PretrainedConfig, Task, UpsamplerConfig
 from avlink.errors import UserError
@@ -292,16 +292,6 @@ def decode_media(codec, modality: Modality, x: Tensor) -> np.ndarray:
         return pixels_to_frames(codec.decode(x.float())).cpu().numpy()
     out = codec.decode(x).cpu().numpy()
     return np.clip(out, -1.0, 1.0, out=out)
-
-
-def frames_to_pixels(frames: Tensor) -> Tensor:
-    """uint8 frames (B, T, H, W, 3) -> pixels in [-1, 1] (B, C, T, H, W), float32."""
-    return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-
-
-def pixels_to_frames(pixels: Tensor) -> Tensor:
-    """Pixels in [-1, 1] (B, C, T, H, W) -> uint8 frames (B, T, H, W, 3), rounded."""
-    return ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
 
 
 def pretrained_codec(cfg: ModelConfig, modality: Modality, device: torch.device | str = "cpu"):

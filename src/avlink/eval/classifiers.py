@@ -259,6 +259,7 @@ def syncbench_labels(root: str | Path, ids: Sequence[str], classes: Sequence[str
 
 # --- weights ----------------------------------------------------------------------------------------------
 
+CLASSIFIERS_FILE = "classifiers.safetensors"  # both networks at the base geometry, in a checkpoint folder
 UPSAMPLED_FILE = "classifiers-upsampled.safetensors"  # the video classifier of the upsampler's output geometry
 
 

@@ -43,7 +43,14 @@ from tqdm import tqdm
 
 from avlink.av_align import av_align
 from avlink.errors import UserError
-from avlink.eval.classifiers import UPSAMPLED_FILE, VideoClassifier, clip_classes, load_classifiers, predicted_classes
+from avlink.eval.classifiers import (
+    CLASSIFIERS_FILE,
+    UPSAMPLED_FILE,
+    VideoClassifier,
+    clip_classes,
+    load_classifiers,
+    predicted_classes,
+)
 from avlink.eval.distances import frechet_distance_features
 from avlink.eval.embedders import Embedder
 from avlink.eval.events import EventCounts, event_counts, pooled, video_event_times
@@ -52,8 +59,7 @@ from avlink.files import atomic_write
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 ROWS = ("truth", "base", "nearest", "linear", "upsampler")
 OUTPUT_ROWS = ("truth", "nearest", "linear", "upsampler")  # at the output rate and size
-BASE_CLASSIFIERS = "classifiers.safetensors"
-CLASSIFIER_FILES = {"base": BASE_CLASSIFIERS, "output": UPSAMPLED_FILE}  # the base row's, the output rows'
+CLASSIFIER_FILES = {"base": CLASSIFIERS_FILE, "output": UPSAMPLED_FILE}  # the base row's, the output rows'
 FVD_WEIGHTS = "i3d"  # the --weights name of FVD's embedder
 
 
@@ -117,7 +123,7 @@ def row_classifiers(ckpt: Path, scale: tuple[int, int]) -> dict[str, Classifier 
 @torch.no_grad()
 def clip_right(classifier: Classifier, frames: np.ndarray, truth: set[str]) -> float:
     """1.0 where the classifier's set of classes of the uint8 frames (T, H, W, 3) is exactly `truth`, else 0.0."""
-    from avlink.system import frames_to_pixels
+    from avlink.codecs.pixels import frames_to_pixels
 
     network, classes = classifier
     logits = network(frames_to_pixels(torch.as_tensor(frames)[None]))[0]
@@ -139,10 +145,10 @@ def evaluate_upsampler(ckpt: Path, data: Path, *, split: str = "test", n: int | 
                        fvd_embedder: Embedder | None = None) -> dict[str, Any]:
     """The scores of the module docstring, as {"rows": {row: {metric: value}}, "clips", ...}; FVD where
     `fvd_embedder` (I3D) is given."""
+    from avlink.codecs.pixels import frames_to_pixels, pixels_to_frames
     from avlink.data import media
     from avlink.data.datasets import fit_length, load_item, syncbench_dataset
     from avlink.pipeline import Pipeline
-    from avlink.system import frames_to_pixels, pixels_to_frames
     from avlink.upsampler import upsample_linear, upsample_nearest
 
     pipe = Pipeline.load(ckpt, device=device, vocoder=None)
@@ -232,7 +238,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{num(r['av_align'])} | {num(r['class_acc'])} | {num(r['fvd'], 2)} |")
     used = result["classifiers"]
     lines += ["", "Class accuracy (exact class set): "
-              + ("the base row by " + used["base"] if used.get("base") else f"no {BASE_CLASSIFIERS} for the base row")
+              + ("the base row by " + used["base"] if used.get("base") else f"no {CLASSIFIERS_FILE} for the base row")
               + "; " + (f"the {result['output']} rows by " + used["output"] if used.get("output")
                         else f"no {UPSAMPLED_FILE} for the output rows (`avlink train classifiers --upsampled`)")
               + "."]

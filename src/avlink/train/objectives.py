@@ -30,6 +30,7 @@ from avlink.backbones.dit import DiT, drop_text
 from avlink.backbones.protocol import TextCond
 from avlink.checkpoint import PARTS
 from avlink.codecs.mel import LOG_FLOOR
+from avlink.codecs.pixels import frames_to_pixels
 from avlink.codecs.vae import AudioVAE, vae_loss
 from avlink.config import ModelConfig, PretrainedConfig
 from avlink.data.syncbench import CLASSES
@@ -45,7 +46,7 @@ from avlink.eval.classifiers import (
 from avlink.flow.path import flow_matching_errors, logit_normal
 from avlink.fusion.linked import AVLink
 from avlink.sync import MAX_SHIFT, MIN_SHIFT, SyncConfig, SyncScorer
-from avlink.system import frames_to_pixels, video_codec
+from avlink.system import video_codec
 from avlink.train.loop import LossOutput
 from avlink.upsampler import Upsampler, flow_start, noised_condition
 

@@ -23,6 +23,7 @@ import torch
 from avlink.backbones.protocol import TextCond
 from avlink.config import Task
 from avlink.eval import report as rep
+from avlink.eval.classifiers import CLASSIFIERS_FILE
 from avlink.eval.conditions import caption_texts, load_conditions, write_output
 from avlink.eval.scoring import EvalSettings, evaluate
 from avlink.files import atomic_write
@@ -55,7 +56,7 @@ def score_checkpoint(ckpt: Path, data: Path, out: Path, n: int | None = None, st
     started = time.perf_counter()
     loaded = load_system(ckpt, vocoder=vocoder)
     model, clip = loaded.model, loaded.clip
-    classifier = ckpt / "classifiers.safetensors"
+    classifier = ckpt / CLASSIFIERS_FILE
     weights = {"syncbench-audio": classifier, "syncbench-video": classifier} if classifier.is_file() else {}
     results: dict[str, Any] = {"steps": steps, "seed": seed, "cfg_scale": cfg_scale, "split": "test",
                                "vocoder": vocoder}
