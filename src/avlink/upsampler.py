@@ -22,11 +22,11 @@ tiny preset, with no video autoencoder, cannot mirror):
   which of the four output frames between two base frames first shows it is in the audio, not the frames. The
   net gets two channels per output frame: log energy and its rise (an onset strength), `audio_envelope`, each
   over the interval since the output frame before, so that a sound starting between frames k-1 and k rises at
-  frame k, the first frame that can show what made it (a window centred on the frame put 82 of 229 training
-  onsets one frame early). They enter twice: as input channels, and as a per-position shift and scale of every
-  block's features (FiLM, Perez et al. 2018, like adaLN-Zero but per base frame): where an output frame shows a
-  cue is a product of what the frames show and when the sound says it happened, which a modulation expresses
-  directly.
+  frame k, the first frame that can show what made it (a window centred on the frame put 82 of the 228 cue
+  onsets of 50 training clips one frame early). They enter twice: as input channels, and as a per-position
+  shift and scale of every block's features (FiLM, Perez et al. 2018, like adaLN-Zero but per base frame):
+  where an output frame shows a cue is a product of what the frames show and when the sound says it happened,
+  which a modulation expresses directly.
 - Training time: the flow runs from the interpolated frames without noise, so the result is decided at t near 0
   (later steps can read the target off x_t) and training draws t as u ** UpsamplerConfig.time_power.
 """
