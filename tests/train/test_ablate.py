@@ -51,6 +51,7 @@ def test_ablate_writes_one_row_per_variant_and_resumes(inputs: dict[str, Path], 
     assert summary["clips"] == 2 and {"onset_acc", "event_f1", "av_align"} <= set(summary["columns"])
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert len(rows) == len(ablate.DEFAULT_VARIANTS) + 2
+    assert set(summary["intervals"]) == set(ablate.DEFAULT_VARIANTS) - {"fusion"} and "| vs fusion |" in table
     for variant in ablate.DEFAULT_VARIANTS:
         assert f"| {ablate.VARIANTS[variant][0]} |" in table
         run = out / "runs" / variant
@@ -70,6 +71,7 @@ def test_ablate_writes_one_row_per_variant_and_resumes(inputs: dict[str, Path], 
     assert "already trained to step 2" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in generated.iterdir()} == before
     assert list(json.loads((out / "table2.json").read_text())["rows"]) == ["fusion", "ceiling", "floor"]
+    assert "vs fusion" not in (out / "table2.md").read_text()  # nothing to compare with
 
 
 def test_captions_prompt_the_generation_and_match_the_scorecard(inputs: dict[str, Path]) -> None:
@@ -343,3 +345,32 @@ def test_the_arrangement_rows_take_the_papers_blocks_to_the_checkpoint_depth(inp
         paper = PRESETS["paper"].override(**ablate.VARIANTS[variant][1]).fusion
         k = int(variant.rsplit("_", 1)[1])
         assert fusion_points(paper, 24, 24) == [(k, k)] * 8
+
+
+def test_each_variant_gets_a_paired_bootstrap_interval_against_the_fusion_blocks() -> None:
+    """The interval is of the per-clip differences, resampled in pairs: a variant better on every clip by 0.25
+    gets exactly [0.25, 0.25]; one that trades clips gets an interval around its mean difference; the table shows
+    it beside onset accuracy, and the reference row's cell stays empty."""
+    assert ablate.paired_interval({"a": 0.5, "b": 0.0}, {"a": 0.75, "b": 0.25}) == (0.25, 0.25)
+    rng = np.random.default_rng(1)
+    ref = {f"c{i}": float(v) for i, v in enumerate(rng.uniform(size=100))}
+    var = {c: v + (0.1 if i % 2 else -0.3) for i, (c, v) in enumerate(ref.items())}
+    low, high = ablate.paired_interval(ref, var)
+    assert low < -0.1 < high and high - low < 0.2  # the mean difference is -0.1
+    assert ablate.paired_interval(ref, {"other": 1.0}) is None
+    assert ablate.paired_interval({"a": float("nan")}, {"a": 1.0}) is None
+
+    class Report:
+        def __init__(self, values: dict[str, float]) -> None:
+            self.per_clip = [{"clip": c, "onset_acc": v} for c, v in values.items()]
+
+    spans = ablate.intervals({"fusion": Report(ref), "direct": Report(var)})
+    assert list(spans) == ["direct"] and spans["direct"] == [low, high]
+    summary = {"task": "v2a", "steps": 1000, "clips": 100, "split": "test", "sample_steps": 64, "prompts": "captions",
+               "columns": ["onset_acc", "event_f1"], "titles": {"fusion": "Fusion blocks (ours)", "direct": "Direct"},
+               "rows": {"fusion": {"onset_acc": 0.8, "event_f1": 0.7}, "direct": {"onset_acc": 0.7, "event_f1": 0.6}},
+               "notes": [], "intervals": spans, "bootstrap": ablate.BOOTSTRAP}
+    table = ablate.table_markdown(summary)
+    assert "| variant | onset_acc | vs fusion | event_f1 |" in table
+    assert f"| Direct | 0.7000 | {low:+.3f} .. {high:+.3f} | 0.6000 |" in table
+    assert "| Fusion blocks (ours) | 0.8000 |  | 0.7000 |" in table

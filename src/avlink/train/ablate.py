@@ -50,6 +50,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -347,8 +348,56 @@ def _value(value: float | None) -> float | None:
     return None if value is None or value != value else float(value)  # NaN -> None
 
 
+# The paired bootstrap of each variant's difference to the Fusion Blocks (the reference row): the clips resampled
+# with replacement, the same draw for both rows, the 2.5th and 97.5th percentiles of the mean difference. Onset
+# accuracy is a mean over clips (eval/onset.py), so its per-clip values resample as they are; the pooled columns
+# (event F1) are not means over clips and get no interval.
+BOOTSTRAP = {"column": "onset_acc", "reference": "fusion", "resamples": 5000, "seed": 0}
+
+
+def paired_interval(reference: dict[str, float], variant: dict[str, float], resamples: int = 5000,
+                    seed: int = 0) -> tuple[float, float] | None:
+    """95% paired-bootstrap interval of mean(variant - reference) over the clips both scored (clip -> value;
+    NaN values left out); None when no clip is shared."""
+    clips = sorted(c for c in reference.keys() & variant.keys() if reference[c] == reference[c]
+                   and variant[c] == variant[c])
+    if not clips:
+        return None
+    diff = np.array([variant[c] - reference[c] for c in clips], dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
+    means = diff[draws].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def clip_values(report: Any, column: str) -> dict[str, float]:
+    """clip id -> the report's per-clip value of `column` (missing or empty: left out)."""
+    values = {}
+    for row in report.per_clip:
+        value = row.get(column)
+        if value is not None and value != "":
+            values[str(row["clip"])] = float(value)
+    return values
+
+
+def intervals(reports: dict[str, Any]) -> dict[str, list[float]]:
+    """variant -> [low, high] of BOOTSTRAP's interval against its reference row, for each other variant scored
+    with it."""
+    ref, column = BOOTSTRAP["reference"], BOOTSTRAP["column"]
+    if ref not in reports:
+        return {}
+    base = clip_values(reports[ref], column)
+    out = {}
+    for variant, report in reports.items():
+        if variant != ref:
+            found = paired_interval(base, clip_values(report, column), BOOTSTRAP["resamples"], BOOTSTRAP["seed"])
+            if found is not None:
+                out[variant] = list(found)
+    return out
+
+
 def summarize(args: argparse.Namespace, reports: dict[str, Any]) -> dict[str, Any]:
-    """Rows: the variants, then ceiling and floor; columns: COLUMNS that any row measured."""
+    """Rows: the variants, then ceiling and floor; columns: COLUMNS that any row measured; intervals: each
+    variant's paired-bootstrap interval of its onset accuracy minus the Fusion Blocks' (BOOTSTRAP)."""
     first = next(iter(reports.values()))
     rows = {v: {c: _value(r.value(c)) for c in COLUMNS} for v, r in reports.items()}
     for row in ("ceiling", "floor"):
@@ -361,6 +410,8 @@ def summarize(args: argparse.Namespace, reports: dict[str, Any]) -> dict[str, An
         "sample_steps": args.sample_steps, "prompts": args.prompts, "vocoder": args.vocoder, "clips": first.clips,
         "columns": columns, "titles": {v: VARIANTS[v][0] for v in reports},
         "rows": {name: {c: values[c] for c in columns} for name, values in rows.items()}, "notes": notes,
+        "intervals": intervals(reports) if BOOTSTRAP["column"] in columns else {},
+        "bootstrap": BOOTSTRAP,
     }
 
 
@@ -368,15 +419,29 @@ def table_markdown(summary: dict[str, Any]) -> str:
     from avlink.eval.report import ROW_TITLES
 
     columns = summary["columns"]
+    spans = summary.get("intervals") or {}
+    boot = summary.get("bootstrap") or BOOTSTRAP
+    ref = boot["reference"]
+    headers = [h for c in columns for h in ([c, f"vs {ref}"] if spans and c == boot["column"] else [c])]
     lines = [f"# Table 2 ablation ({summary['task'].upper()}, {summary['steps']} training steps per variant, "
              f"{summary['clips']} SyncBench {summary['split']} clips, {summary['sample_steps']} Euler steps, "
              f"prompts: {summary.get('prompts', 'none')})", "",
-             "| variant | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+             "| variant | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
     for name, values in summary["rows"].items():
         title = summary["titles"].get(name) or ROW_TITLES[name]
-        cells = " | ".join("n/a" if values[c] is None else f"{values[c]:.4f}" for c in columns)
-        lines.append(f"| {title} | {cells} |")
-    lines += ["", "Higher is better in every column.", *[f"- {note}" for note in summary["notes"]]]
+        cells = []
+        for c in columns:
+            cells.append("n/a" if values[c] is None else f"{values[c]:.4f}")
+            if spans and c == boot["column"]:
+                span = spans.get(name)
+                cells.append("" if span is None else f"{span[0]:+.3f} .. {span[1]:+.3f}")
+        lines.append(f"| {title} | {' | '.join(cells)} |")
+    lines += ["", "Higher is better in every column."]
+    if spans:
+        lines.append(f"vs {ref}: the 95% paired-bootstrap interval of the row's {boot['column']} minus the "
+                     f"{summary['titles'].get(ref, ref)} row's ({boot['resamples']} resamples of the clips, seed "
+                     f"{boot['seed']}).")
+    lines += [f"- {note}" for note in summary["notes"]]
     return "\n".join(lines) + "\n"
 
 
