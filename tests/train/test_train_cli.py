@@ -111,3 +111,25 @@ def test_the_sync_scorer_trains_and_exports_a_file_the_ranker_loads(shards, tmp_
                  str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--val-data: the sync scorer" in err[0]
+
+
+def test_a_run_folder_in_use_is_refused_in_one_line(shards, tmp_path, capsys):
+    """Two trainings into one --out would resume from the same checkpoints and write the same files: while one
+    holds the folder, the other stops with one line and writes nothing; once it is free, training goes on."""
+    from filelock import FileLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = FileLock(str(out / "run.lock"), timeout=0)
+    held.acquire()
+    try:
+        argv = ["train", "vae", "--data", str(shards), "--out", str(out), "--max-steps", "1", "--batch-size", "2",
+                "--no-progress", "--set", "vae={hidden: 16, depth: 1}"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "another training is writing this run folder" in err and str(out) in err and "\n" not in err
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+    finally:
+        held.release()
+    assert main(argv) == 0
+    assert (out / "export" / "vae.safetensors").is_file()

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 import yaml
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from avlink.config import PRESETS, ModelConfig, PretrainedConfig, get_preset
@@ -440,7 +441,10 @@ def train_part(args: argparse.Namespace) -> Path:
     cfg, tc, batch_size, extra = load_settings(args)
     ctx = setup(args.device)
     validator = None
+    lock = None
     try:
+        if ctx.is_main:
+            lock = hold_run_folder(args.out)
         pairs = args.part == "upsampler" or args.upsampled
         if pairs:
             data = resolve_pairs(args.data, args.out, cfg, ctx)
@@ -492,8 +496,28 @@ def train_part(args: argparse.Namespace) -> Path:
     finally:
         if validator is not None:
             validator.close()
+        if lock is not None:
+            lock.release()
         teardown()
     return args.out / "export" / f"{export_name(args)}.safetensors"
+
+
+RUN_LOCK = "run.lock"
+
+
+def hold_run_folder(out: Path) -> FileLock:
+    """Lock the run folder `out` for this training (its main process): a second `avlink train` (or `avlink
+    ablate`, `avlink recipe`) given the same --out while the first runs would resume from the same checkpoints
+    and write the same files, so it is refused in one line instead. The lock is an OS file lock (filelock), so a
+    killed run leaves nothing that blocks the next."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / RUN_LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{out}: another training is writing this run folder ({RUN_LOCK} is held); wait for it "
+                        f"to end or give another --out") from None
+    return lock
 
 
 def run(args: argparse.Namespace) -> int:
