@@ -472,3 +472,27 @@ def test_guided_continuation_reaches_the_pipeline(ckpt, geometry, tmp_path: Path
     assert replaced.shape == guided.shape
     assert np.abs(replaced[first:].astype(int) - guided[first:].astype(int)).mean() > 2 * np.abs(
         replaced[:first].astype(int) - guided[:first].astype(int)).mean()
+
+
+def test_link_guidance_flags_are_checked_in_one_line_before_any_input(ckpt, tmp_path: Path, capsys):
+    source = make_video(tmp_path / "in.mp4", frames=3)
+    assert v2a(ckpt, str(source), "--link-cfg", "-1") == 2
+    assert a2v(ckpt, str(make_sound(tmp_path / "beat.wav", 0.5)), "--link-cfg", "2", "--no-fusion") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["avlink v2a: --link-cfg must be a number >= 0, got -1.0",
+                   "avlink a2v: --link-cfg and --no-fusion: guidance on the input needs the Fusion Blocks"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beat.wav", "in.mp4"]
+
+
+def test_link_guidance_reaches_the_pipeline_and_zero_is_the_generator_alone(ckpt, tmp_path: Path):
+    """--link-cfg 0 keeps only the unconditional branch, the frozen generator: the --no-fusion baseline's video;
+    1 is the link unguided, and A2V is guided by default."""
+    source = make_sound(tmp_path / "beat.wav", 1.0)
+    runs = {"linked": ("--link-cfg", "1"), "s0": ("--link-cfg", "0"), "default": (), "alone": ("--no-fusion",)}
+    for name, extra in runs.items():
+        assert a2v(ckpt, str(source), "-o", str(tmp_path / f"{name}.mp4"), "--upscale", "1", "--no-upsample",
+                   *extra) == 0
+    frames = {name: read_frames(tmp_path / f"{name}.mp4").astype(int) for name in runs}
+    assert np.abs(frames["s0"] - frames["alone"]).mean() < 0.5
+    assert np.abs(frames["linked"] - frames["alone"]).mean() > 2
+    assert np.abs(frames["default"] - frames["linked"]).mean() > 2

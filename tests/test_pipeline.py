@@ -426,14 +426,14 @@ def test_fast_v2a_samples_the_static_set_in_fewer_steps_with_the_video_stream_on
     audio = count_calls(monkeypatch, fast_pipe.model.audio, ("embed",))
     fast = fast_pipe.video_to_audio(frames, fast=True)
     assert len(calls) == windows and all(c.steps == FAST_STEPS for c in calls)
-    assert audio["embed"] == windows * FAST_STEPS  # one network evaluation per step
+    assert audio["embed"] == windows * FAST_STEPS  # one network evaluation per step: unguided by default
     points = len(fast_pipe.system.fast_link().points)
     # The video stream: embedded once per window, its blocks run up to each fusion point once per window.
     assert video == {"embed": windows, "run_blocks": windows * (1 + points)}
     # The full set runs the video stream's blocks at every step.
     video.update(embed=0, run_blocks=0)
     audio["embed"] = 0
-    full = fast_pipe.video_to_audio(frames, steps=FAST_STEPS)
+    full = fast_pipe.video_to_audio(frames, steps=FAST_STEPS, link_scale=1.0)  # unguided, as the fast set
     assert audio["embed"] == windows * FAST_STEPS and video["run_blocks"] > windows * FAST_STEPS
     assert np.isfinite(fast).all() and not np.array_equal(fast, full)
     fast_pipe.video_to_audio(frames[: fast_pipe.clip.num_frames], fast=True, steps=3)

@@ -241,6 +241,32 @@ def test_candidate_zero_is_the_clip_s_own_stream():
 
 
 
+# --- guidance on the conditioning input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["v2a", "a2v"])
+def test_link_guidance_at_zero_is_the_generator_alone_and_one_is_no_guidance(task):
+    """link_scale 0 keeps only the unconditional branch: the generator alone from the same noise stream."""
+    model = trained_link()
+    x_cond, x_gen = condition_and_generated(model, task)
+    kwargs = {"text_gen": text(2, seed=1), "text_cond": text(2, seed=2), "steps": 3, "seed": 5}
+    gen_bb, _ = model.backbones(task)
+    alone = sample_backbone(gen_bb, tuple(x_gen.shape), text=kwargs["text_gen"], steps=3, seed=5)
+    torch.testing.assert_close(sample_link(model, task, x_cond, link_scale=0.0, **kwargs), alone,
+                               atol=1e-5, rtol=1e-5)
+    linked = sample_link(model, task, x_cond, **kwargs)
+    assert torch.equal(sample_link(model, task, x_cond, link_scale=1.0, **kwargs), linked)
+    assert not torch.allclose(linked, alone, atol=1e-3)  # the open gates make the two branches differ
+
+
+def test_link_guidance_extrapolates_from_the_generator_alone_toward_the_link():
+    """One Euler step from noise x0 moves by the velocity: at scale s it is alone + s * (linked - alone)."""
+    model = trained_link()
+    x_cond, _ = condition_and_generated(model, "v2a")
+    one = {scale: sample_link(model, "v2a", x_cond, steps=1, seed=3, link_scale=scale) for scale in (0.0, 1.0, 2.5)}
+    torch.testing.assert_close(one[2.5], one[0.0] + 2.5 * (one[1.0] - one[0.0]), atol=1e-5, rtol=1e-5)
+
+
 # --- continuation: replacement and reconstruction guidance ------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ evaluation per step):
 - train: one fusion training step as the training loop takes it: loss, backward, gradient clipping, AdamW
   update of the task's fusion set, at `--batch` clips; with `--max-batch-search` (CUDA) at batch 1, 2, 4, ...
   until the device runs out of memory, `--max-batch` or `--time-budget`.
-- windows (presets in `--windows-presets`, V2A): `Pipeline.video_to_audio` (no prompt, guidance scale 1) on
+- windows (presets in `--windows-presets`, V2A): `Pipeline.video_to_audio` (no prompt, no guidance) on
   random frames of 1x and each `--windows` multiple of the clip length, `--steps` steps per window, from a
   random checkpoint folder written to a temporary directory (Griffin-Lim vocoder, the pipeline's default
   precision), timed like the rest (the warm-up calls at 1x only): seconds, windows (`pipeline.plan_windows`),
@@ -799,7 +799,7 @@ class Bench:
                 expected = 0.0 if base is None else base["seconds_per_window"] * n_windows * plan.repeats
                 warmup = plan.warmup if base is None else 0  # one-off costs are paid by the first length
                 timing = self.guarded(name, "v2a", what, 1, expected, lambda f=frames, w=warmup: self.timed(
-                    lambda: pipe.video_to_audio(f, steps=steps), w, plan.repeats))
+                    lambda: pipe.video_to_audio(f, steps=steps, link_scale=1.0), w, plan.repeats))
                 if timing is None:
                     continue
                 row = {"multiple": multiple, "windows": n_windows, "video_seconds": frames.shape[0] / pipe.fps,

@@ -290,6 +290,8 @@ def report_markdown(clips: list[DemoClip], reports: dict[str, Any], notes: list[
                     args: argparse.Namespace, ckpt: Path, timer: Timer) -> str:
     import torch
 
+    from avlink.pipeline import LINK_SCALE
+
     first, last = DEMO_SEED, DEMO_SEED + len(clips) - 1
     lines = [
         "# avlink demo", "",
@@ -300,8 +302,9 @@ def report_markdown(clips: list[DemoClip], reports: dict[str, Any], notes: list[
         "the caption, so the gap between the two rows is what the Fusion Blocks add. The ceiling scores the "
         "clip's own sound or video in place of the generated one; the floor pairs each clip with another "
         "clip's.", "",
-        f"Checkpoint `{ckpt}`, {args.steps} Euler steps, noise seed {args.seed} + clip index, vocoder "
-        f"`{args.vocoder}`. Scores by `avlink eval` ({len(clips)} clips; ↑ higher is better, ↓ lower; "
+        f"Checkpoint `{ckpt}`, {args.steps} Euler steps, guidance on the input {LINK_SCALE['v2a']:g} (V2A) and "
+        f"{LINK_SCALE['a2v']:g} (A2V), noise seed {args.seed} + clip index, vocoder `{args.vocoder}`. "
+        f"Scores by `avlink eval` ({len(clips)} clips; ↑ higher is better, ↓ lower; "
         "-: undefined on these clips, e.g. no detected event to take a precision of).", "",
     ]
     for task in ("v2a", "a2v"):

@@ -129,6 +129,7 @@ class Settings:
     upsample_steps: int | None = None  # None: the upsampler's own default
     continuation: str | None = None  # how a window continues the one before; None: the task's default (pipeline.py)
     guidance: float | None = None  # reconstruction-guidance weight of "guided"; None: pipeline.GUIDANCE_WEIGHT
+    link_scale: float | None = None  # guidance on the input (sample.link_guidance); None: pipeline.LINK_SCALE
 
 
 # --- inputs and output names --------------------------------------------------------------------------------
@@ -256,7 +257,8 @@ def make_v2a(pipe, job: Job, settings: Settings, progress: bool) -> None:
                              seed=settings.seed, cfg_scale=settings.cfg_scale, method=settings.method,
                              fusion=settings.fusion, fast=settings.fast, progress=progress,
                              candidates=settings.candidates, ranking=ranking,
-                             continuation=settings.continuation, guidance=settings.guidance)
+                             continuation=settings.continuation, guidance=settings.guidance,
+                             link_scale=settings.link_scale)
     if job.scores is not None:
         write_ranking(job, "v2a", settings, ranking)
 
@@ -285,8 +287,8 @@ def make_a2v(pipe, job: Job, settings: Settings, progress: bool) -> None:
     frames = pipe.audio_to_video(wave, prompt=settings.prompt, steps=settings.steps, seed=settings.seed,
                                  cfg_scale=settings.cfg_scale, method=settings.method, fusion=settings.fusion,
                                  progress=progress, candidates=settings.candidates, ranking=ranking,
-                                 continuation=settings.continuation,
-                                 guidance=settings.guidance)  # (n_frames, H, W, 3)
+                                 continuation=settings.continuation, guidance=settings.guidance,
+                                 link_scale=settings.link_scale)  # (n_frames, H, W, 3)
     assert frames.shape[0] == n_frames, f"the pipeline gave {frames.shape[0]} frames for {n_frames}"
     fps, factor = pipe.fps, 1
     if settings.upsample and pipe.upsampler is not None:  # upsampled one window at a time as it is written
@@ -429,7 +431,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--prompt", help="text prompt (optional; guided by --cfg)")
     parser.add_argument("-o", "--out", type=Path,
                         help="output file or folder (default: next to the input; see the naming rule)")
-    from avlink.pipeline import CONTINUATIONS, DEFAULT_CONTINUATION, DEFAULT_STEPS, FAST_STEPS, GUIDANCE_WEIGHT
+    from avlink.pipeline import (
+        CONTINUATIONS,
+        DEFAULT_CONTINUATION,
+        DEFAULT_STEPS,
+        FAST_STEPS,
+        GUIDANCE_WEIGHT,
+        LINK_SCALE,
+    )
 
     fast = f"; {FAST_STEPS} with --fast" if task == "v2a" else ""
     parser.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULT_STEPS}{fast})")
@@ -437,6 +446,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=float, default=1.0,
                         help="classifier-free guidance scale for the prompt (default 1: none; without a prompt "
                              "there is nothing to guide and it is not run)")
+    parser.add_argument("--link-cfg", type=float, default=None, metavar="S", dest="link_scale",
+                        help=f"guidance scale on the input: the linked model against its generator alone, so the "
+                             f"output follows the input more closely; each step runs the generator a second time "
+                             f"unless S is 1 (default {LINK_SCALE[task]:g}" + (", 1 with --fast)" if task == "v2a"
+                                                                              else ")"))
     parser.add_argument("--ckpt", type=Path, help="checkpoint folder (default: the shipped checkpoints/tiny)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     parser.add_argument("--method", choices=tuple(SOLVERS), default="euler", help="ODE solver (default euler)")
@@ -487,6 +501,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UserError(f"--upsample-steps must be at least 1, got {upsample_steps}")
     if not math.isfinite(args.cfg):
         raise UserError(f"--cfg must be a number, got {args.cfg}")
+    if args.link_scale is not None and not (math.isfinite(args.link_scale) and args.link_scale >= 0):
+        raise UserError(f"--link-cfg must be a number >= 0, got {args.link_scale}")
+    if args.link_scale is not None and not args.fusion:
+        raise UserError("--link-cfg and --no-fusion: guidance on the input needs the Fusion Blocks")
     if args.candidates < 1:
         raise UserError(f"--candidates must be at least 1, got {args.candidates}")
     from avlink.pipeline import continuation_weight
@@ -495,7 +513,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(prompt=args.prompt or None, steps=args.steps, seed=args.seed, cfg_scale=args.cfg,
                     method=args.method, fusion=args.fusion, upscale=upscale, fast=fast, candidates=args.candidates,
                     upsample=getattr(args, "upsample", True), upsample_steps=upsample_steps,
-                    continuation=args.continuation, guidance=args.guidance)
+                    continuation=args.continuation, guidance=args.guidance, link_scale=args.link_scale)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -88,6 +88,12 @@ DEFAULT_CONTINUATION: dict[Task, str] = {"v2a": "replace", "a2v": "guided"}
 # The error is a sum over the overlap's elements (Ho et al.'s squared norm), so another preset's overlap size and
 # latent scale may want another weight: this one is measured on tiny alone.
 GUIDANCE_WEIGHT = 3.0
+# Guidance on the input (sample.link_guidance): the scale of the linked model against its generator alone, per
+# task. Measured on the shipped tiny checkpoint, 100 SyncBench test clips, 64 Euler steps (README "Guidance on the
+# input"): prompt-free V2A onset accuracy 0.793 / 0.846 / 0.879 at 1 / 3 / 6 (class accuracy 0.30 / 0.43 / 0.50);
+# prompt-free A2V event F1 0.766 / 0.813 at 1 / 3 (class accuracy 0.22 / 0.43). The fast V2A set keeps 1 unless
+# asked (its point is speed, and its steps were chosen without guidance).
+LINK_SCALE: dict[Task, float] = {"v2a": 6.0, "a2v": 3.0}
 PRECISIONS = ("fp32", "bf16")
 # cpuinfo's names (torch.cpu.get_capabilities) of native bf16 products: x86 AVX512-BF16 and AMX-BF16, Arm BF16.
 CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
@@ -327,16 +333,19 @@ class Pipeline:
                        seed: int = 0, cfg_scale: float = 1.0, method: str = "euler", fusion: bool = True,
                        fast: bool = False, progress: bool = False, candidates: int = 1,
                        ranking: list[Ranking] | None = None, continuation: str | None = None,
-                       guidance: float | None = None) -> np.ndarray:
+                       guidance: float | None = None, link_scale: float | None = None) -> np.ndarray:
         """frames (T, H, W, 3) uint8 at fps/size, an array or frames as they come (stream_video) -> (round(T / fps
         * sample_rate),) float32 wave in [-1, 1]. A stream is taken one window at a time (frame_windows).
 
         steps: None for DEFAULT_STEPS, or FAST_STEPS with fast. fast: the fast V2A set (module docstring).
         fusion=False: the frozen T2A generator alone with the same prompt, seed and length. candidates: best-of-N
         (module docstring); a `ranking` list receives each window's Ranking when N > 1. continuation and
-        guidance: how a window continues the one before (module docstring, continuation_weight)."""
+        guidance: how a window continues the one before (module docstring, continuation_weight). link_scale:
+        guidance on the input (sample.link_guidance; 1: none; None: LINK_SCALE, or 1 with fast)."""
         assert candidates >= 1, f"candidates must be >= 1, got {candidates}"
         weight = continuation_weight("v2a", continuation, guidance)
+        if link_scale is None:
+            link_scale = 1.0 if fast else LINK_SCALE["v2a"]
         if fast and not fusion:
             raise UserError("--fast and --no-fusion: the fast set is Fusion Blocks; the baseline has none")
         if steps is None:
@@ -367,7 +376,8 @@ class Pipeline:
                 if fusion:
                     z = sample_link(model, "v2a", _repeat(x_cond, candidates), text_gen=text_a,
                                     text_cond=text_v, steps=steps, method=method, cfg_scale=cfg_scale, seed=seed,
-                                    window=i, audio_start=start.offset, known=known, rows="candidates")
+                                    window=i, audio_start=start.offset, known=known, rows="candidates",
+                                    link_scale=link_scale)
                 else:
                     z = sample_backbone(self.model.audio, (candidates, win_tokens, audio.latent_dim), text=text_a,
                                         steps=steps, method=method, cfg_scale=cfg_scale, seed=seed, window=i,
@@ -413,13 +423,14 @@ class Pipeline:
                        seed: int = 0, cfg_scale: float = 1.0, method: str = "euler", fusion: bool = True,
                        progress: bool = False, candidates: int = 1,
                        ranking: list[Ranking] | None = None, continuation: str | None = None,
-                       guidance: float | None = None) -> np.ndarray:
+                       guidance: float | None = None, link_scale: float | None = None) -> np.ndarray:
         """wave (N,) float32 mono at sample_rate -> (round(N / sample_rate * fps), H, W, 3) uint8 frames.
 
         steps: None for DEFAULT_STEPS. fusion=False: the frozen T2V generator alone with the same prompt, seed
-        and length. candidates, ranking, continuation and guidance: as video_to_audio's."""
+        and length. candidates, ranking, continuation, guidance and link_scale: as video_to_audio's."""
         assert candidates >= 1, f"candidates must be >= 1, got {candidates}"
         weight = continuation_weight("a2v", continuation, guidance)
+        link_scale = LINK_SCALE["a2v"] if link_scale is None else link_scale
         steps = DEFAULT_STEPS if steps is None else steps
         if fusion:
             self.check_task("a2v")
@@ -455,7 +466,8 @@ class Pipeline:
                 if fusion:
                     x = sample_link(self.model, "a2v", _repeat(x_cond, candidates), text_gen=text_v,
                                     text_cond=text_a, steps=steps, method=method, cfg_scale=cfg_scale, seed=seed,
-                                    window=i, audio_start=w.offset, known=known, rows="candidates")
+                                    window=i, audio_start=w.offset, known=known, rows="candidates",
+                                    link_scale=link_scale)
                 else:
                     x = sample_backbone(self.model.video, (candidates, *v.flow_shape(win_frames)), text=text_v,
                                         steps=steps, method=method, cfg_scale=cfg_scale, seed=seed, window=i,

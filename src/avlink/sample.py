@@ -22,7 +22,7 @@ from avlink.config import Task
 from avlink.flow.guidance import classifier_free_guidance
 from avlink.flow.path import interpolate
 from avlink.flow.solvers import Velocity, solve
-from avlink.fusion.linked import AVLink
+from avlink.fusion.linked import AVLink, Condition
 from avlink.seq import matching_audio_tokens, matching_frames
 from avlink.upsampler import Upsampler, flow_start
 
@@ -139,12 +139,14 @@ def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str 
 def sample_link(
     model: AVLink, task: Task, x_cond: Tensor, *, text_gen: TextCond | None = None,
     text_cond: TextCond | None = None, steps: int = 64, method: str = "euler", cfg_scale: float = 1.0,
-    t_cond: float | None = None, seed: int = 0, clip: int = 0, window: int = 0, audio_start: float = 0.0,
-    progress: bool = False, known: Known | None = None, cache: bool = True, rows: Rows = "clips",
+    link_scale: float = 1.0, t_cond: float | None = None, seed: int = 0, clip: int = 0, window: int = 0,
+    audio_start: float = 0.0, progress: bool = False, known: Known | None = None, cache: bool = True,
+    rows: Rows = "clips",
 ) -> Tensor:
     """Generate the other modality for x_cond (V2A: video (B, C, T, H, W) in [-1, 1]; A2V: latent (B, Ta, Da)).
 
-    Guidance applies to the generated stream's prompt: it needs text_gen, and compares it with the null text.
+    cfg_scale guides on the generated stream's prompt: it needs text_gen, and compares it with the null text.
+    link_scale guides on the conditioning input (`link_guidance`): the linked model against its generator alone.
     Noise: row b's conditioning and initial noise are streams (seed, clip + b, window) of `initial_noise`, or
     with rows="candidates" candidate b's streams of (seed, clip, window).
     audio_start: seconds from the video's first frame to the audio's first token (a window of a long input,
@@ -163,7 +165,27 @@ def sample_link(
     else:
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             return model(x, t, cond)
+    velocity = link_guidance(model, cond, velocity, link_scale)
     return solve(constrain(velocity, x0, known), x0, steps=steps, method=method, progress=progress)
+
+
+def link_guidance(model: AVLink, cond: Condition, linked: Velocity, scale: float) -> Velocity:
+    """Guidance on the conditioning input: v = v_alone + scale * (v_linked - v_alone), where v_alone is the
+    generated stream's frozen generator without the Fusion Blocks, under the same prompt. The linked model
+    estimates the flow of p(x | input), the frozen generator that of p(x), so scale > 1 samples nearer
+    p(x | input) p(input | x)^(scale - 1): classifier-free guidance whose unconditional branch needs no
+    training, since the generator alone is that model (MMAudio's guidance likewise drops the video's features
+    with the prompt: get_empty_conditions in its mmaudio/model/networks.py). With cfg_scale as well, `linked` is
+    the prompt-guided velocity. 1: none; each guided step runs the generator a second time."""
+    if scale == 1.0:
+        return linked
+    gen_bb, _ = model.backbones(cond.task)
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        v_alone = gen_bb(x, t, cond.text_gen)
+        return v_alone + scale * (linked(x, t) - v_alone)
+
+    return guided
 
 
 @torch.no_grad()

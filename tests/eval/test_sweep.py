@@ -1,4 +1,5 @@
-"""`avlink eval --sweep evals` (network evaluations on the axis) and `--sweep cfg` (guidance scale), prompts,
+"""`avlink eval --sweep evals` (network evaluations on the axis), `--sweep cfg` and `--sweep link` (guidance scales),
+prompts,
 batches, precision and resuming, on a random tiny checkpoint and a few SyncBench clips."""
 
 from __future__ import annotations
@@ -148,6 +149,30 @@ def test_cfg_sweep_guides_the_captions_and_counts_both_evaluations(syncbench, ch
                      "captions") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "add --prompts captions" in err[0] and "guidance scales must be >= 0" in err[1] and len(err) == 2
+
+
+def test_link_sweep_guides_on_the_input_without_prompts_and_counts_the_generator_alone(syncbench, checkpoint,
+                                                                                     tmp_path, monkeypatch):
+    calls = {}
+    real = sweep.write_output
+
+    def record(task, x, cond, folder, *rest):
+        calls[(folder.parts[-2], cond.id)] = x.clone()  # OUT/method/point/generated
+        return real(task, x, cond, folder, *rest)
+
+    monkeypatch.setattr(sweep, "write_output", record)
+    out = tmp_path / "link"
+    assert run_sweep(checkpoint, syncbench, out, "--sweep", "link", "--values", "1", "3", "--steps", "2",
+                     "--batch", "2") == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["sweep"] == "link" and summary["evals"] == {"euler": [2, 4]}  # the generator alone as well
+    run = sweep.prepare_run(cli_args(checkpoint, syncbench, tmp_path))
+    x_cond = torch.cat([c.x_cond for c in run.conds])
+    for scale in (1.0, 3.0):
+        expected = sample_link(run.model, "a2v", x_cond, steps=2, seed=0, link_scale=scale)
+        for index, c in enumerate(run.conds):
+            torch.testing.assert_close(calls[(f"link={scale:g}", c.id)], expected[index:index + 1])
+    assert not torch.allclose(calls[("link=1", run.conds[0].id)], calls[("link=3", run.conds[0].id)], atol=1e-3)
 
 
 def cli_args(checkpoint: Path, syncbench: Path, out: Path, *argv: str) -> argparse.Namespace:

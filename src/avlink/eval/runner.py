@@ -2,7 +2,8 @@
 
     avlink eval --task v2a|a2v --generated DIR --reference DIR --out DIR [--metrics ...]
                 [--weights NAME=PATH ...] [--ckpt DIR]
-    avlink eval --sweep t_cond|steps|evals|cfg --ckpt DIR --data SYNCBENCH_DIR --task v2a|a2v --out DIR [--values ...]
+    avlink eval --sweep t_cond|steps|evals|cfg|link --ckpt DIR --data SYNCBENCH_DIR --task v2a|a2v --out DIR
+                [--values ...]
     avlink eval --task upsample --ckpt DIR --data SYNCBENCH_DIR --out DIR [--n N] [--source true|a2v]
 
 The command reads its options into `EvalSettings`, scores with `evaluate` (scoring.py: how files pair, the
@@ -46,14 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint folder: the model that generated the clips, whose windows the seam metrics "
                              "read (default: the shipped checkpoints/tiny); --sweep generates with it")
     sweep = parser.add_argument_group("sweep (the paper's Figure 3 study)")
-    sweep.add_argument("--sweep", choices=("t_cond", "steps", "evals", "cfg"),
+    sweep.add_argument("--sweep", choices=("t_cond", "steps", "evals", "cfg", "link"),
                        help="generate at each value and score it (evals: network evaluations per sample; "
-                            "cfg: guidance scale, with --prompts captions)")
+                            "cfg: guidance scale, with --prompts captions; link: guidance scale on the input)")
     sweep.add_argument("--data", type=Path, help="SyncBench folder whose clips condition the generation")
     sweep.add_argument("--values", nargs="+", type=float, help="values of the swept setting")
     sweep.add_argument("--n", type=int, help="clips of --data to use (default all)")
     sweep.add_argument("--split", default="test", help="split of --data (default test; 'all' for every clip)")
-    sweep.add_argument("--steps", type=int, default=64, help="sampling steps for a t_cond or cfg sweep (default 64)")
+    sweep.add_argument("--steps", type=int, default=64,
+                       help="sampling steps for a t_cond, cfg or link sweep (default 64)")
     sweep.add_argument("--methods", nargs="+", default=["euler"], help="solvers, one curve each (euler)")
     sweep.add_argument("--vocoder", default="hifigan-universal",
                        help="V2A: hifigan-universal, griffin-lim or a checkpoint path")

@@ -1,5 +1,5 @@
-"""`avlink eval --sweep t_cond|steps|evals|cfg`: a metric against one sampling setting, the paper's Figure 3
-study, the cost-quality curve of the ODE solvers, and the guidance scale.
+"""`avlink eval --sweep t_cond|steps|evals|cfg|link`: a metric against one sampling setting, the paper's Figure 3
+study, the cost-quality curve of the ODE solvers, and the two guidance scales.
 
     avlink eval --sweep t_cond --ckpt DIR --data SYNCBENCH_DIR --task v2a --out DIR [--values 0.5 0.8 0.96 1]
     avlink eval --sweep steps  --ckpt DIR --data SYNCBENCH_DIR --task a2v --out DIR [--values 4 16 64]
@@ -8,6 +8,7 @@ study, the cost-quality curve of the ODE solvers, and the guidance scale.
                 [--methods euler midpoint heun]
     avlink eval --sweep cfg    --ckpt DIR --data SYNCBENCH_DIR --task a2v --out DIR --prompts captions
                 [--values 1 2 3 4.5 6]
+    avlink eval --sweep link   --ckpt DIR --data SYNCBENCH_DIR --task v2a --out DIR [--values 1 1.5 2 3]
     common options: [--precision fp32|bf16] [--prompts none|captions] [--batch N] [--sample-seed S] [--n N]
 
 For every solver (--methods) and value, the linked model of --ckpt generates the other modality of each
@@ -24,6 +25,10 @@ output. Guidance is not used there (scale 1), so one solver evaluation is one ne
 `cfg` puts the classifier-free guidance scale on the axis (--steps steps each): the generated stream's prompt
 against the null text, v_uncond + s * (v_cond - v_uncond). It needs prompts (`--prompts captions`); a guided
 step evaluates the network on twice the batch, which the evaluations column counts.
+
+`link` puts the guidance scale on the conditioning input on the axis (sample.link_guidance): the linked model
+against its generated stream's generator alone, with or without prompts; a guided step runs the generator a
+second time, which the evaluations column counts as well.
 
 Prompts: none by default (AV-Link's text conditioning is optional); `--prompts captions` gives each clip its
 SyncBench caption for both streams, as the shipped checkpoint's scorecard does. Clips are sampled `--batch` at
@@ -63,10 +68,12 @@ DEFAULT_VALUES: dict[str, tuple[float, ...]] = {
     "steps": (1, 2, 4, 8, 16, 32, 64),
     "evals": (4, 8, 16, 32, 64),
     "cfg": (1.0, 2.0, 3.0, 4.5, 6.0),
+    "link": (1.0, 1.5, 2.0, 3.0),
 }
 AXIS_LABELS = {"t_cond": "t_cond (conditioning flow time)", "steps": "sampling steps",
                "evals": "network evaluations (steps x evaluations per step)",
-               "cfg": "guidance scale (classifier-free, generated stream's prompt)"}
+               "cfg": "guidance scale (classifier-free, generated stream's prompt)",
+               "link": "guidance scale (conditioning input: linked model against the generator alone)"}
 # Drawn first when present; the sweep's JSON and table hold every metric.
 PLOT_METRICS = ("onset_acc", "onset_ap", "av_align", "event_f1", "class_acc")
 
@@ -80,12 +87,14 @@ class Point:
     steps: int
     t_cond: float | None  # None: the model's own fixed conditioning time
     cfg_scale: float = 1.0  # classifier-free guidance on the generated stream's prompt (1: none)
+    link_scale: float = 1.0  # guidance on the conditioning input (sample.link_guidance; 1: none)
 
     @property
     def evals(self) -> int:
-        """Network evaluations per sample, in batch rows: a guided step runs the conditional and the null
-        prompt."""
-        return self.steps * EVALS_PER_STEP[self.method] * (1 if self.cfg_scale == 1.0 else 2)
+        """Network evaluations per sample, in batch rows: a prompt-guided step runs the conditional and the null
+        prompt, a link-guided one the generator alone besides."""
+        per_step = (1 if self.cfg_scale == 1.0 else 2) + (0 if self.link_scale == 1.0 else 1)
+        return self.steps * EVALS_PER_STEP[self.method] * per_step
 
 
 def plan_point(sweep: str, method: str, value: float, steps: int) -> Point | None:
@@ -96,6 +105,8 @@ def plan_point(sweep: str, method: str, value: float, steps: int) -> Point | Non
         return Point(method, value, int(value), None)
     if sweep == "cfg":
         return Point(method, value, steps, None, float(value))
+    if sweep == "link":
+        return Point(method, value, steps, None, link_scale=float(value))
     steps = steps_for_evals(method, int(value))
     return None if steps is None else Point(method, value, steps, None)
 
@@ -137,7 +148,8 @@ def generate(run: SweepRun, point: Point, folder: Path) -> None:
     batches = sample_batches(run.model, args.task, [c.x_cond for c in run.conds], batch=args.batch,
                              seed=args.sample_seed, text=run.texts,
                              autocast=lambda: sampling_precision(args.precision, run.conds[0].x_cond.device),
-                             steps=point.steps, method=point.method, t_cond=point.t_cond, cfg_scale=point.cfg_scale)
+                             steps=point.steps, method=point.method, t_cond=point.t_cond, cfg_scale=point.cfg_scale,
+                             link_scale=point.link_scale)
     for start, x in batches:  # x: (B, ...) the generated modality, fp32 whatever the precision
         for i in range(x.shape[0]):
             write_output(args.task, x[i:i + 1], run.conds[start + i], folder, run.model.cfg.clip, run.codecs)
@@ -156,7 +168,7 @@ def check_values(sweep: str, values: list[float] | None) -> list[float]:
         raise UserError(f"--values {' '.join(f'{v:g}' for v in values)}: {sweep} must be whole numbers >= 1")
     if sweep == "t_cond" and any(not 0.0 <= v <= 1.0 for v in values):
         raise UserError(f"--values {' '.join(f'{v:g}' for v in values)}: t_cond must lie in [0, 1]")
-    if sweep == "cfg" and any(not (np.isfinite(v) and v >= 0.0) for v in values):
+    if sweep in ("cfg", "link") and any(not (np.isfinite(v) and v >= 0.0) for v in values):
         raise UserError(f"--values {' '.join(f'{v:g}' for v in values)}: guidance scales must be >= 0")
     return values
 
@@ -191,7 +203,7 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
     names = list(summary["metrics"])
     sweep = summary["sweep"]
     keys = {"t_cond": ["t_cond"], "steps": ["steps", "evaluations"], "evals": ["evaluations", "steps"],
-            "cfg": ["guidance", "evaluations"]}[sweep]
+            "cfg": ["guidance", "evaluations"], "link": ["guidance", "evaluations"]}[sweep]
     settings = ", ".join(f"{k} {summary[k]}" for k in ("precision", "prompts", "batch", "sample_seed")
                          if k in summary)
     lines = [f"# avlink eval sweep: {sweep} ({summary['task']}, {summary['clips']} clips"
@@ -329,7 +341,8 @@ def run_source(args: argparse.Namespace, conds: list[Conditioned], settings: Eva
 
 
 def point_source(run: SweepRun, point: Point) -> dict[str, Any]:
-    guided = {} if point.cfg_scale == 1.0 else {"cfg_scale": point.cfg_scale}  # unguided points keep their source
+    guided = ({} if point.cfg_scale == 1.0 else {"cfg_scale": point.cfg_scale}) | (
+        {} if point.link_scale == 1.0 else {"link_scale": point.link_scale})  # unguided points keep their source
     return {**run.source, "method": point.method, "steps": point.steps, "t_cond": point.t_cond, **guided}
 
 
