@@ -118,8 +118,8 @@ def test_batches_keep_the_per_clip_seeds_and_captions_condition(syncbench, check
         assert not torch.allclose(got[("captions", cid)], got[("two", cid)], atol=1e-3)
 
 
-def test_cfg_sweep_guides_the_captions_and_counts_both_evaluations(syncbench, checkpoint, tmp_path, monkeypatch,
-                                                                   capsys):
+def record_points(monkeypatch) -> dict:
+    """Every generated clip the sweep writes, by (point folder, clip id)."""
     calls = {}
     real = sweep.write_output
 
@@ -128,6 +128,12 @@ def test_cfg_sweep_guides_the_captions_and_counts_both_evaluations(syncbench, ch
         return real(task, x, cond, folder, *rest)
 
     monkeypatch.setattr(sweep, "write_output", record)
+    return calls
+
+
+def test_cfg_sweep_guides_the_captions_and_counts_both_evaluations(syncbench, checkpoint, tmp_path, monkeypatch,
+                                                                   capsys):
+    calls = record_points(monkeypatch)
     out = tmp_path / "cfg"
     argv = ("--sweep", "cfg", "--values", "1", "3", "--steps", "2", "--batch", "2", "--prompts", "captions")
     assert run_sweep(checkpoint, syncbench, out, *argv) == 0
@@ -153,14 +159,7 @@ def test_cfg_sweep_guides_the_captions_and_counts_both_evaluations(syncbench, ch
 
 def test_link_sweep_guides_on_the_input_without_prompts_and_counts_the_generator_alone(syncbench, checkpoint,
                                                                                      tmp_path, monkeypatch):
-    calls = {}
-    real = sweep.write_output
-
-    def record(task, x, cond, folder, *rest):
-        calls[(folder.parts[-2], cond.id)] = x.clone()  # OUT/method/point/generated
-        return real(task, x, cond, folder, *rest)
-
-    monkeypatch.setattr(sweep, "write_output", record)
+    calls = record_points(monkeypatch)
     out = tmp_path / "link"
     assert run_sweep(checkpoint, syncbench, out, "--sweep", "link", "--values", "1", "3", "--steps", "2",
                      "--batch", "2") == 0
