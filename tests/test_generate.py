@@ -493,10 +493,6 @@ def test_link_guidance_reaches_the_pipeline_and_zero_is_the_generator_alone(ckpt
         assert a2v(ckpt, str(source), "-o", str(tmp_path / f"{name}.mp4"), "--upscale", "1", "--no-upsample",
                    *extra) == 0
     frames = {name: read_frames(tmp_path / f"{name}.mp4").astype(int) for name in runs}
-    # Scale 0 is the generator alone's velocity, computed in the linked path: alone the two files are equal, but
-    # in one full-suite run they were 0.71 grey levels apart on average (float noise through a random-weight
-    # model and the video codec), so the check is relative to how far the unguided link lies from the generator.
-    unguided = np.abs(frames["linked"] - frames["alone"]).mean()
-    assert unguided > 2
-    assert np.abs(frames["s0"] - frames["alone"]).mean() < 0.25 * unguided
+    assert np.abs(frames["s0"] - frames["alone"]).mean() < 0.5
+    assert np.abs(frames["linked"] - frames["alone"]).mean() > 2
     assert np.abs(frames["default"] - frames["linked"]).mean() > 2

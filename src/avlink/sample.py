@@ -176,10 +176,13 @@ def link_guidance(model: AVLink, cond: Condition, linked: Velocity, scale: float
     p(x | input) p(input | x)^(scale - 1): classifier-free guidance whose unconditional branch needs no
     training, since the generator alone is that model (MMAudio's guidance likewise drops the video's features
     with the prompt: get_empty_conditions in its mmaudio/model/networks.py). With cfg_scale as well, `linked` is
-    the prompt-guided velocity. 1: none; each guided step runs the generator a second time."""
+    the prompt-guided velocity. 1: none; each guided step runs the generator a second time. 0: the generator
+    alone, and the linked model, whose term has weight 0, is not run."""
     if scale == 1.0:
         return linked
     gen_bb, _ = model.backbones(cond.task)
+    if scale == 0.0:
+        return lambda x, t: gen_bb(x, t, cond.text_gen)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         v_alone = gen_bb(x, t, cond.text_gen)
