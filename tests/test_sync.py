@@ -13,7 +13,19 @@ from avlink.codecs.mel import MelSpectrogram
 from avlink.config import get_preset
 from avlink.pipeline import Pipeline, Window
 from avlink.rank import Ranking
-from avlink.sync import SYNC_FILE, SyncConfig, SyncScorer, load_sync, sync_metadata
+from avlink.sync import (
+    SUBSTEPS,
+    SYNC_FILE,
+    TIE_WEIGHT,
+    SyncConfig,
+    SyncRanker,
+    SyncScorer,
+    event_agreement,
+    event_times,
+    load_sync,
+    onset_bins,
+    sync_metadata,
+)
 from avlink.train.objectives import SyncObjective
 from avlink.weights import WeightsError
 
@@ -51,7 +63,7 @@ def toy_batch(n: int, seed: int) -> dict[str, torch.Tensor]:
 
 def test_after_a_short_training_the_aligned_pair_scores_above_the_shifted_one():
     torch.manual_seed(0)
-    objective = SyncObjective(SyncScorer(SMALL), augment=False)
+    objective = SyncObjective(SyncScorer(SMALL), CLIP.audio, augment=False)
     train, held_out = toy_batch(48, seed=1), toy_batch(24, seed=2)
     optimizer = torch.optim.Adam(objective.trainable.parameters(), lr=3e-3)
     for _ in range(120):
@@ -135,3 +147,92 @@ def test_a_checkpoint_with_the_scorer_ranks_by_it(tmp_path, monkeypatch):
     assert np.array_equal(pipe.audio_to_video(wave, steps=2, candidates=1, ranking=ranking),
                           plain.audio_to_video(wave, steps=2)), "N = 1 is generation without best-of-N"
     assert len(seen) == 1 and len(ranking) == 1, "one candidate is not ranked"
+
+
+def click_wave(times: list[float], seed: int = 0) -> np.ndarray:
+    """Quiet noise with a short decaying burst at each time (seconds), CLIP's length and rate."""
+    rng, rate = np.random.default_rng(seed), CLIP.audio.sample_rate
+    wave = 0.002 * rng.standard_normal(CLIP.num_samples)
+    burst = rng.standard_normal(int(0.05 * rate)) * np.exp(-np.arange(int(0.05 * rate)) / (0.01 * rate))
+    for t in times:
+        start = int(t * rate)
+        wave[start:start + len(burst)] += 0.5 * burst[:len(wave) - start]
+    return wave.astype(np.float32)
+
+
+def test_the_events_targets_mark_the_bins_where_the_sound_has_an_onset():
+    times = [0.4, 1.1, 2.0]
+    mel = MelSpectrogram(CLIP.audio)(torch.from_numpy(click_wave(times))[None])
+    bins = onset_bins(mel, CLIP.num_frames, CLIP.audio)
+    assert bins.shape == (1, CLIP.num_frames * SUBSTEPS)
+    found = np.flatnonzero(bins[0].numpy())
+    bin_seconds = 1 / (CLIP.video.fps * SUBSTEPS)
+    assert len(found) == len(times), found
+    assert np.abs((found + 0.5) * bin_seconds - np.array(times)).max() <= 1.5 * bin_seconds, found
+    silent = MelSpectrogram(CLIP.audio)(torch.zeros(1, CLIP.num_samples))
+    assert onset_bins(silent, CLIP.num_frames, CLIP.audio).sum() == 0
+
+
+def test_event_times_are_where_one_frame_interval_more_likely_than_not_holds_an_onset():
+    p = np.zeros(CLIP.num_frames * SUBSTEPS)
+    p[[4, 5, 6, 7]] = 0.2  # one onset whose quarter of the frame is unsure: no bin passes 0.25, the frame 0.8
+    p[20] = 0.9
+    p[40:42] = 0.2  # 0.4 in all: less likely than not
+    bin_seconds = 1 / (CLIP.video.fps * SUBSTEPS)
+    times = event_times(p, CLIP.video.fps)
+    assert len(times) == 2, times
+    assert abs(times[0] - 6 * bin_seconds) <= bin_seconds and abs(times[1] - 20.5 * bin_seconds) <= bin_seconds
+    assert len(event_times(np.zeros_like(p), CLIP.video.fps)) == 0
+
+
+def test_with_an_events_head_v2a_keeps_the_sound_whose_onsets_land_on_the_events(tmp_path, monkeypatch):
+    """Event agreement ranks first, the pair logit only breaks its ties; A2V keeps the pair logit."""
+    torch.manual_seed(0)
+    cfg = SyncConfig(width=24, video_width=8, events=True)
+    path = tmp_path / SYNC_FILE
+    save_weights(path, SyncScorer(cfg), sync_metadata(cfg, CLIP))
+    ranker = load_sync(path, CLIP)
+    assert ranker.scorer.cfg.events
+    frames, _ = toy_clip(np.random.default_rng(0))
+    monkeypatch.setattr(ranker, "events", lambda conditioning: np.array([0.5, 1.5]))
+    on, off, half = click_wave([0.5, 1.5], 1), click_wave([0.9, 2.2], 2), click_wave([0.5, 2.2], 3)
+    scores = ranker.scores("v2a", frames, [off, half, on, on])
+    assert int(np.argmax(scores)) == 2 and scores[0] < scores[1] < scores[2], scores
+    assert 1 < scores[2] < 1 + TIE_WEIGHT and scores[2] == pytest.approx(scores[3]), scores
+    with torch.no_grad():  # equal agreement: the pair logit decides, by less than one event's worth
+        logits = ranker.scorer(ranker._mel([on, half]), ranker._video([frames]).expand(2, -1, -1, -1, -1))
+    assert scores[2] - 1 == pytest.approx(TIE_WEIGHT * torch.sigmoid(logits[0]).item(), rel=1e-4)
+    assert scores[1] - 0.5 == pytest.approx(TIE_WEIGHT * torch.sigmoid(logits[1]).item(), rel=1e-4)
+    a2v = ranker.scores("a2v", on, [frames, np.roll(frames, 3, axis=0)])
+    with torch.no_grad():
+        direct = ranker.scorer(ranker._mel([on]).expand(2, -1, -1),
+                               ranker._video([frames, np.roll(frames, 3, axis=0)]))
+    np.testing.assert_allclose(a2v, direct.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_short_training_teaches_the_events_head_where_the_flashes_are():
+    torch.manual_seed(0)
+    cfg = SyncConfig(width=24, video_width=8, events=True)
+    objective = SyncObjective(SyncScorer(cfg), CLIP.audio, augment=False)
+    rng = np.random.default_rng(1)
+    clips = [toy_clip(rng) for _ in range(48)]
+    mel = MelSpectrogram(CLIP.audio)(torch.from_numpy(np.stack([w for _, w in clips])))
+    video = torch.from_numpy(np.stack([f for f, _ in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    optimizer = torch.optim.Adam(objective.trainable.parameters(), lr=3e-3)
+    for _ in range(150):
+        rows = torch.randperm(48)[:16]
+        out = objective.loss({"mel": mel[rows], "video": video[rows]})
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert "loss/events" in out.scalars
+    ranker = SyncRanker(objective.trainable, CLIP)
+    rng = np.random.default_rng(2)
+    agree = []
+    for _ in range(12):
+        frames, wave = toy_clip(rng)
+        mel_one = MelSpectrogram(CLIP.audio)(torch.from_numpy(wave)[None])
+        truth = (np.flatnonzero(onset_bins(mel_one, CLIP.num_frames, CLIP.audio)[0].numpy()) + 0.5) / (
+            CLIP.video.fps * SUBSTEPS)
+        agree.append(event_agreement(truth, ranker.events(frames), CLIP.video.fps))
+    assert np.mean(agree) >= 0.8, agree

@@ -35,15 +35,15 @@ FARNEBACK: dict[str, float] = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "it
                                "poly_sigma": 1.2, "flags": 0}
 
 
-def audio_peaks(wav: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Onset times in seconds (N,) of a mono wave."""
+def audio_peaks(wav: np.ndarray, sample_rate: int, delta: float = PEAK_PICK["delta"]) -> np.ndarray:
+    """Onset times in seconds (N,) of a mono wave; delta: the peak-picking threshold (AV-Align's by default)."""
     y = np.asarray(wav, dtype=np.float32)
     assert y.ndim == 1, f"mono wave (n,) expected, got {y.shape}"
     if sample_rate != SAMPLE_RATE:
         y = soxr.resample(y, sample_rate, SAMPLE_RATE, quality="HQ")
     envelope = librosa.onset.onset_strength(y=y, sr=SAMPLE_RATE, hop_length=HOP_LENGTH)
     frames = librosa.onset.onset_detect(onset_envelope=envelope, sr=SAMPLE_RATE, hop_length=HOP_LENGTH,
-                                        **PEAK_PICK)
+                                        **{**PEAK_PICK, "delta": delta})
     return librosa.frames_to_time(frames, sr=SAMPLE_RATE, hop_length=HOP_LENGTH)
 
 
@@ -71,6 +71,22 @@ def local_maxima(values: np.ndarray, fps: float) -> np.ndarray:
 def video_peaks(frames: np.ndarray, fps: float) -> np.ndarray:
     """Motion peak times in seconds of uint8 RGB frames (T, H, W, 3) at `fps`."""
     return local_maxima(flow_magnitudes(frames), fps)
+
+
+def match_count(reference: np.ndarray, estimated: np.ndarray, tolerance: float) -> int:
+    """Largest number of one-to-one pairs with |estimated - reference| <= tolerance (mir_eval.onset's rule;
+    eval/events.py scores with it, the V2A ranking of sync.py too)."""
+    ref = np.sort(np.asarray(reference, dtype=np.float64))
+    est = np.sort(np.asarray(estimated, dtype=np.float64))
+    j = matched = 0
+    for r in ref:
+        # an estimate too early for this reference is too early for every later one
+        while j < len(est) and est[j] < r and abs(r - est[j]) > tolerance:
+            j += 1
+        if j < len(est) and abs(est[j] - r) <= tolerance:
+            matched += 1
+            j += 1
+    return matched
 
 
 def av_align_score(audio: np.ndarray, video: np.ndarray, fps: float) -> float:

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from avlink.av_align import match_count
+
 AUDIO_TOLERANCE = 0.1  # seconds
 CUE_RISE = 4.0  # mean luma units per quadrant between two frames
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -64,21 +66,6 @@ class EventCounts:
     @property
     def f1(self) -> float:
         return _ratio(2 * self.matched, self.reference + self.estimated)
-
-
-def match_count(reference: np.ndarray, estimated: np.ndarray, tolerance: float) -> int:
-    """Largest number of one-to-one pairs with |estimated - reference| <= tolerance."""
-    ref = np.sort(np.asarray(reference, dtype=np.float64))
-    est = np.sort(np.asarray(estimated, dtype=np.float64))
-    j = matched = 0
-    for r in ref:
-        # an estimate too early for this reference is too early for every later one
-        while j < len(est) and est[j] < r and abs(r - est[j]) > tolerance:
-            j += 1
-        if j < len(est) and abs(est[j] - r) <= tolerance:
-            matched += 1
-            j += 1
-    return matched
 
 
 def event_counts(reference: np.ndarray, estimated: np.ndarray, tolerance: float) -> EventCounts:

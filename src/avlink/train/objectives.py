@@ -45,7 +45,8 @@ from avlink.eval.classifiers import (
 )
 from avlink.flow.path import flow_matching_errors, logit_normal
 from avlink.fusion.linked import AVLink
-from avlink.sync import MAX_SHIFT, MIN_SHIFT, SyncConfig, SyncScorer
+from avlink.seq import AudioGeometry
+from avlink.sync import MAX_SHIFT, MIN_SHIFT, SyncConfig, SyncScorer, onset_bins
 from avlink.system import video_codec
 from avlink.train.loop import LossOutput
 from avlink.upsampler import Upsampler, flow_start, noised_condition
@@ -386,6 +387,7 @@ class SyncObjective:
     a gain on the mel and augment_video's colours, mirror and pixel shift."""
 
     trainable: SyncScorer
+    audio: AudioGeometry  # of the mel, for the events head's targets (sync.onset_bins)
     augment: bool = True
     device: torch.device = torch.device("cpu")
 
@@ -413,9 +415,16 @@ class SyncObjective:
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=self.device)
         loss = F.cross_entropy(logits, target)
         top = (logits.detach().argmax(dim=1) == 0).float().mean().item()
-        return LossOutput(loss, scalars={"acc/true_pair_first": top})
+        scalars = {"acc/true_pair_first": top}
+        if self.trainable.cfg.events:  # the whole clip's frames against the onsets of its own sound
+            onsets = onset_bins(batch["mel"], frames, self.audio).to(self.device)
+            events = F.binary_cross_entropy_with_logits(self.trainable.event_logits(seen), onsets)
+            scalars.update({"loss/pair": loss.item(), "loss/events": events.item()})
+            loss = loss + events
+        return LossOutput(loss, scalars=scalars)
 
 
 def sync_objective(cfg: ModelConfig, device: torch.device) -> SyncObjective:
     """What `avlink train sync` optimises: a scorer for the preset's mel."""
-    return SyncObjective(SyncScorer(SyncConfig(n_mels=cfg.clip.audio.n_mels)).to(device), device=device)
+    scorer = SyncScorer(SyncConfig(n_mels=cfg.clip.audio.n_mels, events=True)).to(device)
+    return SyncObjective(scorer, cfg.clip.audio, device=device)
