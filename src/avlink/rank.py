@@ -2,7 +2,8 @@
 
 Two scores, each between the conditioning input and each candidate, and nothing else:
 - "sync", where the checkpoint folder holds the learned sync scorer (sync.py SYNC_FILE, `avlink train sync`):
-  its logit for the (sound, frames) pair;
+  its logit for the (sound, frames) pair, and for V2A, where the scorer has an events head, first the agreement
+  of each candidate's onsets with the events it sees in the window's frames (SyncRanker.scores);
 - "av_align" otherwise: AV-Align (av_align.py), for V2A the onsets of each candidate sound against the motion
   peaks of the window's frames, for A2V the onsets of the window's sound against the motion peaks of each
   candidate video. It needs no weights, so it runs wherever generation runs.

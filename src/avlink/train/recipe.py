@@ -121,8 +121,8 @@ class Budget:
     # The upsampled-geometry video classifier, at batch_size: `avlink train classifiers --upsampled`'s default
     # (objectives.py UPSAMPLED_CLASSIFIER_TRAIN_DEFAULTS: 400 steps, a step 1.5 s of CPU time on one core).
     upsampled_classifier_steps: int = 400
-    # The sync scorer, at batch_size: `avlink train sync`'s default (1000 steps; 213 s on the 800 train clips on
-    # one CPU thread, README's Best-of-N).
+    # The sync scorer, at batch_size: `avlink train sync`'s default (1000 steps; with its events head 127 s on the
+    # 800 train clips on one CPU thread, its card's wall time; README's Best-of-N).
     sync_steps: int = 1000
 
     def scaled(self, scale: float) -> Budget:
