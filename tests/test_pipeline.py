@@ -11,10 +11,12 @@ from avlink.config import PRESETS
 from avlink.data import media
 from avlink.errors import UserError
 from avlink.pipeline import (
+    FADE_SHARE,
     Pipeline,
     Window,
     bf16_matmul,
     check_precision,
+    cross_fade,
     frame_windows,
     plan_windows,
     sampling_precision,
@@ -517,11 +519,53 @@ def test_each_window_continues_from_the_kept_candidate(pipe, monkeypatch):
                            pipe.fps, clip.audio.eta)
     assert len(calls) == len(sampled) == len(windows) >= 2
     (known, _), (_, before) = sampled[1], sampled[0]
-    overlap = int(known.mask.sum())
-    assert overlap == clip.num_audio_tokens - windows[1].token > 0
-    pinned = known.values[0, :overlap]
-    torch.testing.assert_close(pinned, before[2, windows[1].token:].float())
-    assert not torch.allclose(pinned, before[0, windows[1].token:].float())
+    overlap = clip.num_audio_tokens - windows[1].token
+    n = int(known.mask.sum())  # V2A pins the overlap's first part (FADE_SHARE)
+    assert n == overlap - int(overlap * FADE_SHARE) > 0 and bool(known.mask[0, :n].all())
+    pinned = known.values[0, :n]
+    torch.testing.assert_close(pinned, before[2, windows[1].token:windows[1].token + n].float())
+    assert not torch.allclose(pinned, before[0, windows[1].token:windows[1].token + n].float())
+
+
+def test_cross_fade_blends_the_span_from_one_window_to_the_next():
+    before, after = torch.zeros(1, 8, 2), torch.ones(1, 8, 2)
+    out = cross_fade(before, after, 2, 5)
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([0, 0, 0.25, 0.5, 0.75, 1, 1, 1]))
+    torch.testing.assert_close(cross_fade(before, after, 0, 0), after)
+
+
+def test_v2a_windows_meet_in_a_cross_fade_of_their_latents(pipe, monkeypatch):
+    """The second window pins the first part of its overlap; over the rest the decoded latent blends the first
+    window's tokens into the second's, and after the overlap it is the second window's own."""
+    made, decoded = [], []
+    real_sample, real_decode = pipeline_module.sample_link, pipe.system.decode
+
+    def spy_sample(*args, **kwargs):
+        made.append(real_sample(*args, **kwargs).float().clone())
+        return made[-1]
+
+    def spy_decode(modality, latent):
+        decoded.append(latent.clone())
+        return real_decode(modality, latent)
+
+    monkeypatch.setattr(pipeline_module, "sample_link", spy_sample)
+    monkeypatch.setattr(pipe.system, "decode", spy_decode)
+    total = pipe.clip.num_frames + window_hop(pipe.clip.num_frames, pipe.fps, pipe.clip.audio.eta)  # two windows
+    pipe.video_to_audio(np.random.default_rng(3).integers(0, 255, (total, *pipe.size, 3), dtype=np.uint8), steps=2)
+    clip = pipe.clip
+    windows = plan_windows(total, clip.num_frames, clip.audio.num_tokens(total / pipe.fps), clip.num_audio_tokens,
+                           pipe.fps, clip.audio.eta)
+    assert len(made) == len(windows) == 2 and len(decoded) == 1
+    start, overlap = windows[1].token, clip.num_audio_tokens - windows[1].token
+    fade = int(overlap * FADE_SHARE)
+    assert fade >= 2
+    first, second, latent = made[0][0], made[1][0], decoded[0][0]
+    span = slice(start + overlap - fade, start + overlap)
+    share = torch.arange(1, fade + 1)[:, None] / (fade + 1)
+    torch.testing.assert_close(latent[span], (1 - share) * first[span] + share * second[overlap - fade:overlap])
+    torch.testing.assert_close(latent[:start + overlap - fade], first[:start + overlap - fade])
+    torch.testing.assert_close(latent[start + overlap:], second[overlap:])
+    assert not torch.allclose(first[span], second[overlap - fade:overlap]), "the two windows agree: nothing faded"
 
 
 def test_a2v_keeps_the_best_candidate_of_each_window(pipe, monkeypatch):
