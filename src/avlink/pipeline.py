@@ -93,10 +93,10 @@ GUIDANCE_WEIGHT = 3.0
 # generates the rest of it freely; there the two windows' latents are cross-faded, linearly, before the codec
 # decodes the whole. Pinning the whole overlap left the new window's free tokens starting next to pinned ones
 # they did not quite continue, and the decoded sound had an onset there: on 24 test clips of 8 s, 12 of the 16
-# onsets matching no true event fell within 1/3 s after an overlap's end. With the last half faded (at most 7
-# tokens in that run) 1 did, and event F1 rose from 0.743 to 0.766 (onset AP 0.933 -> 0.971; README "Long inputs:
-# continuation"). A2V keeps pinning whole overlaps: its false events did not gather at the boundaries, and
-# frames cross-faded would show two scenes at once.
+# onsets matching no true event fell within 1/3 s after an overlap's end. With the last half faded 1 of 6 did,
+# and event F1 rose from 0.743 to 0.766 (onset AP 0.933 -> 0.971; 24 val clips of 8 s: 0.741 -> 0.789; README
+# "Long inputs: continuation"). A2V keeps pinning whole overlaps: its false events did not gather at the
+# boundaries, pinning half lowered its event F1 (0.753 -> 0.734), and frames cross-faded would show two scenes.
 FADE_SHARE = 0.5
 # Guidance on the input (sample.link_guidance): the scale of the linked model against its generator alone, per
 # task. Measured on the shipped tiny checkpoint, 100 SyncBench test clips, 64 Euler steps (README "Guidance on the
