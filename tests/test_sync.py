@@ -194,7 +194,7 @@ def test_with_an_events_head_v2a_keeps_the_sound_whose_onsets_land_on_the_events
     ranker = load_sync(path, CLIP)
     assert ranker.scorer.cfg.events
     frames, _ = toy_clip(np.random.default_rng(0))
-    monkeypatch.setattr(ranker, "events", lambda conditioning: np.array([0.5, 1.5]))
+    monkeypatch.setattr(ranker, "_events", lambda features: np.array([0.5, 1.5]))  # the events seen
     on, off, half = click_wave([0.5, 1.5], 1), click_wave([0.9, 2.2], 2), click_wave([0.5, 2.2], 3)
     also = click_wave([0.5, 1.5], 4)  # on the events too, other noise
     waves = [off, half, on, also]
@@ -219,14 +219,11 @@ def test_a_short_training_teaches_the_events_head_where_the_flashes_are():
     torch.manual_seed(0)
     cfg = SyncConfig(width=24, video_width=8, events=True)
     objective = SyncObjective(SyncScorer(cfg), CLIP.audio, augment=False)
-    rng = np.random.default_rng(1)
-    clips = [toy_clip(rng) for _ in range(48)]
-    mel = MelSpectrogram(CLIP.audio)(torch.from_numpy(np.stack([w for _, w in clips])))
-    video = torch.from_numpy(np.stack([f for f, _ in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    train = toy_batch(48, seed=1)
     optimizer = torch.optim.Adam(objective.trainable.parameters(), lr=3e-3)
     for _ in range(150):
         rows = torch.randperm(48)[:16]
-        out = objective.loss({"mel": mel[rows], "video": video[rows]})
+        out = objective.loss({k: v[rows] for k, v in train.items()})
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()

@@ -215,7 +215,10 @@ class SyncRanker:
     @torch.no_grad()
     def events(self, frames: np.ndarray) -> np.ndarray:
         """Event times in seconds that the events head sees in uint8 frames (T, H, W, 3)."""
-        features = self.scorer.video_frames(self._video([frames]))
+        return self._events(self.scorer.video_frames(self._video([frames])))
+
+    def _events(self, features: Tensor) -> np.ndarray:
+        """video_frames' features of one clip (1, width, T) -> its event times in seconds."""
         return event_times(torch.sigmoid(self.scorer.event_logits(features))[0].cpu().numpy(), self.fps)
 
     @torch.no_grad()
@@ -229,14 +232,15 @@ class SyncRanker:
         logit 0.832."""
         assert task in ("v2a", "a2v"), f"task must be v2a or a2v, got {task!r}"
         n = len(candidates)
-        if task == "v2a":
-            mel, video = self._mel(candidates), self._video([conditioning]).expand(n, -1, -1, -1, -1)
-        else:
-            mel, video = self._mel([conditioning]).expand(n, -1, -1), self._video(candidates)
-        logits = [float(s) for s in self.scorer(mel, video).cpu()]
-        if task == "a2v" or not self.scorer.cfg.events:
+        if task == "a2v":
+            return [float(s) for s in self.scorer(self._mel([conditioning]).expand(n, -1, -1),
+                                                  self._video(candidates)).cpu()]
+        seen = self.scorer.video_frames(self._video([conditioning]))  # (1, width, T): once for all candidates
+        sound = self.scorer.audio_frames(self._mel(candidates), seen.shape[-1])
+        logits = [float(s) for s in self.scorer.pair(sound, seen.expand(n, -1, -1)).cpu()]
+        if not self.scorer.cfg.events:
             return logits
-        events = self.events(conditioning)
+        events = self._events(seen)
         agreement = [event_agreement(audio_peaks(wave, self.sample_rate, delta=RANK_DELTA), events, self.fps)
                      for wave in candidates]
         below = [sum(other < logit for other in logits) for logit in logits]  # equal logits, equal rank
