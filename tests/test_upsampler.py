@@ -138,3 +138,75 @@ def test_the_objective_trains_on_a_trivial_batch():
         objective.loss(batch).loss.backward()
         opt.step()
     assert measured() < 0.8 * before
+
+
+def _box(frames: torch.Tensor, ss: int) -> torch.Tensor:
+    b, c, t, h, w = frames.shape
+    pooled = torch.nn.functional.avg_pool2d(frames.transpose(1, 2).reshape(-1, c, h, w), ss)
+    return pooled.reshape(b, t, c, h // ss, w // ss).transpose(1, 2)
+
+
+def test_shifted_phase_shows_a_share_of_clips_early_or_late():
+    """Training's base frames of a chosen clip become its output frames s (1 <= |s| <= phase_shift) output frames
+    from their own times, box-filtered to the base size, plus whatever the decoded base frames differ by from
+    that filter; phase_share 0 leaves every clip as it is."""
+    from dataclasses import replace
+
+    from avlink.train.objectives import shifted_phase
+
+    cfg = replace(get_preset("tiny").upsampler, phase_share=1.0, phase_shift=2)
+    high = torch.rand(8, 3, 24, 8, 8) * 2 - 1
+    low = _box(high[:, :, ::4], 4)
+    torch.manual_seed(0)
+    moved = shifted_phase(low, high, cfg)
+    seen = set()
+    for i in range(8):
+        shifts = [s for s in (-2, -1, 1, 2)
+                  if torch.allclose(moved[i], _box(high[i:i + 1, :, (torch.arange(6) * 4 + s).clamp(0, 23)], 4)[0],
+                                    atol=1e-6)]
+        assert len(shifts) == 1, f"clip {i}: not one shift of its output frames"
+        seen.add(shifts[0])
+    assert len(seen) > 1
+    offset = low + 0.01  # the decoded frames' own difference from the filter is kept
+    torch.manual_seed(0)
+    torch.testing.assert_close(shifted_phase(offset, high, cfg), (moved + 0.01).clamp(-1, 1))
+    assert torch.equal(shifted_phase(low, high, replace(cfg, phase_share=0.0)), low)
+
+
+def test_the_objective_drops_the_sound_for_its_share_of_clips():
+    from avlink.train.objectives import UpsamplerObjective
+
+    low = torch.randint(0, 256, (4, 3, 8, 8, 3), dtype=torch.uint8)
+    batch = {"low": low, "high": low.repeat_interleave(4, 1).repeat_interleave(4, 2).repeat_interleave(4, 3),
+             "envelope": torch.rand(4, 2, 12)}
+    for share, expected in ((1.0, silence(4, 12)), (0.0, batch["envelope"])):
+        cfg = tiny_config(**SMALL, **{"upsampler.crop": (3, 8, 8), "upsampler.audio_dropout": share})
+        _, _, env = UpsamplerObjective(Upsampler(cfg.upsampler, cfg.clip.video)).crop(batch)
+        assert torch.equal(env, expected)
+
+
+def test_sampling_guides_on_the_sound():
+    """One Euler step from the interpolated frames moves by v(silence) + s (v(sound) - v(silence)): scale 2 is
+    twice the step with the sound less the step with silence, scale 1 the sound alone; no sound means no
+    guidance, whatever the scale, and the config's audio_guidance is the default."""
+    from avlink.sample import sample_upsampler
+
+    torch.manual_seed(0)
+    cfg = tiny_config(**SMALL)
+    model = Upsampler(cfg.upsampler, cfg.clip.video).eval()
+    torch.nn.init.normal_(model.proj_out.weight, std=0.1)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.env.weight, std=0.3)
+    low = torch.rand(1, 3, 2, 4, 4) * 2 - 1
+    env = torch.rand(1, 2, 8) * 2 - 1
+
+    def up(envelope, scale):
+        with torch.no_grad():
+            return sample_upsampler(model, low, envelope, steps=1, cond_scale=scale)
+
+    heard, silent = up(env, 1.0), up(silence(1, 8), 1.0)
+    assert not torch.allclose(heard, silent, atol=1e-4)
+    torch.testing.assert_close(up(env, 2.0), 2 * heard - silent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(up(None, 3.0), silent, atol=0, rtol=0)
+    default = cfg.upsampler.audio_guidance
+    torch.testing.assert_close(up(env, None), silent + default * (heard - silent), atol=1e-5, rtol=0)

@@ -24,7 +24,7 @@ from avlink.flow.path import interpolate
 from avlink.flow.solvers import Velocity, solve
 from avlink.fusion.linked import AVLink, Condition
 from avlink.seq import matching_audio_tokens, matching_frames
-from avlink.upsampler import Upsampler, flow_start
+from avlink.upsampler import Upsampler, flow_start, silence
 
 
 def generated_shape(model: AVLink, task: Task, x_cond: Tensor) -> tuple[int, ...]:
@@ -51,11 +51,14 @@ class Known:
     replacement alone pins the overlap, but the model's estimate of the unknown part is not told that it must
     agree with it, so a new window can drift to another scene right after the overlap. `constrain` then steers
     the unknown part with the gradient of the known part's reconstruction error (see there); guidance = 0 is
-    replacement exactly."""
+    replacement exactly. `until`: the guidance acts while the flow time t <= until and replacement alone after
+    (1: throughout), so that it settles what is decided early (the scene) and leaves the last steps, where
+    details are decided, to the model (pipeline.GUIDANCE_UNTIL)."""
 
     values: Tensor
     mask: Tensor  # bool, broadcastable to values
     guidance: float = 0.0  # w_r of Ho et al.; 0: replacement alone
+    until: float = 1.0  # the last flow time at which the guidance acts
 
 
 def constrain(velocity: Velocity, x0: Tensor, known: Known | None) -> Velocity:
@@ -85,6 +88,8 @@ def constrain(velocity: Velocity, x0: Tensor, known: Known | None) -> Velocity:
     values, weight = known.values.to(x0.device), known.guidance
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
+        if bool((t > known.until).all()):  # past the guided interval: replacement alone, no gradient
+            return torch.where(mask, fixed, velocity(x, t))
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             v = velocity(x_in, t)
@@ -220,14 +225,15 @@ def sample_backbone(
 def sample_upsampler(
     upsampler: Upsampler, low: Tensor, envelope: Tensor | None = None, *, steps: int | None = None,
     method: str = "euler", cond_t: float | None = None, seed: int = 0, clip: int = 0, window: int = 0,
-    progress: bool = False,
+    progress: bool = False, cond_scale: float | None = None,
 ) -> Tensor:
     """Base frames low (B, C, T, H, W) in [-1, 1] -> the upsampled clip (B, C, T * st, H * ss, W * ss), fp32.
     The base frames are noised to cond_t (default the config's, what training saw near its top) with the
     conditioning stream's noise, and the flow starts from them interpolated plus the "upsampled" stream's noise
     (`initial_noise`, upsampler.flow_start), so a clip's result depends on (seed, clip, window) alone. envelope
-    (B, 2, T * st): upsampler.audio_envelope of the sound (None: silence). The network is convolutional: the
-    whole clip, of any length, in one piece."""
+    (B, 2, T * st): upsampler.audio_envelope of the sound (None: silence), guided on with scale cond_scale
+    (default the config's audio_guidance; 1: none, one network evaluation per step instead of two). The network
+    is convolutional: the whole clip, of any length, in one piece."""
     cfg = upsampler.cfg
     st, ss = cfg.scale
     b, c, t, h, w = low.shape
@@ -238,10 +244,13 @@ def sample_upsampler(
     noise = None if cfg.start_noise == 0 else initial_noise((b, c, t * st, h * ss, w * ss), seed, device,
                                                             clip=clip, window=window, stream="upsampled")
     x0 = flow_start(cond, cfg.scale, noise, cfg.start_noise)
-
-    def velocity(x: Tensor, tt: Tensor) -> Tensor:
-        return upsampler(x, tt, cond, level, envelope)
-
+    scale = cfg.audio_guidance if cond_scale is None else cond_scale
+    heard = {"low": cond, "cond_t": level, "envelope": envelope}
+    if envelope is None or not cfg.audio:
+        scale, silent = 1.0, heard  # no sound to guide on
+    else:  # guidance on the sound (UpsamplerConfig.audio_guidance) against silence, both in one batch
+        silent = {**heard, "envelope": silence(b, envelope.shape[-1], device)}
+    velocity = classifier_free_guidance(upsampler, scale, heard, silent)
     return solve(velocity, x0, steps=steps or cfg.steps, method=method, progress=progress).float()
 
 

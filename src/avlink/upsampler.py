@@ -29,6 +29,10 @@ tiny preset, with no video autoencoder, cannot mirror):
   which a modulation expresses directly.
 - Training time: the flow runs from the interpolated frames without noise, so the result is decided at t near 0
   (later steps can read the target off x_t) and training draws t as u ** UpsamplerConfig.time_power.
+- Timing from the sound, not from the frames: true base frames also tell when a cue began within their interval
+  (by how bright it still is), and the net learned to read that; generated base frames do not carry it. So
+  training shows some clips' base frames a few output frames early or late, drops the sound for some, and
+  sampling guides on the sound against silence (UpsamplerConfig.phase_shift, audio_dropout, audio_guidance).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from avlink.checkpoint import PARTS
 from avlink.codecs.mel import LOG_FLOOR
 from avlink.codecs.pixels import frames_to_pixels
 from avlink.codecs.vae import AudioVAE, vae_loss
-from avlink.config import ModelConfig, PretrainedConfig
+from avlink.config import ModelConfig, PretrainedConfig, UpsamplerConfig
 from avlink.data.syncbench import CLASSES
 from avlink.errors import UserError
 from avlink.eval.classifiers import (
@@ -49,7 +49,7 @@ from avlink.seq import AudioGeometry
 from avlink.sync import MAX_SHIFT, MIN_SHIFT, SyncConfig, SyncScorer, onset_bins
 from avlink.system import video_codec
 from avlink.train.loop import LossOutput
-from avlink.upsampler import Upsampler, flow_start, noised_condition
+from avlink.upsampler import Upsampler, flow_start, noised_condition, silence
 
 # Caption dropout for classifier-free guidance: the usual 10%.
 TEXT_DROPOUT = 0.1
@@ -237,7 +237,9 @@ class FusionObjective:
 class UpsamplerObjective:
     """The video upsampler (upsampler.py) on pairs of base and output frames (data/pairs.py): the flow-matching
     loss of the output clip given the base frames, noised to a time drawn in [cond_t_min, 1] (the conditioning
-    augmentation of UpsamplerConfig), and the audio envelope. Each clip is cut to a random crop of
+    augmentation of UpsamplerConfig), and the audio envelope; a share of the clips sees its base frames a few
+    output frames early or late (`shifted_phase`), another share silence for its sound (for the guidance on the
+    sound at sampling; both UpsamplerConfig). Each clip is cut to a random crop of
     `cfg.crop` base (frames, pixels, pixels) and what lies over it at the output rate and size: the network is
     convolutional, so it samples whole clips after training on crops, and a step costs what the crop costs."""
 
@@ -249,7 +251,10 @@ class UpsamplerObjective:
         st, ss = cfg.scale
         low, high = frames_to_pixels(batch["low"]), frames_to_pixels(batch["high"])
         env = batch["envelope"].float()
-        _, _, t, h, w = low.shape
+        b, _, t, h, w = low.shape
+        low = shifted_phase(low, high, cfg)
+        dropped = (torch.rand(b) < cfg.audio_dropout)[:, None, None]
+        env = torch.where(dropped, silence(b, env.shape[-1]), env)
         ct, ch, cw = min(cfg.crop[0], t), min(cfg.crop[1], h), min(cfg.crop[2], w)
         t0, y0, x0 = (int(torch.randint(n - c + 1, ())) for n, c in ((t, ct), (h, ch), (w, cw)))
         low = low[:, :, t0:t0 + ct, y0:y0 + ch, x0:x0 + cw]
@@ -267,6 +272,29 @@ class UpsamplerObjective:
         t = torch.rand(b, device=self.device) ** cfg.time_power  # near 0, where the sample is decided (config)
         per = flow_matching_errors(lambda x, tt: self.trainable(x, tt, low, cond_t, env), high, t, x0)
         return LossOutput(per.mean(), per, t)
+
+
+def shifted_phase(low: Tensor, high: Tensor, cfg: UpsamplerConfig) -> Tensor:
+    """Base frames low (B, C, T, H, W) of the output clips high (B, C, T * st, H * ss, W * ss), pixels in [-1, 1]:
+    for a share cfg.phase_share of the clips, moved by s output frames (1 <= |s| <= cfg.phase_shift): low plus
+    the change of high's box-filtered frames from the base frames' times to s frames later (UpsamplerConfig)."""
+    st, ss = cfg.scale
+    b, _, t = low.shape[:3]
+    if not (cfg.phase_shift and cfg.phase_share):
+        return low
+    shift = torch.randint(1, cfg.phase_shift + 1, (b,)) * (torch.randint(0, 2, (b,)) * 2 - 1)
+    shift = torch.where(torch.rand(b) < cfg.phase_share, shift, 0)
+    times = torch.arange(t) * st  # output frame of each base frame
+
+    def box(frames: Tensor) -> Tensor:  # (B, C, T, H*ss, W*ss) -> (B, C, T, H, W)
+        c, hh, ww = frames.shape[1], frames.shape[3], frames.shape[4]
+        pooled = F.avg_pool2d(frames.transpose(1, 2).reshape(-1, c, hh, ww), ss)
+        return pooled.reshape(b, t, c, hh // ss, ww // ss).transpose(1, 2)
+
+    moved = (times[None] + shift[:, None]).clamp(0, high.shape[2] - 1)  # (B, T)
+    index = moved[:, None, :, None, None].expand(-1, high.shape[1], -1, *high.shape[3:]).to(high.device)
+    change = box(torch.gather(high, 2, index)) - box(high[:, :, times])
+    return (low + change).clamp(-1, 1)
 
 
 def augment_mel(mel: Tensor) -> Tensor:
