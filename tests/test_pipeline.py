@@ -600,7 +600,7 @@ def test_guided_continuation_changes_only_what_follows_the_first_window(pipe):
     assert not np.array_equal(guided[first:], replaced[first:])
     default = pipe.audio_to_video(wave, steps=2)
     assert np.array_equal(default, pipe.audio_to_video(wave, steps=2, continuation="guided",
-                                                       guidance=pipeline_module.GUIDANCE_WEIGHT))
+                                                       guidance=pipeline_module.GUIDANCE_WEIGHT["a2v"]))
     assert not np.array_equal(default, replaced)
     video = np.random.default_rng(5).integers(0, 255, (2 * pipe.clip.num_frames, *pipe.size, 3), dtype=np.uint8)
     assert np.array_equal(pipe.video_to_audio(video, steps=2), pipe.video_to_audio(video, steps=2,

@@ -305,6 +305,23 @@ def test_guided_velocity_is_replacement_where_its_weight_is_zero():
     assert not torch.allclose(a[~known.mask.expand_as(a)], b[~known.mask.expand_as(b)], atol=1e-4)
 
 
+def test_guidance_acts_until_its_last_flow_time_only():
+    """Known.until: after that flow time the guided velocity is the replaced one exactly (no gradient taken);
+    up to it, the guidance moves the unknown part."""
+    velocity, x_gen = linked_velocity("a2v")
+    known = some_known(tuple(x_gen.shape), seed=3)
+    x0 = torch.randn(x_gen.shape, generator=torch.Generator().manual_seed(6))
+    replaced = constrain(velocity, x0, known)
+    guided = constrain(velocity, x0, Known(known.values, known.mask, guidance=5.0, until=0.5))
+    unknown = ~known.mask.expand_as(known.values)
+    with torch.no_grad():
+        for time, moved in ((0.4, True), (0.5, True), (0.6, False), (0.9, False)):
+            t = torch.full((x0.shape[0],), time)
+            x = interpolate(x0, known.values, t)
+            a, b = guided(x, t), replaced(x, t)
+            assert not torch.allclose(a[unknown], b[unknown], atol=1e-4) if moved else torch.equal(a, b), time
+
+
 def test_a_guided_step_lowers_the_known_part_s_reconstruction_error():
     """The guided step moves the unknown part down the gradient of the known part's reconstruction error: for a
     small step the model's clean estimate of the known part ends nearer its values than after the replaced step

@@ -482,7 +482,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "reconstruction guidance; about 2-3x the sampling time of every window after the first) "
                              f"(default {DEFAULT_CONTINUATION[task]})")
     parser.add_argument("--guidance", type=float, default=None, metavar="W",
-                        help=f"weight of --continuation guided (default {GUIDANCE_WEIGHT:g})")
+                        help=f"weight of --continuation guided (default {GUIDANCE_WEIGHT[task]:g})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs that exist (default: a batch skips such inputs, one file is refused)")
 

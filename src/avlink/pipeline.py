@@ -18,10 +18,12 @@ drawn apart from every other window's and stream's.
 Continuation (`continuation=`, `--continuation`): "replace" pins the overlap alone (above); "guided" adds
 reconstruction guidance of weight `guidance` (sample.constrain: the rest of the window is steered by the
 gradient of the overlap's reconstruction error, so that the model's estimate of the whole window agrees with
-what the window before made, not just the pinned part). It costs a backward pass per step on every window
-after the first. Defaults (DEFAULT_CONTINUATION, as measured): guided for A2V, whose video otherwise drifts to
-another scene after a boundary, replace for V2A. A2V through a causal latent codec (no pinned frames, below)
-has no overlap to guide with: there the default falls back to replace and an explicit "guided" is refused.
+what the window before made, not just the pinned part), for A2V over the first half of the flow only
+(GUIDANCE_UNTIL), where the scene is decided, not where the cues are drawn. It costs a backward pass per guided
+step on every window after the first. Defaults (DEFAULT_CONTINUATION, as measured): guided for A2V, whose
+video otherwise drifts to another scene after a boundary, replace for V2A. A2V through a causal latent codec
+(no pinned frames, below) has no overlap to guide with: there the default falls back to replace and an explicit
+"guided" is refused.
 
 Fast V2A (`fast=True`, `avlink v2a --fast`): the checkpoint's second V2A set, Fusion Blocks without symmetric
 reinjection (checkpoint.py FAST_OVERRIDES, loaded by System.fast_link on the same frozen generators), and
@@ -84,11 +86,19 @@ CONTINUATIONS = ("replace", "guided")
 # the audio's seam ratio (1.84 -> 1.76 at w = 3, 1.46 at 10, against the true clips' 1.17) at a cost in onset
 # accuracy (0.728 -> 0.712, 0.723) and, at w = 10, event F1 (0.638 -> 0.595), so V2A keeps replacement.
 DEFAULT_CONTINUATION: dict[Task, str] = {"v2a": "replace", "a2v": "guided"}
-# w_r of reconstruction guidance (sample.constrain). Of 3, 10 and 30, w = 3 met the target (seam ratio <= 1.5)
-# with the best event F1; w = 10 smoothed seams further (0.93) at lower F1 (0.724), w = 30 broke timing (0.596).
-# The error is a sum over the overlap's elements (Ho et al.'s squared norm), so another preset's overlap size and
-# latent scale may want another weight: this one is measured on tiny alone.
-GUIDANCE_WEIGHT = 3.0
+# w_r of reconstruction guidance (sample.constrain), and the last flow time at which it acts (sample.Known.until).
+# Guided throughout, of w = 3, 10 and 30, w = 3 met the target (seam ratio <= 1.5) with the best event F1; w = 10
+# smoothed seams further (0.93) at lower F1 (0.724), w = 30 broke timing (0.596). Guided throughout, A2V's later
+# windows drew cues the sound does not have (precision 0.710 against 0.764 for the same clips' single windows, 72
+# test clips of 8 s): the guidance kept steering the frames in the last steps, where the cues are drawn. Guided up
+# to t = 0.5 only (the scene is decided early), A2V on 24 val clips of 8 s (README "Long inputs: continuation";
+# event F1 / seam ratio): throughout at w = 3 0.745 / 1.20, up to 0.5 at w = 10 0.766 / 1.51, at w = 30 0.768 /
+# 1.35, the one that meets the seam target; the stronger weight early keeps the scene that the late steps no
+# longer hold to. The error is a sum over the overlap's elements (Ho et al.'s squared norm), so another preset's
+# overlap size and latent scale may want another weight: these are measured on tiny alone. V2A keeps what it was
+# measured with (it continues by replacement unless asked).
+GUIDANCE_WEIGHT: dict[Task, float] = {"v2a": 3.0, "a2v": 30.0}
+GUIDANCE_UNTIL: dict[Task, float] = {"v2a": 1.0, "a2v": 0.5}
 # V2A sound across a boundary: a window pins the first (1 - FADE_SHARE) of its overlap to the window before and
 # generates the rest of it freely; there the two windows' latents are cross-faded, linearly, before the codec
 # decodes the whole. Pinning the whole overlap left the new window's free tokens starting next to pinned ones
@@ -125,8 +135,8 @@ def bf16_matmul(device: torch.device | str) -> bool:
 
 def continuation_weight(task: Task, continuation: str | None = None, guidance: float | None = None) -> float:
     """The reconstruction-guidance weight that `sample.Known` takes for a continuation (None: the task's
-    DEFAULT_CONTINUATION): 0 for "replace" (a weight is refused there), `guidance` (default GUIDANCE_WEIGHT) for
-    "guided"."""
+    DEFAULT_CONTINUATION): 0 for "replace" (a weight is refused there), `guidance` (default the task's
+    GUIDANCE_WEIGHT) for "guided"."""
     continuation = DEFAULT_CONTINUATION[task] if continuation is None else continuation
     if continuation not in CONTINUATIONS:
         raise UserError(f"--continuation {continuation}: choose one of {', '.join(CONTINUATIONS)}")
@@ -134,7 +144,7 @@ def continuation_weight(task: Task, continuation: str | None = None, guidance: f
         if guidance is not None:
             raise UserError("--guidance applies to --continuation guided only (the default for A2V)")
         return 0.0
-    weight = GUIDANCE_WEIGHT if guidance is None else guidance
+    weight = GUIDANCE_WEIGHT[task] if guidance is None else guidance
     if not (math.isfinite(weight) and weight > 0):
         raise UserError(f"--guidance must be a positive number, got {weight}")
     return weight
@@ -385,7 +395,7 @@ class Pipeline:
             pinned = done[span].clone()
             pinned[overlap - fade:overlap] = False
             before = latent[:, span].clone()
-            known = Known(before, pinned[None, :, None], weight) if pinned.any() else None
+            known = Known(before, pinned[None, :, None], weight, GUIDANCE_UNTIL["v2a"]) if pinned.any() else None
             x_cond = self.system.encode("video", w.frames)  # (1, C, T, H, W)
             with sampling_precision(self.precision, self.device):  # z: (N, Ta, Da), one row per candidate
                 if fusion:
@@ -474,7 +484,8 @@ class Pipeline:
         for i, w in enumerate(self._progress(windows, progress, "a2v windows")):
             span = slice(w.frame, w.frame + win_frames)
             pinned = per_frame and bool(done[span].any())
-            known = Known(video[:, :, span], done[span][None, None, :, None, None], weight) if pinned else None
+            known = (Known(video[:, :, span], done[span][None, None, :, None, None], weight, GUIDANCE_UNTIL["a2v"])
+                     if pinned else None)
             sound = self.window_wave(wave, w)
             x_cond = self.system.encode("audio", sound, win_tokens) if fusion else None
             with sampling_precision(self.precision, self.device):  # x: (N, C, T, H, W), one row per candidate
