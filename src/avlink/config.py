@@ -166,9 +166,10 @@ class UpsamplerConfig:
     # silence for a share `audio_dropout` of the clips, so that sampling can guide on it: v = v(silence) +
     # audio_guidance * (v(sound) - v(silence)) (classifier-free guidance, Ho and Salimans 2022, with the sound
     # as the condition; 1: none). On the 64 val clips' A2V frames (event F1 within 1/24 s; the base frames 0.761
-    # within 1/6 s): the net without these 0.660; with them, 600 steps, 0.674 unguided and 0.706 at guidance 2;
-    # 1500 steps (Budget.upsampler_steps) 0.737 at 2 and 0.749 at 3; the shipped training of the recipe, 1500
-    # steps, at 3: 0.762 (precision 0.879, recall 0.672).
+    # within 1/6 s): the net without these 0.660; with them (a first version, which rounded the shifted frames to
+    # 8 bits), 600 steps, 0.674 unguided and 0.706 at guidance 2; 1500 steps (Budget.upsampler_steps) 0.737 at 2
+    # and 0.749 at 3; the shipped training of the recipe (this code), 1500 steps, at 3: 0.762 (precision 0.879,
+    # recall 0.672).
     phase_shift: int = 2
     phase_share: float = 0.5
     audio_dropout: float = 0.1

@@ -293,7 +293,7 @@ def shifted_phase(low: Tensor, high: Tensor, cfg: UpsamplerConfig) -> Tensor:
 
     moved = (times[None] + shift[:, None]).clamp(0, high.shape[2] - 1)  # (B, T)
     index = moved[:, None, :, None, None].expand(-1, high.shape[1], -1, *high.shape[3:]).to(high.device)
-    change = box(torch.gather(high, 2, index)) - box(high[:, :, times])
+    change = box(torch.gather(high, 2, index) - high[:, :, times])  # the filter is linear: one pass
     return (low + change).clamp(-1, 1)
 
 
