@@ -210,3 +210,42 @@ def test_sampling_guides_on_the_sound():
     torch.testing.assert_close(up(None, 3.0), silent, atol=0, rtol=0)
     default = cfg.upsampler.audio_guidance
     torch.testing.assert_close(up(env, None), silent + default * (heard - silent), atol=1e-5, rtol=0)
+
+
+def test_packing_offsets_and_cycle_spinning():
+    """An offset puts the base frames that many output frames into the packing's blocks (the clip padded in front
+    by its first frame, behind by its last, and cut back): in a net that does not reach across blocks, a change
+    of one output frame of x_t moves the output frames of its block, which offset 1 starts one frame earlier;
+    with no offset the velocity is the mean over the config's spin offsets."""
+    from dataclasses import replace
+
+    from avlink.upsampler import pad_time, spin_offsets
+
+    assert spin_offsets(4, 4) == [0, 1, 2, 3] and spin_offsets(4, 2) == [0, 2] and spin_offsets(4, 1) == [0]
+    with pytest.raises(AssertionError, match="must divide"):
+        spin_offsets(4, 3)
+    with pytest.raises(ValueError, match="must divide the time scale 4"):
+        replace(get_preset("tiny").upsampler, spin=3)
+    z = torch.arange(3.0).reshape(1, 1, 3, 1, 1)
+    assert pad_time(z, 2, 1).flatten().tolist() == [0, 0, 0, 1, 2, 2]
+
+    torch.manual_seed(0)
+    cfg = tiny_config(**{**SMALL, "upsampler.depth": 1})
+    model = Upsampler(replace(cfg.upsampler, spin=2), cfg.clip.video).eval()
+    torch.nn.init.normal_(model.proj_out.weight, std=0.1)
+    block = model.blocks[0]  # made blind across blocks: no reach in time, no statistics over the clip
+    torch.nn.init.normal_(block.ada.linear.bias, std=0.5)  # the block's gate open
+    block.conv1 = torch.nn.Conv3d(16, 16, (1, 3, 3), padding=(0, 1, 1))
+    block.conv2 = torch.nn.Conv3d(16, 16, (1, 3, 3), padding=(0, 1, 1))
+    block.norm1 = block.norm2 = model.norm_out = torch.nn.Identity()
+    low, env = torch.rand(1, 3, 4, 4, 4) * 2 - 1, torch.rand(1, 2, 16)
+    x, t, ct = torch.randn(1, 3, 16, 16, 16), torch.rand(1), torch.ones(1)
+    with torch.no_grad():
+        v = {o: model(x, t, low, ct, env, o) for o in range(4)}
+        changed = x.clone()
+        changed[:, :, 5] += 1.0  # output frame 5: in block 1 (frames 4-7) at offset 0, (3-6) at offset 1
+        for o, block in ((0, range(4, 8)), (1, range(3, 7))):
+            moved = (model(changed, t, low, ct, env, o) - v[o]).abs().flatten(3).amax(-1)[0].amax(0)
+            assert set(torch.nonzero(moved > 1e-6).flatten().tolist()) == set(block)
+        torch.testing.assert_close(model(x, t, low, ct, env), (v[0] + v[2]) / 2)
+

@@ -601,8 +601,10 @@ class Pipeline:
 
 def upsample_margin(up: Upsampler) -> int:
     """Base frames on either side of an upsampling chunk that can reach its output: each residual block's two
-    3x3x3 convolutions reach one frame each (the in and out projections are 1x1x1)."""
-    return 2 * up.cfg.depth
+    3x3x3 convolutions reach one packed block each (the in and out projections are 1x1x1); with the base frames
+    inside the blocks (cycle spinning, upsampler.py) a block spans two base intervals, and an interval's
+    interpolated frames read the base frames at both its ends: two more."""
+    return 2 * up.cfg.depth + 2
 
 
 def cross_fade(before: torch.Tensor, after: torch.Tensor, start: int, stop: int) -> torch.Tensor:

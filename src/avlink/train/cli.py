@@ -140,7 +140,7 @@ def load_settings(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, i
         if unknown:
             raise KeyError(f"unknown train keys {sorted(unknown)}")
         tc = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in train.items()})
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"bad config: {err}") from None
     if args.max_steps is not None:
         tc = replace(tc, max_steps=args.max_steps)

@@ -270,7 +270,8 @@ class UpsamplerObjective:
         low = noised_condition(low, cond_t)
         x0 = flow_start(low, cfg.scale, torch.randn_like(high) if cfg.start_noise else None, cfg.start_noise)
         t = torch.rand(b, device=self.device) ** cfg.time_power  # near 0, where the sample is decided (config)
-        per = flow_matching_errors(lambda x, tt: self.trainable(x, tt, low, cond_t, env), high, t, x0)
+        offset = int(torch.randint(cfg.scale[0], ()))  # where in the packed blocks the base frames fall
+        per = flow_matching_errors(lambda x, tt: self.trainable(x, tt, low, cond_t, env, offset), high, t, x0)
         return LossOutput(per.mean(), per, t)
 
 
