@@ -18,6 +18,9 @@ def test_iou_by_the_published_definition():
     assert av_align.av_align_score(np.array([1.0, 1.05, 1.1]), np.array([1.02]), FPS) == 3.0
     assert np.isnan(av_align.av_align_score(np.array([]), np.array([]), FPS))
     assert av_align.av_align_score(np.array([]), np.array([1.0]), FPS) == 0.0
+    # the count alone, which the upsampler's evaluation reports beside the score
+    assert av_align.audio_peaks_matched(np.array([0.5, 1.0, 2.0]), np.array([0.52, 1.5]), FPS) == 1
+    assert av_align.audio_peaks_matched(np.array([0.5, 1.0, 2.0]), np.array([0.52, 1.5]), 1.0) == 3
 
 
 def test_local_maxima_are_strict_and_skip_the_ends():

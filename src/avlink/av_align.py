@@ -89,13 +89,18 @@ def match_count(reference: np.ndarray, estimated: np.ndarray, tolerance: float) 
     return matched
 
 
+def audio_peaks_matched(audio: np.ndarray, video: np.ndarray, fps: float) -> int:
+    """How many audio peak times (seconds) have a video peak strictly within one frame: AV-Align's count."""
+    audio, video = np.asarray(audio, dtype=np.float64), np.asarray(video, dtype=np.float64)
+    frame = 1.0 / fps
+    return sum(bool(np.any((video - frame < a) & (a < video + frame))) for a in audio)
+
+
 def av_align_score(audio: np.ndarray, video: np.ndarray, fps: float) -> float:
     """IoU of audio peak times and video peak times (seconds) within one frame; NaN when both are empty."""
-    audio, video = np.asarray(audio, dtype=np.float64), np.asarray(video, dtype=np.float64)
     if len(audio) + len(video) == 0:
         return float("nan")
-    frame = 1.0 / fps
-    hits = sum(bool(np.any((video - frame < a) & (a < video + frame))) for a in audio)
+    hits = audio_peaks_matched(audio, video, fps)
     return hits / (len(audio) + len(video) - hits)
 
 

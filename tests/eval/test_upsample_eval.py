@@ -57,6 +57,12 @@ def test_eval_upsample_scores_every_row(syncbench, tmp_path, capsys):
     assert set(rows) == {"truth", "base", "nearest", "linear", "upsampler"}
     assert rows["base"]["fps"] == 6 and rows["upsampler"]["fps"] == 24
     assert rows["truth"]["psnr"] is None and rows["truth"]["event_f1"] > 0.5  # the true clip finds its events
+    # AV-Align's parts: nearest neighbour holds each base frame for 4 output frames (no flow between them), so
+    # its motion peaks can only fall where a base frame starts, at most 6 a second at 24 fps
+    for row in rows:
+        assert 0 <= rows[row]["onsets_matched"] <= 1 and rows[row]["motion_peaks_per_s"] >= 0, row
+    assert 0 < rows["nearest"]["motion_peaks_per_s"] <= 6
+    assert "| onsets matched | motion peaks/s |" in (out / "metrics.md").read_text()
     for row in ("nearest", "linear", "upsampler"):
         assert rows[row]["psnr"] > 5 and -1 <= rows[row]["ssim"] <= 1, row
     # interpolation of the true base frames is closer to the truth than random weights' output

@@ -17,6 +17,10 @@ at the output geometry:
 - Event F1 (eval/events.py): the visual cue's onsets against the true event times, within one frame (1/24 s at
   24 fps; the base frames' row within 1/6 s at 6 fps), counts pooled over clips; AV-Align (av_align.py)
   with the clip's sound, within one frame of each row's rate. The true clip at the output rate is the ceiling.
+  AV-Align does not compare across rates (the true clip scores far lower at 24 fps than at 6: one frame is a
+  window four times narrower), so its parts are shown too: the share of the sound's onsets with a motion peak
+  within one frame (pooled over clips) and the motion peaks per second, which every peak that no onset explains
+  costs the score.
 - Class accuracy (eval/classifiers.py, exact class set): the rows at the output geometry by the video classifier
   of that geometry, CKPT/classifiers-upsampled.safetensors (`avlink train classifiers --upsampled`), the base
   row by the base video classifier, CKPT/classifiers.safetensors; a row whose file the folder lacks shows '-'.
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from avlink.av_align import av_align
+from avlink.av_align import audio_peaks, audio_peaks_matched, av_align_score, video_peaks
 from avlink.errors import UserError
 from avlink.eval.classifiers import (
     CLASSIFIERS_FILE,
@@ -163,8 +167,9 @@ def evaluate_upsampler(ckpt: Path, data: Path, *, split: str = "test", n: int | 
     clip, output = pipe.clip, up.output
     st, ss = up.cfg.scale
     classifiers = row_classifiers(ckpt, (st, ss))
-    scores: dict[str, dict[str, list[float]]] = {row: {"psnr": [], "ssim": [], "av_align": [], "class_acc": []}
-                                                 for row in ROWS}
+    scores: dict[str, dict[str, list[float]]] = {
+        row: {"psnr": [], "ssim": [], "av_align": [], "class_acc": [], "peaks_per_s": []} for row in ROWS}
+    onsets = {row: [0, 0] for row in ROWS}  # the sound's onsets with a motion peak within one frame, all onsets
     counts: dict[str, list[EventCounts]] = {row: [] for row in ROWS}
     kept: dict[str, list[np.ndarray]] = {row: [] for row in OUTPUT_ROWS}  # FVD's clips
     for item in tqdm(items, desc="upsample eval", unit="clip", disable=not progress):
@@ -183,6 +188,7 @@ def evaluate_upsampler(ckpt: Path, data: Path, *, split: str = "test", n: int | 
                 "linear": pixels_to_frames(upsample_linear(pixels, (st, ss)).clamp(-1, 1))[0].numpy(),
                 "upsampler": pipe.upsample(low, wave, steps=steps, seed=seed)}
         events = base.events.numpy() if base.events is not None else np.zeros(0)
+        sound_peaks = audio_peaks(wave, clip.audio.sample_rate)
         classes = clip_classes(item.meta)
         for row, frames in made.items():
             fps = clip.video.fps if row == "base" else output.fps
@@ -192,7 +198,11 @@ def evaluate_upsampler(ckpt: Path, data: Path, *, split: str = "test", n: int | 
             if fvd_embedder is not None and row in kept:
                 kept[row].append(frames)
             counts[row].append(event_counts(events, video_event_times(frames, fps), 1.0 / fps))
-            scores[row]["av_align"].append(av_align(wave, clip.audio.sample_rate, frames, fps))
+            motion = video_peaks(frames, fps)
+            scores[row]["av_align"].append(av_align_score(sound_peaks, motion, fps))
+            scores[row]["peaks_per_s"].append(len(motion) * fps / len(frames))
+            onsets[row][0] += audio_peaks_matched(sound_peaks, motion, fps)
+            onsets[row][1] += len(sound_peaks)
             if row not in ("truth", "base"):
                 scores[row]["psnr"].append(psnr(frames, truth))
                 scores[row]["ssim"].append(ssim(frames, truth))
@@ -206,6 +216,8 @@ def evaluate_upsampler(ckpt: Path, data: Path, *, split: str = "test", n: int | 
                      "event_precision": None if math.isnan(total.precision) else total.precision,
                      "event_recall": None if math.isnan(total.recall) else total.recall,
                      "av_align": _nanmean(scores[row]["av_align"]),
+                     "onsets_matched": onsets[row][0] / onsets[row][1] if onsets[row][1] else None,
+                     "motion_peaks_per_s": _nanmean(scores[row]["peaks_per_s"]),
                      "class_acc": _nanmean(scores[row]["class_acc"]), "fvd": distances.get(row)}
     return {"ckpt": str(ckpt), "data": str(data), "split": split, "clips": len(items), "source": source,
             "steps": steps or up.cfg.steps, "seed": seed, "a2v_steps": a2v_steps if source == "a2v" else None,
@@ -230,12 +242,14 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Upsampler: {result['clips']} clips of {result['data']} ({result['split']}), base frames "
              f"{result['base']} from {base}, output {result['output']}, {result['steps']} Euler steps, seed "
              f"{result['seed']}. Events within one frame of each row's rate.", "",
-             "| row | fps | PSNR (dB) | SSIM | event F1 | precision | recall | AV-Align | class acc | FVD |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | fps | PSNR (dB) | SSIM | event F1 | precision | recall | AV-Align | onsets matched "
+             "| motion peaks/s | class acc | FVD |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, r in result["rows"].items():
         lines.append(f"| {LABELS[row]} | {r['fps']:g} | {num(r['psnr'], 2)} | {num(r['ssim'])} | "
                      f"{num(r['event_f1'])} | {num(r['event_precision'])} | {num(r['event_recall'])} | "
-                     f"{num(r['av_align'])} | {num(r['class_acc'])} | {num(r['fvd'], 2)} |")
+                     f"{num(r['av_align'])} | {num(r['onsets_matched'])} | {num(r['motion_peaks_per_s'], 2)} | "
+                     f"{num(r['class_acc'])} | {num(r['fvd'], 2)} |")
     used = result["classifiers"]
     lines += ["", "Class accuracy (exact class set): "
               + ("the base row by " + used["base"] if used.get("base") else f"no {CLASSIFIERS_FILE} for the base row")
