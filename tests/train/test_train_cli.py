@@ -70,6 +70,31 @@ def test_bad_override_is_one_line(shards, tmp_path, capsys):
     assert "bad config" in capsys.readouterr().err
 
 
+def test_bad_override_after_a_good_one_is_one_line(shards, tmp_path, capsys):
+    # each --set adds to the ones before it (a later one used to replace them, dropping the bad key silently)
+    assert main(["train", "vae", "--data", str(shards), "--out", str(tmp_path), "--set", "model.nope=1",
+                 "--set", "train.lr=0.001"]) == 2
+    assert "bad config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, argv, dest", [
+    ("avlink.train.cli", ["vae", "--data", "d", "--out", "o", "--set", "a=1", "--set", "b=2", "c=3"], "set"),
+    ("avlink.train.recipe", ["--set", "a=1", "--set", "b=2", "c=3"], "set"),
+    ("avlink.train.recipe", ["--budget", "a=1", "--budget", "b=2", "c=3"], "budget"),
+    ("avlink.train.ablate", ["--task", "v2a", "--set", "a=1", "--set", "b=2", "c=3"], "set"),
+    ("avlink.train.ablate", ["--task", "v2a", "--weights", "a=1", "--weights", "b=2", "c=3"], "weights"),
+    ("avlink.eval.runner", ["--task", "v2a", "--out", "o", "--weights", "a=1", "--weights", "b=2", "c=3"],
+     "weights"),
+])
+def test_repeated_key_value_options_add_up(module, argv, dest):
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(module).add_arguments(parser)
+    assert getattr(parser.parse_args(argv), dest) == ["a=1", "b=2", "c=3"]
+
+
 def test_scientific_notation_is_a_number():
     from avlink.train.cli import scalar
 

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (metrics.json, .md, CSV)")
     parser.add_argument("--metrics", nargs="+", choices=METRIC_GROUPS, metavar="NAME",
                         help=f"metric groups (default: all that can run): {', '.join(METRIC_GROUPS)}")
-    parser.add_argument("--weights", nargs="+", metavar="NAME=PATH",
+    parser.add_argument("--weights", nargs="+", action="extend", metavar="NAME=PATH",
                         help=f"embedder weight files; names: {', '.join(REGISTRY)}")
     parser.add_argument("--fps", type=float, default=6.0, help="frame rate of every video read (default 6)")
     parser.add_argument("--duration", type=float, help="seconds scored per clip (default: the reference's)")

@@ -127,11 +127,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=25, help="clips per sampling batch (default 25)")
     parser.add_argument("--vocoder", default="hifigan", help="V2A: hifigan, griffinlim or a checkpoint path")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--weights", nargs="+", default=[], metavar="NAME=PATH",
+    parser.add_argument("--weights", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                         help="weights of the feature rows' extractors: imagebind=imagebind_huge.pth, "
                              "synchformer=synchformer_state_dict.pth, syncbench-video=PATH (default: CKPT's "
                              "classifiers.safetensors)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="training overrides for every variant, as `avlink train --set` (train.precision=fp32)")
     parser.add_argument("--train-only", action="store_true",
                         help="train the variants and stop; a later `avlink ablate` with the same settings scores "

@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="per-process batch size (default 32)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--config", type=Path, help="YAML with train:, model:, batch_size")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides: train.X / model.X")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="overrides: train.X / model.X (repeatable)")
     parser.add_argument("--vae", type=Path, help="trained VAE (.safetensors) to encode mels to latents")
     parser.add_argument("--audio-dit", type=Path, help="trained text-to-audio generator (fusion only)")
     parser.add_argument("--video-dit", type=Path, help="trained text-to-video generator (fusion only)")

@@ -446,9 +446,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply clip and step counts (quick tries)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--budget", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="Budget fields before --scale, e.g. video_steps=3600 fusion_steps=2000")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="generator and fusion sizes for every training, e.g. model.video.dim=256 "
                              "model.video.heads=8")
     parser.add_argument("--fusion-only", type=Path, metavar="CKPT",
